@@ -1,0 +1,1 @@
+"""Benchmarks behind ``sgdlab bench``. Results and commands are recorded in BENCHMARKS.md."""

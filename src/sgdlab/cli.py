@@ -1,0 +1,265 @@
+"""The ``sgdlab`` command line. Every command is a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import DivergenceError, SgdlabError
+
+# Flag → Config field, for flags that map one to one.
+RUN_FLAGS: list[tuple[str, str, type, str]] = [
+    ("--task", "task", str, "task name (see `sgdlab list tasks`); default charlm"),
+    ("--optimizer", "optimizer", str, "optimizer name (see `sgdlab list optimizers`); default adamw"),
+    ("--lr", "lr", float, "learning rate; default: the optimizer's"),
+    ("--steps", "steps", int, "optimizer steps; default 300"),
+    ("--batch-size", "batch_size", int, "examples per step; default 32"),
+    ("--seed", "seed", int, "seed for initialisation and data order; default 0"),
+    ("--eval-every", "eval_every", int, "evaluate every N steps (0: only at the end); default 50"),
+    ("--log-every", "log_every", int, "log the training loss every N steps; default 10"),
+    ("--checkpoint-every", "checkpoint_every", int, "checkpoint every N steps (0: only at the end); "
+                                                    "default: --eval-every"),
+    ("--schedule", "schedule", str, "LR schedule after warm-up: constant, cosine or linear; default constant"),
+    ("--warmup-steps", "warmup_steps", int, "linear LR warm-up steps; default 0"),
+    ("--grad-clip", "grad_clip", float, "clip the global gradient norm to this (0: off); default 0"),
+    ("--strategy", "strategy", str, "training strategy (see `sgdlab list strategies`); default single"),
+    ("--data", "data", str, "input file for tasks that read one (textfile)"),
+    ("--device", "device", str, "auto, cpu, cuda, cuda:N or mps; default auto (CUDA when available)"),
+    ("--name", "name", str, "label of the run in reports; default: the optimizer name"),
+]
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    for flag, dest, typ, help_ in RUN_FLAGS:
+        p.add_argument(flag, dest=dest, type=typ, default=None, help=help_)
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other setting: a config key, an optimizer hyperparameter (momentum=0.9) or a "
+                        "task option (d_model=256); repeatable")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", action="store_true", help="continue the run(s) in --out from the checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in --out (deletes its config, metrics, summary, checkpoint)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--progress", dest="progress", action="store_true", default=None,
+                   help="always show the progress bar (default: only on a terminal)")
+    g.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="sgdlab", description="Train neural networks with stochastic-gradient methods and compare them: "
+        "loss, time and optimizer memory, written to a run directory and plotted.",
+        epilog="Examples:\n  sgdlab run --task digits --optimizer sgd --lr 0.1 --set momentum=0.9\n"
+               "  sgdlab compare --preset demo --out runs/demo\n  sgdlab report runs/demo/*\n"
+               "  sgdlab list optimizers",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"sgdlab {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="train one configuration",
+                       description="Train one configuration. Settings come from defaults, then --config FILE "
+                                   "(TOML), then flags, then --set (later wins). Writes config.json, "
+                                   "metrics.jsonl, summary.json and checkpoint.pt into --out.")
+    p.add_argument("--config", type=Path, help="TOML file with settings (flags override it)")
+    p.add_argument("--out", type=str, help="run directory; default runs/<task>-<name>-<time>")
+    _add_run_flags(p)
+    _add_common(p)
+    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="stop after STEP steps leaving a checkpoint (continue later with --resume)")
+
+    p = sub.add_parser("compare", help="run several configurations and report them",
+                       description="Run a preset (`sgdlab list presets`) or several TOML config files one "
+                                   "after another into --out/<name>, then print the table and write "
+                                   "--out/report.png. Flags and --set apply to every run.")
+    p.add_argument("configs", nargs="*", type=Path, help="TOML config files (one run each)")
+    p.add_argument("--preset", help="a named set of runs (see `sgdlab list presets`)")
+    p.add_argument("--out", type=str, default=None, help="directory for the runs; default runs/<preset>")
+    _add_run_flags(p)
+    _add_common(p)
+
+    p = sub.add_parser("report", help="table and plot of finished runs")
+    p.add_argument("dirs", nargs="+", type=Path, help="run directories")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="where to write the PNG; default: the runs' common parent (or the single run's "
+                        "directory), else ./report.png")
+    p.add_argument("--no-plot", action="store_true", help="print the table only")
+
+    p = sub.add_parser("list", help="list tasks, optimizers, strategies or presets")
+    p.add_argument("what", nargs="?", default="all", choices=["all", "tasks", "optimizers", "strategies",
+                                                              "presets"])
+    p.add_argument("-v", "--verbose", action="store_true", help="also show options and their defaults")
+
+    p = sub.add_parser("bench", help="benchmarks (see BENCHMARKS.md)")
+    bsub = p.add_subparsers(dest="bench", metavar="BENCH")
+    b = bsub.add_parser("loop", help="runner throughput vs a bare PyTorch loop (same model, batch, optimizer)")
+    b.add_argument("--task", default="charlm")
+    b.add_argument("--optimizer", default="adamw")
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--steps", type=int, default=60, help="timed steps per repetition")
+    b.add_argument("--repeats", type=int, default=5, help="alternating repetitions of each loop")
+    b.add_argument("--device", default="auto")
+    return ap
+
+
+def config_from_args(args: argparse.Namespace, base: Any = None):
+    from .config import Config
+
+    cfg = base if base is not None else Config()
+    given = {dest: getattr(args, dest) for _, dest, _, _ in RUN_FLAGS if getattr(args, dest) is not None}
+    cfg = cfg.replace(**given)
+    for s in args.sets:
+        cfg = cfg.set(s)
+    return cfg
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .config import Config
+    from .runner import Trainer
+
+    if args.config:
+        base = Config.from_toml(args.config)
+    elif args.resume and args.out and (Path(args.out) / "config.json").is_file():
+        base = Config.from_dict(_load_json(Path(args.out) / "config.json"), f"{args.out}/config.json:")
+    else:
+        base = Config()
+    if args.resume and not args.out and not base.out:
+        raise SgdlabError("--resume needs --out DIR (the run directory to continue)")
+    cfg = config_from_args(args, base)
+    if args.out:
+        cfg = cfg.replace(out=args.out)
+    if args.stop_at is not None and args.stop_at < 1:
+        raise SgdlabError(f"--stop-at={args.stop_at} is out of range; allowed: --stop-at >= 1")
+    res = Trainer(cfg, progress=args.progress, handle_signals=True).run(
+        resume=args.resume, stop_at=args.stop_at, overwrite=args.overwrite)
+    s = res.summary
+    metric = s["metric"]
+    extra = "" if metric == "val_loss" else f", {metric} {s.get(metric)}"
+    print(f"{s['status']}: {s['steps']}/{s['steps_planned']} steps, final val loss "
+          f"{_num(s['final_val_loss'])}{extra}, {s['wall_time_s']:.1f} s of training → {res.out}")
+    if s["status"] == "stopped":
+        print(f"continue with: sgdlab run --out {res.out} --resume")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from . import presets
+    from .config import Config
+    from .report import report
+    from .runner import Trainer
+
+    if bool(args.preset) == bool(args.configs):
+        raise SgdlabError("compare needs either --preset NAME or one or more config files (not both); "
+                          f"presets: {', '.join(presets.registry.names())}")
+    if args.preset:
+        configs = presets.registry.get(args.preset)()
+        out = Path(args.out or Path("runs") / args.preset)
+    else:
+        configs = [Config.from_toml(p) for p in args.configs]
+        configs = [c if c.name else c.replace(name=p.stem) for c, p in zip(configs, args.configs)]
+        out = Path(args.out or "runs/compare")
+    configs = [config_from_args(args, c) for c in configs]
+    names = [c.name or c.optimizer for c in configs]
+    if len(set(names)) != len(names):
+        raise SgdlabError(f"compare needs a distinct name for each run, got {names}; set name = \"...\"")
+    for c in configs:  # fail on any bad config before training anything
+        c.validate()
+    if out.exists() and not out.is_dir():
+        raise SgdlabError(f"--out {out} is a file, not a directory; choose a directory")
+    dirs = []
+    for i, (c, name) in enumerate(zip(configs, names)):
+        run_dir = out / name
+        dirs.append(run_dir)
+        done = (run_dir / "summary.json").is_file() and _load_json(run_dir / "summary.json").get(
+            "status") == "completed"
+        if args.resume and done:
+            print(f"[{i + 1}/{len(configs)}] {name}: already completed, skipped", file=sys.stderr)
+            continue
+        print(f"[{i + 1}/{len(configs)}] {name}", file=sys.stderr)
+        resume = args.resume and (run_dir / "checkpoint.pt").is_file()
+        Trainer(c.replace(out=str(run_dir)), progress=args.progress, handle_signals=True).run(
+            resume=resume, overwrite=args.overwrite)
+    md, png = report(dirs, out / "report.png")
+    print(md)
+    print(f"\nplot: {png}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import report
+
+    md, png = report(args.dirs, args.plot, make_plot=not args.no_plot)
+    print(md)
+    if png:
+        print(f"\nplot: {png}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from . import optim, presets, strategies, tasks
+
+    sections = {"tasks": tasks.registry, "optimizers": optim.registry, "strategies": strategies.registry,
+                "presets": presets.registry}
+    for what, reg in sections.items():
+        if args.what not in ("all", what):
+            continue
+        if args.what == "all":
+            print(f"{what}:")
+        width = max(len(n) for n in reg.names())
+        for e in reg:
+            print(f"  {e.name:<{width}}  {e.description}")
+            if args.verbose and what == "tasks":
+                opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(e.obj.Options))
+                print(f"  {'':<{width}}  options: {opts}")
+            if args.verbose and what == "optimizers":
+                hp = ", ".join(f"{k}={v!r}" for k, v in optim.hyperparameters(e.name).items())
+                print(f"  {'':<{width}}  hyperparameters: {hp}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench == "loop":
+        from .bench.loop import main as bench_loop
+
+        return bench_loop(args)
+    raise SgdlabError("bench needs a benchmark name; available: loop")
+
+
+def _load_json(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SgdlabError(f"cannot read {path}: {e}") from None
+
+
+def _num(v: Any) -> str:
+    return "–" if v is None else f"{v:.4f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    commands = {"run": cmd_run, "compare": cmd_compare, "report": cmd_report, "list": cmd_list,
+                "bench": cmd_bench}
+    try:
+        return commands[args.command](args)
+    except DivergenceError as e:
+        print(f"sgdlab: error: {e}", file=sys.stderr)
+        return 1
+    except SgdlabError as e:
+        print(f"sgdlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sgdlab: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,108 @@
+"""``sgdlab report``: a markdown table of runs and ``report.png`` with validation curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .runner import load_run
+
+# x axes of the plot: (metrics key, label, log scale); a panel appears when some run logged the key.
+X_AXES = [("step", "step", False), ("wall_time_s", "wall-clock time (s)", False),
+          ("bytes_sent", "bytes sent per worker", True), ("sim_time_s", "simulated time (s)", False)]
+
+
+def _fmt(v: Any, spec: str = ".4f") -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return format(v, spec)
+    return str(v)
+
+
+def table(runs: list[dict[str, Any]]) -> str:
+    rows = []
+    head = ["run", "task", "optimizer", "lr", "steps", "final train loss", "final val loss", "best val loss",
+            "metric", "wall s", "opt. state MiB", "status"]
+    for r in runs:
+        s, c = r["summary"], r["config"]
+        metric = s.get("metric", "val_loss")
+        mval = s.get(metric)
+        rows.append([
+            c.get("name") or r["path"].name, c.get("task"), c.get("optimizer"), _fmt(c.get("lr"), ".3g"),
+            _fmt(s.get("steps")), _fmt(s.get("final_train_loss")), _fmt(s.get("final_val_loss")),
+            _fmt(s.get("best_val_loss")),
+            "–" if metric == "val_loss" or mval is None else f"{metric} {_fmt(mval)}",
+            _fmt(s.get("wall_time_s"), ".1f"),
+            _fmt(s["optimizer_state_bytes"] / 2**20, ".2f") if "optimizer_state_bytes" in s else "–",
+            s.get("status", "running?"),
+        ])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict[str, Any]], path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    axes_spec = [a for a in X_AXES if any(a[0] in m for r in runs for m in r["metrics"] if "val_loss" in m)
+                 or (a[0] == "step")]
+    metric = next((r["summary"].get("metric") for r in runs if r["summary"].get("metric")), "val_loss")
+    extra = metric != "val_loss"
+    n = len(axes_spec) + int(extra)
+    fig, axs = plt.subplots(1, n, figsize=(5.2 * n, 4.2), squeeze=False)
+    axs = axs[0]
+    for i, r in enumerate(runs):
+        color = f"C{i % 10}"
+        label = r["config"].get("name") or r["path"].name
+        ms = r["metrics"]
+        for ax, (key, xlabel, logx) in zip(axs, axes_spec):
+            ev = [m for m in ms if "val_loss" in m and (key in m or m["step"] == 0)]
+            xs = [m.get(key, 0) for m in ev]
+            ax.plot(xs, [m["val_loss"] for m in ev], "-o", ms=3, color=color, label=f"{label} (val)")
+            tr = [m for m in ms if "train_loss" in m and key in m]
+            ax.plot([m[key] for m in tr], [m["train_loss"] for m in tr], "-", lw=0.8, alpha=0.35, color=color)
+            ax.set_xlabel(xlabel)
+            if logx:
+                ax.set_xscale("symlog")
+        if extra:
+            ev = [m for m in ms if metric in m]
+            axs[-1].plot([m["step"] for m in ev], [m[metric] for m in ev], "-o", ms=3, color=color, label=label)
+    for ax in axs[:len(axes_spec)]:
+        ax.set_ylabel("loss (solid: validation, faint: train)")
+        ax.grid(alpha=0.3)
+    if extra:
+        axs[-1].set_xlabel("step")
+        axs[-1].set_ylabel(metric)
+        axs[-1].grid(alpha=0.3)
+    if metric == "optimality_gap":
+        for ax in axs:
+            ax.set_yscale("log")
+    task = runs[0]["config"].get("task", "")
+    axs[0].set_title(f"{task}: validation loss vs step")
+    axs[0].legend(fontsize=8)
+    if len(axes_spec) > 1:
+        axs[1].set_title("validation loss vs time")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report(dirs: list[str | Path], plot_path: str | Path | None = None, make_plot: bool = True
+           ) -> tuple[str, Path | None]:
+    """Load run directories; return the markdown table and the path of the written plot."""
+    runs = [load_run(d) for d in dirs]
+    md = table(runs)
+    out = None
+    if make_plot:
+        if plot_path is None:  # the single run's directory, else the runs' common parent, else here
+            parents = {r["path"].resolve().parent for r in runs}
+            plot_path = (runs[0]["path"] if len(runs) == 1 else parents.pop() if len(parents) == 1
+                         else Path.cwd()) / "report.png"
+        out = plot(runs, plot_path)
+    return md, out

@@ -1,0 +1,357 @@
+"""The training loop behind ``sgdlab run`` and :func:`sgdlab.run`.
+
+One run = one :class:`~sgdlab.config.Config` → a run directory holding ``config.json`` (resolved),
+``metrics.jsonl``, ``summary.json`` and ``checkpoint.pt``. A run stopped (``stop_at``, Ctrl-C, SIGTERM)
+and resumed ends bit-identical on CPU to the same run done in one go: the checkpoint holds the model,
+optimizer, LR schedule, sampler position and RNG states.
+
+The hot loop does no host synchronisation except at logging steps (losses are kept as tensors and read
+in one batch) and checks that losses are finite at those points.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__, checkpoint, optim, tasks
+from .config import Config
+from .errors import CheckpointError, ConfigError, DivergenceError
+from .metrics import MetricsLog, read_metrics, write_json
+
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt")
+# Settings that may differ between a run and its resumption (they do not change the trajectory,
+# except ``steps``, which extends or shortens the run).
+RESUMABLE_CHANGES = ("steps", "device", "eval_every", "log_every", "checkpoint_every", "name", "out")
+
+
+@dataclass
+class RunResult:
+    out: Path
+    config: Config
+    summary: dict[str, Any]
+
+
+def lr_factor(step: int, cfg: Config) -> float:
+    """Multiplier of the base LR at optimizer step ``step`` (0-based): warm-up, then the schedule."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    p = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * p)) if cfg.schedule == "cosine" else 1 - p
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+
+
+def default_out(cfg: Config) -> Path:
+    return Path("runs") / f"{cfg.task}-{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory; choose a directory")
+    if resume:
+        for f in ("config.json", "checkpoint.pt"):
+            if not (out / f).is_file():
+                raise CheckpointError(f"cannot resume: {out / f} does not exist")
+        return
+    if overwrite:
+        for f in (*RUN_FILES, "report.png"):
+            (out / f).unlink(missing_ok=True)
+    elif any((out / f).exists() for f in RUN_FILES):
+        raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it, --overwrite "
+                          "to replace it, or choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create --out {out}: {e.strerror}") from None
+
+
+def check_resume_config(saved: Config, given: Config) -> None:
+    a, b = saved.to_dict(), given.to_dict()
+    changed = [k for k in a if k not in RESUMABLE_CHANGES and a[k] != b[k]]
+    if changed:
+        k = changed[0]
+        raise ConfigError(f"cannot change {k} when resuming (the run used {a[k]!r}, now {b[k]!r}); only "
+                          f"{', '.join(RESUMABLE_CHANGES)} may change")
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a request to checkpoint and stop at the next step boundary."""
+
+    def __init__(self, enabled: bool):
+        self.requested = False
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        if self.enabled:
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class Trainer:
+    """Runs one configuration. ``task`` may be given to reuse already-loaded data."""
+
+    def __init__(self, config: Config, *, task: tasks.Task | None = None, progress: bool | None = None,
+                 handle_signals: bool = False):
+        self.cfg = config.resolve()
+        self.task = task
+        self.progress = progress
+        self.handle_signals = handle_signals
+
+    def run(self, *, resume: bool = False, stop_at: int | None = None, overwrite: bool = False) -> RunResult:
+        cfg = self.cfg
+        out = Path(cfg.out) if cfg.out else default_out(cfg)
+        prepare_out(out, resume, overwrite)
+        if resume:
+            saved = Config.from_dict(_read_json(out / "config.json"), source=f"{out / 'config.json'}:")
+            check_resume_config(saved, cfg)
+        cfg.out = str(out)
+
+        torch.manual_seed(cfg.seed)
+        task = self.task or tasks.create(cfg.task, cfg.task_args, cfg.device, cfg.data)
+        model = task.build_model()
+        opt = optim.create(cfg.optimizer, model.parameters(), lr=cfg.lr, **cfg.optimizer_args)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, cfg))
+        sampler = None
+        if task.num_train is not None:
+            sampler = tasks.EpochSampler(torch.arange(task.num_train), cfg.batch_size, cfg.seed)
+        log = MetricsLog(out / "metrics.jsonl")
+        st = _State()
+        if resume:
+            ck = checkpoint.load(out / "checkpoint.pt", map_location=cfg.device)
+            try:
+                model.load_state_dict(ck["model"])
+                opt.load_state_dict(ck["optimizer"])
+                sched.load_state_dict(ck["scheduler"])
+            except (RuntimeError, KeyError, ValueError) as e:
+                raise CheckpointError(f"checkpoint {out / 'checkpoint.pt'} does not match this run "
+                                      f"({str(e).splitlines()[0][:200]})") from None
+            if sampler is not None:
+                sampler.load_state_dict(ck["sampler"])
+            checkpoint.set_rng_state(ck["rng"])
+            st.load(ck["trainer"])
+            log.truncate_after(st.step)
+        else:
+            cfg.save(out / "config.json")
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        samples_per_step = cfg.batch_size if sampler is not None else 1
+        tokens_per_sample = task.tokens_per_example if task.unit == "tokens" else None
+
+        def save_checkpoint() -> None:
+            bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+            if bad:
+                raise DivergenceError(st.step, float("nan"),
+                                      str(out / "checkpoint.pt") if st.saved_step is not None else None,
+                                      what=f"parameter {bad[0]}")
+            log.flush()
+            checkpoint.save({
+                "step": st.step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "sampler": sampler.state_dict() if sampler else None,
+                "rng": checkpoint.rng_state(), "trainer": st.state_dict(), "sgdlab_version": __version__,
+            }, out / "checkpoint.pt")
+            st.saved_step = st.step
+
+        def evaluate(record: dict[str, Any]) -> None:
+            t = time.perf_counter()
+            metrics = task.evaluate(model)
+            st.eval_time += time.perf_counter() - t
+            record.update(metrics)
+            st.last_eval = metrics
+            if st.best_val_loss is None or metrics["val_loss"] < st.best_val_loss:
+                st.best_val_loss = metrics["val_loss"]
+            m = metrics[task.metric]
+            if st.best_metric is None or (m > st.best_metric if task.metric_higher_is_better
+                                          else m < st.best_metric):
+                st.best_metric = m
+
+        def record_at(step: int) -> dict[str, Any]:
+            r: dict[str, Any] = {"step": step, "samples": step * samples_per_step}
+            if tokens_per_sample:
+                r["tokens"] = step * samples_per_step * tokens_per_sample
+            return r
+
+        status = "completed"
+        bar = _progress_bar(self.progress, cfg, st.step)
+        try:
+            with _StopFlag(self.handle_signals) as stop:
+                if st.step == 0 and cfg.eval_every > 0:
+                    r = record_at(0)
+                    evaluate(r)
+                    log.append(r)
+                pending: list[torch.Tensor] = []
+                model.train()
+                t_start = time.perf_counter()
+                t_train = st.wall_time
+                for step in range(st.step + 1, cfg.steps + 1):
+                    is_eval = step == cfg.steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
+                    is_ckpt = cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0
+                    is_log = is_eval or is_ckpt or step % cfg.log_every == 0 or step == stop_at
+                    batch = task.get_batch(sampler.next() if sampler is not None else None)
+                    loss = task.loss(model, batch)
+                    loss.backward()
+                    if cfg.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+                    lr = opt.param_groups[0]["lr"]
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                    pending.append(loss.detach())
+                    st.step = step
+                    bar.update(1)
+                    if is_log or stop.requested:
+                        losses = torch.stack(pending).double().tolist()
+                        pending.clear()
+                        bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
+                        if bad:
+                            st.step = step - len(losses) + bad[0] + 1
+                            raise DivergenceError(st.step, losses[bad[0]],
+                                                  str(out / "checkpoint.pt") if st.saved_step is not None else None)
+                        st.wall_time = t_train + (time.perf_counter() - t_start) - st.pause
+                        st.train_loss = sum(losses) / len(losses)
+                        r = record_at(step)
+                        r.update(train_loss=st.train_loss, lr=lr, wall_time_s=st.wall_time)
+                        t_pause = time.perf_counter()
+                        if is_eval:
+                            evaluate(r)
+                        log.append(r)
+                        if is_ckpt or stop.requested or step == stop_at:
+                            save_checkpoint()
+                        bar.set_postfix(_postfix(r, task.metric), refresh=False)
+                        st.pause += time.perf_counter() - t_pause
+                    if stop.requested or step == stop_at:
+                        status = "stopped"
+                        break
+                if status == "completed" and st.saved_step != st.step:
+                    save_checkpoint()
+        except DivergenceError:
+            log.flush()
+            self._write_summary(out, cfg, task, model, opt, st, "diverged")
+            raise
+        finally:
+            bar.close()
+            log.flush()
+        summary = self._write_summary(out, cfg, task, model, opt, st, status)
+        return RunResult(out, cfg, summary)
+
+    @staticmethod
+    def _write_summary(out, cfg, task, model, opt, st, status) -> dict[str, Any]:
+        ev = st.last_eval or {}
+        s: dict[str, Any] = {
+            "name": cfg.name, "task": cfg.task, "optimizer": cfg.optimizer, "strategy": cfg.strategy,
+            "lr": cfg.lr, "status": status, "steps": st.step, "steps_planned": cfg.steps,
+            "batch_size": cfg.batch_size, "seed": cfg.seed,
+            "final_train_loss": st.train_loss, "final_val_loss": ev.get("val_loss"),
+            "best_val_loss": st.best_val_loss, "metric": task.metric,
+            task.metric: ev.get(task.metric), f"best_{task.metric}": st.best_metric,
+            "wall_time_s": st.wall_time, "eval_time_s": st.eval_time,
+            "num_params": sum(p.numel() for p in model.parameters()),
+            "optimizer_state_bytes": optim.state_bytes(opt),
+            "device": cfg.device, "torch_version": torch.__version__, "sgdlab_version": __version__,
+            **{f"data_{k}": v for k, v in task.info().items()},
+        }
+        for k, v in ev.items():
+            s.setdefault(k, v)
+        write_json(out / "summary.json", s)
+        return s
+
+
+@dataclass
+class _State:
+    step: int = 0
+    wall_time: float = 0.0
+    eval_time: float = 0.0
+    pause: float = 0.0
+    train_loss: float | None = None
+    best_val_loss: float | None = None
+    best_metric: float | None = None
+    last_eval: dict[str, float] | None = None
+    saved_step: int | None = None  # step of the checkpoint on disk
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("step", "wall_time", "eval_time", "train_loss", "best_val_loss",
+                                              "best_metric", "last_eval")}
+
+    def load(self, d: dict[str, Any]) -> None:
+        for k, v in d.items():
+            setattr(self, k, v)
+        self.saved_step = self.step
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+
+
+def _postfix(r: dict[str, Any], metric: str) -> dict[str, str]:
+    p = {"loss": f"{r['train_loss']:.4f}"}
+    if "val_loss" in r:
+        p["val"] = f"{r['val_loss']:.4f}"
+        if metric != "val_loss" and metric in r:
+            p[metric.removeprefix("val_")] = f"{r[metric]:.4g}"
+    return p
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None: ...
+    def set_postfix(self, *a, **k) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress_bar(progress: bool | None, cfg: Config, start: int):
+    if progress is False:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    # progress=None: show it only on a terminal
+    return tqdm(total=cfg.steps, initial=start, desc=cfg.name, unit="step", dynamic_ncols=True,
+                disable=None if progress is None else False, leave=True, mininterval=0.5)
+
+
+def run(config: Config, *, resume: bool = False, stop_at: int | None = None, overwrite: bool = False,
+        progress: bool | None = False, task: tasks.Task | None = None) -> RunResult:
+    """Train ``config`` and return its :class:`RunResult` (run directory, resolved config, summary).
+
+    >>> import sgdlab
+    >>> res = sgdlab.run(sgdlab.Config(task="quadratic", optimizer="sgd", lr=0.01, steps=100,
+    ...                                out="runs/quad"))
+    >>> res.summary["final_val_loss"]
+    """
+    return Trainer(config, task=task, progress=progress).run(resume=resume, stop_at=stop_at,
+                                                             overwrite=overwrite)
+
+
+def load_run(path: str | Path) -> dict[str, Any]:
+    """A run directory's config, summary and metrics records, for reports."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{path} is not a run directory (no config.json)")
+    summary_path = path / "summary.json"
+    return {"path": path, "config": _read_json(path / "config.json"),
+            "summary": _read_json(summary_path) if summary_path.is_file() else {},
+            "metrics": read_metrics(path / "metrics.jsonl") if (path / "metrics.jsonl").is_file() else []}
+
