@@ -124,7 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.config:
         base = Config.from_toml(args.config)
     elif args.resume and args.out and (Path(args.out) / "config.json").is_file():
-        base = Config.from_dict(_load_json(Path(args.out) / "config.json"), f"{args.out}/config.json:")
+        base = Config.from_dict(_load_json(Path(args.out) / "config.json"), f"key in {args.out}/config.json:")
     else:
         base = Config()
     if args.resume and not args.out and not base.out:

@@ -65,7 +65,7 @@ class Config:
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> Config:
+    def from_dict(cls, values: dict[str, Any], source: str = "config key") -> Config:
         return cls(**check_types(cls, dict(values), source))
 
     @classmethod
@@ -77,13 +77,13 @@ class Config:
             values = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-        return cls.from_dict(values, source=f"config file {path}:")
+        return cls.from_dict(values, source=f"key in config file {path}:")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def replace(self, **changes: Any) -> Config:
-        return dataclasses.replace(self, **check_types(Config, changes, "config"))
+        return dataclasses.replace(self, **check_types(Config, changes, "config key"))
 
     def set(self, assignment: str) -> Config:
         """Apply one ``key=value`` override (value parsed as TOML, else taken as a string).
@@ -148,7 +148,7 @@ class Config:
         if "lr" in self.optimizer_args:
             raise ConfigError("set the learning rate with lr (or --lr), not optimizer_args.lr")
         task_cls = tasks.registry.get(self.task)
-        build_options(task_cls.Options, self.task_args, f"task {self.task!r} option")
+        build_options(task_cls.Options, self.task_args, f"option of task {self.task!r}")
         return self
 
     def resolve(self) -> Config:
@@ -158,15 +158,21 @@ class Config:
         lr = hp.pop("lr") if self.lr is None else self.lr
         hp.pop("lr", None)
         task_cls = tasks.registry.get(self.task)
-        opts = build_options(task_cls.Options, self.task_args, f"task {self.task!r} option")
+        opts = build_options(task_cls.Options, self.task_args, f"option of task {self.task!r}")
         return dataclasses.replace(
             self, lr=float(lr), name=self.name or self.optimizer,
             checkpoint_every=self.eval_every if self.checkpoint_every is None else self.checkpoint_every,
             device=resolve_device(self.device),
-            optimizer_args={**hp, **self.optimizer_args}, task_args=dataclasses.asdict(opts))
+            optimizer_args=_json_form({**hp, **self.optimizer_args}),
+            task_args=_json_form(dataclasses.asdict(opts)))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _json_form(d: dict[str, Any]) -> dict[str, Any]:
+    """Tuples become lists, as after a trip through config.json, so saved and live configs compare equal."""
+    return json.loads(json.dumps(d))
 
 
 def _task_option_names(task: str) -> list[str]:

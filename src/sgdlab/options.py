@@ -45,9 +45,9 @@ def check_types(cls: type, values: dict[str, Any], owner: str) -> dict[str, Any]
     out = {}
     for key, val in values.items():
         if key not in hints or key not in names:
-            raise UnknownNameError(f"{owner} key", key, names)
+            raise UnknownNameError(owner, key, names)
         if not _accepts(hints[key], val):
-            raise ConfigError(f"{owner} key {key} must be {_type_name(hints[key])}, got {val!r}")
+            raise ConfigError(f"{owner} {key} must be {_type_name(hints[key])}, got {val!r}")
         if hints[key] is float or hints[key] == (float | None):
             val = float(val) if isinstance(val, int) and not isinstance(val, bool) else val
         out[key] = val

@@ -15,7 +15,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -123,7 +123,7 @@ class Trainer:
         out = Path(cfg.out) if cfg.out else default_out(cfg)
         prepare_out(out, resume, overwrite)
         if resume:
-            saved = Config.from_dict(_read_json(out / "config.json"), source=f"{out / 'config.json'}:")
+            saved = Config.from_dict(_read_json(out / "config.json"), source=f"key in {out / 'config.json'}:")
             check_resume_config(saved, cfg)
         cfg.out = str(out)
 
@@ -206,7 +206,8 @@ class Trainer:
                 for step in range(st.step + 1, cfg.steps + 1):
                     is_eval = step == cfg.steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
                     is_ckpt = cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0
-                    is_log = is_eval or is_ckpt or step % cfg.log_every == 0 or step == stop_at
+                    is_log = is_eval or is_ckpt or step % cfg.log_every == 0
+                    stop_now = stop.requested or step == stop_at
                     batch = task.get_batch(sampler.next() if sampler is not None else None)
                     loss = task.loss(model, batch)
                     loss.backward()
@@ -219,8 +220,8 @@ class Trainer:
                     pending.append(loss.detach())
                     st.step = step
                     bar.update(1)
-                    if is_log or stop.requested:
-                        losses = torch.stack(pending).double().tolist()
+                    if is_log or stop_now:
+                        losses = st.carry + torch.stack(pending).double().tolist()
                         pending.clear()
                         bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
                         if bad:
@@ -228,16 +229,20 @@ class Trainer:
                             raise DivergenceError(st.step, losses[bad[0]],
                                                   str(out / "checkpoint.pt") if st.saved_step is not None else None)
                         st.wall_time = t_train + (time.perf_counter() - t_start) - st.pause
-                        st.train_loss = sum(losses) / len(losses)
-                        r = record_at(step)
-                        r.update(train_loss=st.train_loss, lr=lr, wall_time_s=st.wall_time)
                         t_pause = time.perf_counter()
-                        if is_eval:
-                            evaluate(r)
-                        log.append(r)
-                        if is_ckpt or stop.requested or step == stop_at:
+                        if is_log:  # the record's train_loss is the mean since the previous record
+                            st.carry = []
+                            st.train_loss = sum(losses) / len(losses)
+                            r = record_at(step)
+                            r.update(train_loss=st.train_loss, lr=lr, wall_time_s=st.wall_time)
+                            if is_eval:
+                                evaluate(r)
+                            log.append(r)
+                            bar.set_postfix(_postfix(r, task.metric), refresh=False)
+                        else:  # stopping between records: carry the losses over in the checkpoint
+                            st.carry = losses
+                        if is_ckpt or stop_now:
                             save_checkpoint()
-                        bar.set_postfix(_postfix(r, task.metric), refresh=False)
                         st.pause += time.perf_counter() - t_pause
                     if stop.requested or step == stop_at:
                         status = "stopped"
@@ -286,11 +291,12 @@ class _State:
     best_val_loss: float | None = None
     best_metric: float | None = None
     last_eval: dict[str, float] | None = None
+    carry: list[float] = field(default_factory=list)  # losses not yet in a metrics record
     saved_step: int | None = None  # step of the checkpoint on disk
 
     def state_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("step", "wall_time", "eval_time", "train_loss", "best_val_loss",
-                                              "best_metric", "last_eval")}
+                                              "best_metric", "last_eval", "carry")}
 
     def load(self, d: dict[str, Any]) -> None:
         for k, v in d.items():

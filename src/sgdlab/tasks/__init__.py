@@ -22,5 +22,5 @@ def create(name: str, options: dict | None = None, device: str | torch.device = 
            data: str | None = None) -> Task:
     """Build task ``name`` with ``options`` (a dict of its option fields) on ``device``."""
     cls = registry.get(name)
-    opts = build_options(cls.Options, dict(options or {}), f"task {name!r}")
+    opts = build_options(cls.Options, dict(options or {}), f"option of task {name!r}")
     return cls(opts, torch.device(device), data)

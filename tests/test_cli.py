@@ -1,0 +1,149 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sgdlab.cli import main
+
+TINY = ["--set", "d_model=32", "--set", "n_layers=1", "--set", "n_heads=2", "--set", "context=32",
+        "--set", "max_bytes=60000", "--set", "eval_windows=8"]
+
+
+def cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_and_version_subprocess():
+    r = subprocess.run([sys.executable, "-m", "sgdlab", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "compare" in r.stdout and "report" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "sgdlab", "run", "--optimizer", "nope", "--steps", "1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0  # one line, no traceback
+    assert "unknown optimizer 'nope'" in r.stderr and "Valid: adam, adamw, sgd" in r.stderr
+
+
+def test_run_and_report(capsys, tmp_path):
+    out = tmp_path / "r"
+    code, stdout, err = cli(capsys, "run", "--task", "digits", "--optimizer", "sgd", "--lr", "0.1", "--steps", 20,
+                            "--eval-every", 10, "--set", "momentum=0.9", "--out", out)
+    assert code == 0, err
+    assert "completed: 20/20 steps" in stdout
+    assert json.loads((out / "config.json").read_text())["optimizer_args"]["momentum"] == 0.9
+    code, stdout, _ = cli(capsys, "report", out)
+    assert code == 0 and "| sgd | digits | sgd |" in stdout
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_config_file_then_flags_override(capsys, tmp_path):
+    cfgf = tmp_path / "c.toml"
+    cfgf.write_text('task = "digits"\noptimizer = "sgd"\nlr = 0.05\nsteps = 50\n')
+    code, _, err = cli(capsys, "run", "--config", cfgf, "--steps", 5, "--out", tmp_path / "r")
+    assert code == 0, err
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg["steps"] == 5 and cfg["lr"] == 0.05
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--task", "charlmm"], "unknown task 'charlmm'. Did you mean 'charlm'?"),
+    (["--strategy", "ddpp"], "unknown strategy 'ddpp'"),
+    (["--set", "stepss=3"], "unknown config key 'stepss'. Did you mean 'steps'?"),
+    (["--lr", "-1"], "lr=-1.0 is out of range; allowed: 0 <= lr"),
+    (["--steps", "0"], "steps=0 is out of range; allowed: 1 <= steps"),
+    (["--task", "digits", "--batch-size", "100000"], "batch_size=100000 is larger than the data"),
+    (["--task", "textfile", "--data", "/nonexistent/file.txt"], "--data /nonexistent/file.txt: no such file"),
+    (["--stop-at", "0"], "--stop-at=0 is out of range"),
+])
+def test_bad_input_is_one_clear_line(capsys, tmp_path, argv, message):
+    code, _, err = cli(capsys, "run", "--out", tmp_path / "r", *argv)
+    assert code == 2
+    assert err.startswith("sgdlab: error: ") and message in err and err.count("\n") == 1
+
+
+def test_out_is_a_file(capsys, tmp_path):
+    f = tmp_path / "f"
+    f.write_text("keep me")
+    code, _, err = cli(capsys, "run", "--task", "digits", "--steps", 2, "--out", f)
+    assert code == 2 and "is a file, not a directory" in err
+    assert f.read_text() == "keep me"
+
+
+def test_stop_resume_via_cli(capsys, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    args = ["--task", "charlm", "--steps", 8, "--batch-size", 4, "--eval-every", 4, "--log-every", 2, *TINY]
+    assert cli(capsys, "run", *args, "--out", full)[0] == 0
+    code, stdout, _ = cli(capsys, "run", *args, "--out", part, "--stop-at", 3)
+    assert code == 0 and "stopped: 3/8" in stdout and "--resume" in stdout
+    code, stdout, err = cli(capsys, "run", "--out", part, "--resume")
+    assert code == 0, err
+    a = json.loads((full / "summary.json").read_text())
+    b = json.loads((part / "summary.json").read_text())
+    assert a["final_val_loss"] == b["final_val_loss"] and a["final_train_loss"] == b["final_train_loss"]
+
+
+def test_corrupt_checkpoint_resume_cli(capsys, tmp_path):
+    out = tmp_path / "r"
+    assert cli(capsys, "run", "--task", "digits", "--steps", 4, "--out", out)[0] == 0
+    (out / "checkpoint.pt").write_bytes(b"\x00\x01 truncated")
+    code, _, err = cli(capsys, "run", "--out", out, "--resume")
+    assert code == 2 and "corrupt or unreadable" in err
+    assert (out / "checkpoint.pt").read_bytes() == b"\x00\x01 truncated"
+
+
+def test_nan_loss_exits_with_step(capsys, tmp_path):
+    out = tmp_path / "r"
+    code, _, err = cli(capsys, "run", "--task", "quadratic", "--optimizer", "sgd", "--lr", 0.5, "--steps", 300,
+                       "--eval-every", 2, "--log-every", 1, "--out", out)
+    assert code == 1 and "training diverged" in err and "at step" in err and "last good checkpoint" in err
+    assert (out / "checkpoint.pt").is_file()
+
+
+def test_list(capsys):
+    code, out, _ = cli(capsys, "list")
+    assert code == 0
+    for name in ("charlm", "textfile", "digits", "quadratic", "logreg", "rosenbrock", "sgd", "adamw", "single",
+                 "demo"):
+        assert name in out
+    code, out, _ = cli(capsys, "list", "optimizers", "-v")
+    assert "momentum=0" in out
+
+
+def test_compare_config_files(capsys, tmp_path):
+    files = []
+    for name, lr in (("slow", 0.01), ("fast", 0.1)):
+        p = tmp_path / f"{name}.toml"
+        p.write_text(f'task = "digits"\noptimizer = "sgd"\nlr = {lr}\nsteps = 10\neval_every = 5\n')
+        files.append(p)
+    out = tmp_path / "cmp"
+    code, stdout, err = cli(capsys, "compare", *files, "--out", out)
+    assert code == 0, err
+    assert "| slow |" in stdout and "| fast |" in stdout
+    assert (out / "report.png").is_file() and (out / "slow" / "summary.json").is_file()
+    # again without --resume/--overwrite: refused, runs kept
+    code, _, err = cli(capsys, "compare", *files, "--out", out)
+    assert code == 2 and "already holds a run" in err
+    code, _, err = cli(capsys, "compare", *files, "--out", out, "--resume")
+    assert code == 0 and "already completed, skipped" in err
+    code, _, err = cli(capsys, "compare", "--out", out)
+    assert code == 2 and "--preset NAME" in err
+    code, _, err = cli(capsys, "compare", "--preset", "demoo")
+    assert code == 2 and "unknown preset 'demoo'. Did you mean 'demo'?" in err
+
+
+def test_report_missing_dir(capsys, tmp_path):
+    code, _, err = cli(capsys, "report", tmp_path / "nothing")
+    assert code == 2 and "not a run directory" in err
+
+
+def test_demo_preset_is_valid():
+    from sgdlab import presets
+
+    cfgs = presets.registry.get("demo")()
+    assert {c.optimizer for c in cfgs} >= {"sgd", "adamw"}
+    assert any(c.optimizer_args.get("momentum") for c in cfgs)
+    for c in cfgs:
+        c.validate()

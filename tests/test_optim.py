@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+from sgdlab import optim
+from sgdlab.errors import ConfigError, UnknownNameError
+
+
+def test_create_by_name_matches_torch():
+    p1 = [torch.nn.Parameter(torch.ones(3))]
+    opt = optim.create("sgd", p1, lr=0.5, momentum=0.9)
+    assert isinstance(opt, torch.optim.SGD)
+    assert opt.param_groups[0]["momentum"] == 0.9
+    assert isinstance(optim.create("adamw", [torch.nn.Parameter(torch.ones(1))]), torch.optim.AdamW)
+
+
+def test_unknown_name_and_hyperparameter():
+    with pytest.raises(UnknownNameError, match="unknown optimizer 'sgdd'.*Did you mean 'sgd'"):
+        optim.create("sgdd", [torch.nn.Parameter(torch.ones(1))])
+    with pytest.raises(TypeError, match="optimizer 'sgd' has no hyperparameter 'betas'; valid: .*momentum"):
+        optim.create("sgd", [torch.nn.Parameter(torch.ones(1))], betas=(0.9, 0.99))
+
+
+def test_out_of_range_hyperparameters():
+    p = [torch.nn.Parameter(torch.ones(1))]
+    with pytest.raises(ConfigError, match="lr=-0.1 is out of range"):
+        optim.create("adam", p, lr=-0.1)
+    with pytest.raises(ValueError, match="optimizer 'sgd'.*momentum"):
+        optim.create("sgd", p, lr=0.1, momentum=-1.0)
+    with pytest.raises(ValueError, match="optimizer 'adam'.*beta"):
+        optim.create("adam", p, betas=(1.5, 0.9))
+
+
+def test_state_bytes_counts_moments():
+    p = torch.nn.Parameter(torch.ones(10, 10))
+    opt = optim.create("adam", [p])
+    p.grad = torch.ones_like(p)
+    opt.step()
+    # exp_avg + exp_avg_sq (fp32, 100 each) + the step counter (one fp32 scalar)
+    assert optim.state_bytes(opt) == 2 * 100 * 4 + 4
