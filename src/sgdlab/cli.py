@@ -160,7 +160,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         out = Path(args.out or Path("runs") / args.preset)
     else:
         configs = [Config.from_toml(p) for p in args.configs]
-        configs = [c if c.name else c.replace(name=p.stem) for c, p in zip(configs, args.configs)]
+        configs = [c if c.name else c.replace(name=p.stem) for c, p in zip(configs, args.configs, strict=True)]
         out = Path(args.out or "runs/compare")
     configs = [config_from_args(args, c) for c in configs]
     names = [c.name or c.optimizer for c in configs]
@@ -171,7 +171,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise SgdlabError(f"--out {out} is a file, not a directory; choose a directory")
     dirs = []
-    for i, (c, name) in enumerate(zip(configs, names)):
+    for i, (c, name) in enumerate(zip(configs, names, strict=True)):
         run_dir = out / name
         dirs.append(run_dir)
         done = (run_dir / "summary.json").is_file() and _load_json(run_dir / "summary.json").get(

@@ -59,7 +59,7 @@ def plot(runs: list[dict[str, Any]], path: str | Path) -> Path:
         color = f"C{i % 10}"
         label = r["config"].get("name") or r["path"].name
         ms = r["metrics"]
-        for ax, (key, xlabel, logx) in zip(axs, axes_spec):
+        for ax, (key, xlabel, logx) in zip(axs, axes_spec, strict=False):
             ev = [m for m in ms if "val_loss" in m and (key in m or m["step"] == 0)]
             xs = [m.get(key, 0) for m in ev]
             ax.plot(xs, [m["val_loss"] for m in ev], "-o", ms=3, color=color, label=f"{label} (val)")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..registry import Registry
 from ..options import build_options
+from ..registry import Registry
 from .base import EpochSampler, Task, parse_split, shard_indices
 from .digits import Digits
 from .synthetic import LogReg, Quadratic, Rosenbrock
