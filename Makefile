@@ -17,7 +17,7 @@ setup-dev: $(VENV)/bin/python
 	$(PIP) install --quiet -c constraints.txt -e ".[dev]"
 
 demo: setup
-	$(VENV)/bin/sgdlab compare --preset demo --out runs/demo
+	$(VENV)/bin/sgdlab compare --preset demo --out runs/demo --overwrite
 
 test: setup-dev
 	$(PY) -m pytest -q

@@ -146,3 +146,10 @@ def test_demo_preset_is_valid():
     assert any(c.optimizer_args.get("momentum") for c in cfgs)
     for c in cfgs:
         c.validate()
+
+
+def test_bench_loop_smoke(capsys):
+    code, out, err = cli(capsys, "bench", "loop", "--steps", 3, "--repeats", 1, "--batch-size", 4, "--device", "cpu",
+                         *TINY)
+    assert code == 0, err
+    assert "| bare PyTorch |" in out and "| sgdlab runner (training loop) |" in out and "overhead" in out

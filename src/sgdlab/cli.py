@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=60, help="timed steps per repetition")
     b.add_argument("--repeats", type=int, default=5, help="alternating repetitions of each loop")
     b.add_argument("--device", default="auto")
+    b.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="task option or optimizer hyperparameter, as for `sgdlab run`")
     return ap
 
 

@@ -273,7 +273,7 @@ class Trainer:
             "num_params": sum(p.numel() for p in model.parameters()),
             "optimizer_state_bytes": optim.state_bytes(opt),
             "device": cfg.device, "torch_version": torch.__version__, "sgdlab_version": __version__,
-            **{f"data_{k}": v for k, v in task.info().items()},
+            "data": task.info(),
         }
         for k, v in ev.items():
             s.setdefault(k, v)

@@ -61,7 +61,10 @@ def runner_loop(task: tasks.Task, cfg: Config, steps: int) -> tuple[float, float
 def main(args) -> int:
     device = resolve_device(args.device)
     cfg = Config(task=args.task, optimizer=args.optimizer, batch_size=args.batch_size, eval_every=0,
-                 checkpoint_every=0, log_every=10, device=device).resolve()
+                 checkpoint_every=0, log_every=10, device=device)
+    for assignment in args.sets:
+        cfg = cfg.set(assignment)
+    cfg = cfg.resolve()
     task = tasks.create(cfg.task, cfg.task_args, device, cfg.data)
     print(f"bench loop: task={cfg.task} optimizer={cfg.optimizer} batch={cfg.batch_size} steps={args.steps} "
           f"repeats={args.repeats} device={device} threads={torch.get_num_threads()}")
