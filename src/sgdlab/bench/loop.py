@@ -1,7 +1,7 @@
 """``sgdlab bench loop``: the runner's training throughput against a bare PyTorch loop.
 
 Both loops train the same model (same task, batch size and optimizer, built by the same code) in the
-same process, alternating, after one warm-up run each. The bare loop is what a user would write:
+same process, alternating in ABBA order, after one warm-up run each. The bare loop is what a user would write:
 sample indices, forward, backward, ``step``, ``zero_grad``. The runner adds its sampler, LR schedule,
 loss logging (batched host reads), JSONL metrics, progress bar and stop checks. Its time is the
 training-loop time it reports (``wall_time_s``: evaluation and checkpoint writes excluded), and the
@@ -71,11 +71,14 @@ def main(args) -> int:
     bare_loop(task, cfg, max(5, args.steps // 5))  # warm-up
     runner_loop(task, cfg, max(5, args.steps // 5))
     bare, run_loop, run_total = [], [], []
-    for _ in range(args.repeats):
-        bare.append(bare_loop(task, cfg, args.steps))
-        a, b = runner_loop(task, cfg, args.steps)
-        run_loop.append(a)
-        run_total.append(b)
+    for i in range(args.repeats):  # ABBA order, so neither loop always runs second
+        for which in ("bare", "runner") if i % 2 == 0 else ("runner", "bare"):
+            if which == "bare":
+                bare.append(bare_loop(task, cfg, args.steps))
+            else:
+                a, b = runner_loop(task, cfg, args.steps)
+                run_loop.append(a)
+                run_total.append(b)
     mb, ml, mt = (statistics.median(x) for x in (bare, run_loop, run_total))
     print("| loop | median s | steps/s | ratio to bare |")
     print("|---|---|---|---|")
