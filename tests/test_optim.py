@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -37,3 +39,26 @@ def test_state_bytes_counts_moments():
     opt.step()
     # exp_avg + exp_avg_sq (fp32, 100 each) + the step counter (one fp32 scalar)
     assert optim.state_bytes(opt) == 2 * 100 * 4 + 4
+
+
+@pytest.mark.parametrize("name", optim.registry.names())
+def test_every_registered_optimizer_trains_through_the_runner(name, tmp_path):
+    from sgdlab import Config, run
+
+    cfg = Config(task="digits", optimizer=name, steps=40, batch_size=32, eval_every=40, out=str(tmp_path / "r"),
+                 device="cpu")
+    res = run(cfg)
+    first = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])["val_loss"]
+    assert res.summary["final_val_loss"] < first, (name, first, res.summary["final_val_loss"])
+    again = run(cfg.replace(out=str(tmp_path / "r2")), stop_at=17)
+    again = run(cfg.replace(out=str(tmp_path / "r2")), resume=True)
+    assert again.summary["final_val_loss"] == res.summary["final_val_loss"]  # resumable, bit for bit
+
+
+def test_lookahead_by_name_takes_base_hyperparameters():
+    p = [torch.nn.Parameter(torch.ones(3))]
+    opt = optim.create("lookahead", p, base="sgd", k=3, lr=0.5, momentum=0.9)
+    assert opt.k == 3 and opt.param_groups[0]["momentum"] == 0.9 and opt.param_groups[0]["lr"] == 0.5
+    assert optim.hyperparameters("lookahead", "sgd")["lr"] == 0.1
+    with pytest.raises(TypeError, match="no hyperparameter 'betas'"):
+        optim.create("lookahead", p, base="sgd", betas=(0.9, 0.9))

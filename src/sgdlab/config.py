@@ -106,7 +106,8 @@ class Config:
             raise UnknownNameError("config scope", scope, ["optimizer_args", "task_args"])
         if key in top:
             return self.replace(**{key: value})
-        opt_keys = optim.hyperparameters(self.optimizer) if self.optimizer in optim.registry else {}
+        opt_keys = (optim.hyperparameters(self.optimizer, self.optimizer_args.get("base"))
+                    if self.optimizer in optim.registry else {})
         if key in opt_keys and key != "lr":
             return self._set_arg("optimizer_args", key, value)
         task_keys = _task_option_names(self.task)
@@ -141,7 +142,7 @@ class Config:
         check_range("grad_clip", self.grad_clip, low=0)
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"device={self.device!r}; allowed: auto, cpu, cuda, cuda:N, mps")
-        hp = optim.hyperparameters(self.optimizer)
+        hp = optim.hyperparameters(self.optimizer, self.optimizer_args.get("base"))
         unknown = sorted(set(self.optimizer_args) - set(hp))
         if unknown:
             raise UnknownNameError(f"hyperparameter of optimizer {self.optimizer!r}", unknown[0], hp)
@@ -154,7 +155,7 @@ class Config:
     def resolve(self) -> Config:
         """A validated copy with every default made explicit (as written to config.json)."""
         self.validate()
-        hp = optim.hyperparameters(self.optimizer)
+        hp = optim.hyperparameters(self.optimizer, self.optimizer_args.get("base"))
         lr = hp.pop("lr") if self.lr is None else self.lr
         hp.pop("lr", None)
         task_cls = tasks.registry.get(self.task)

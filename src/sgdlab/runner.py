@@ -155,6 +155,11 @@ class Trainer:
             cfg.save(out / "config.json")
 
         params = [p for p in model.parameters() if p.requires_grad]
+        # Optional optimizer protocol: `needs_closure` (step(closure) recomputes the loss) and
+        # `needs_sampled_loss` (every `hessian_due` step, the gradient of task.sampled_loss is fed to
+        # `update_hessian(batch_size)` before the ordinary backward).
+        needs_closure = bool(getattr(opt, "needs_closure", False))
+        hessian_hook = bool(getattr(opt, "needs_sampled_loss", False))
         samples_per_step = cfg.batch_size if sampler is not None else 1
         tokens_per_sample = task.tokens_per_example if task.unit == "tokens" else None
 
@@ -209,12 +214,20 @@ class Trainer:
                     is_log = is_eval or is_ckpt or step % cfg.log_every == 0
                     stop_now = stop.requested or step == stop_at
                     batch = task.get_batch(sampler.next() if sampler is not None else None)
+                    if hessian_hook and opt.hessian_due:  # Gauss-Newton-Bartlett estimate (Sophia-G)
+                        sampled, n_labels = task.sampled_loss(model, batch)
+                        sampled.backward()
+                        opt.update_hessian(batch_size=n_labels)
+                        opt.zero_grad(set_to_none=True)
                     loss = task.loss(model, batch)
                     loss.backward()
                     if cfg.grad_clip > 0:
                         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
                     lr = opt.param_groups[0]["lr"]
-                    opt.step()
+                    if needs_closure:  # e.g. Sophia-H's Hessian-vector products
+                        opt.step(lambda b=batch: task.loss(model, b))
+                    else:
+                        opt.step()
                     sched.step()
                     opt.zero_grad(set_to_none=True)
                     pending.append(loss.detach())

@@ -8,7 +8,7 @@ hyperparameter is a ``TypeError``; an out-of-range one is a ``ValueError`` namin
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -16,9 +16,10 @@ import torch
 from ..errors import ConfigError
 from ..registry import Registry
 
-__all__ = ["create", "registry", "hyperparameters", "state_bytes"]
+__all__ = ["create", "registry", "hyperparameters", "state_bytes", "AdamP", "SGDP", "AdEMAMix", "AuON", "HybridAuON",
+           "DiffGrad", "Grams", "LaProp", "Lookahead", "MARS", "SGDSaI", "SophiaG", "SophiaH", "SWAN"]
 
-registry: Registry[type[torch.optim.Optimizer]] = Registry("optimizer")
+registry: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
 
 registry.register("sgd", torch.optim.SGD, "torch.optim.SGD: plain SGD, heavy-ball or Nesterov momentum",
                   default_lr=0.1)
@@ -26,20 +27,67 @@ registry.register("adam", torch.optim.Adam, "torch.optim.Adam (Kingma & Ba, 2015
 registry.register("adamw", torch.optim.AdamW, "torch.optim.AdamW: Adam with decoupled weight decay "
                   "(Loshchilov & Hutter, 2019)", default_lr=1e-3)
 
+from .adamp import SGDP, AdamP  # noqa: E402
+from .ademamix import AdEMAMix  # noqa: E402
+from .auon import AuON, HybridAuON  # noqa: E402
+from .diffgrad import DiffGrad  # noqa: E402
+from .grams import Grams  # noqa: E402
+from .laprop import LaProp  # noqa: E402
+from .lookahead import Lookahead, lookahead  # noqa: E402
+from .mars import MARS  # noqa: E402
+from .sgd_sai import SGDSaI  # noqa: E402
+from .sophia import SophiaG, SophiaH  # noqa: E402
+from .swan import SWAN  # noqa: E402
+
+registry.register("sgd-sai", SGDSaI, "SGD-SaI: SGD with momentum, per-tensor lr scaled once by the first "
+                  "gradient's g-SNR (Xu et al., 2024, arXiv:2412.11768)", default_lr=1e-2)
+registry.register("swan", SWAN, "SWAN: stateless row-wise GradNorm + Newton-Schulz GradWhitening, AdamW for "
+                  "non-matrix params (Ma et al., 2024, arXiv:2412.13148)", default_lr=1e-3)
+registry.register("diffgrad", DiffGrad, "diffGrad: Adam with a gradient-change friction coefficient "
+                  "(Dubey et al., 2020, arXiv:1909.11015)", default_lr=1e-3)
+registry.register("adamp", AdamP, "AdamP: Adam without the radial update on scale-invariant weights "
+                  "(Heo et al., ICLR 2021)", default_lr=1e-3)
+registry.register("sgdp", SGDP, "SGDP: momentum SGD without the radial update on scale-invariant weights "
+                  "(Heo et al., ICLR 2021)", default_lr=0.1)
+registry.register("sophia-g", SophiaG, "Sophia-G: clipped diagonal-Hessian preconditioning, Gauss-Newton-"
+                  "Bartlett estimator (Liu et al., 2023, arXiv:2305.14342)", default_lr=3e-4)
+registry.register("sophia-h", SophiaH, "Sophia-H: clipped diagonal-Hessian preconditioning, Hutchinson "
+                  "estimator; needs step(closure) (Liu et al., 2023, arXiv:2305.14342)", default_lr=3e-4)
+registry.register("auon", AuON, "AuON: momentum normalised then divided by its cosh-RMS, linear time "
+                  "(Maity, 2025, arXiv:2509.24320)", default_lr=0.08)
+registry.register("hybrid-auon", HybridAuON, "Hybrid-AuON: AuON with one quintic Newton-Schulz step "
+                  "(Maity, 2025, arXiv:2509.24320)", default_lr=0.08)
+registry.register("ademamix", AdEMAMix, "AdEMAMix: Adam with a mixture of fast and slow gradient EMAs "
+                  "(Pagliardini, Ablin & Grangier, 2024, arXiv:2409.03137)", default_lr=1e-3)
+registry.register("mars", MARS, "MARS-AdamW (approx.): AdamW on clipped, scaled stochastic recursive momentum "
+                  "(Yuan et al., 2024, arXiv:2411.10438)", default_lr=3e-3)
+registry.register("grams", Grams, "Grams: gradient-sign direction with Adam-moment magnitude "
+                  "(Cao, Li & Song, 2024, arXiv:2412.17107)", default_lr=1e-3)
+registry.register("laprop", LaProp, "LaProp: momentum over RMS-normalised gradients (Ziyin et al., 2020, "
+                  "arXiv:2002.04839)", default_lr=4e-4)
+registry.register("lookahead", lookahead, "Lookahead around any registered optimizer (base=NAME): k fast steps, "
+                  "then slow += alpha*(fast - slow) (Zhang et al., NeurIPS 2019)", default_lr=None, wraps=True)
+
 # Keyword arguments of torch.optim classes that are not hyperparameters of the update rule.
 _NOT_HYPER = {"self", "params", "differentiable", "capturable"}
 
 
-def hyperparameters(name: str) -> dict[str, Any]:
-    """The hyperparameters of optimizer ``name`` with their defaults (``lr`` included)."""
-    cls = registry.get(name)
-    sig = inspect.signature(cls.__init__)
+def hyperparameters(name: str, base: str | None = None) -> dict[str, Any]:
+    """The hyperparameters of optimizer ``name`` with their defaults (``lr`` included).
+
+    For a wrapper (``lookahead``) they are its own plus those of its ``base`` optimizer (default: the
+    wrapper's default base), whose defaults, ``lr`` included, apply.
+    """
+    entry = registry.entry(name)
+    fn = entry.obj.__init__ if isinstance(entry.obj, type) else entry.obj
     out = {}
-    for p in sig.parameters.values():
+    for p in inspect.signature(fn).parameters.values():
         if p.name in _NOT_HYPER or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         out[p.name] = None if p.default is inspect.Parameter.empty else p.default
-    out["lr"] = registry.entry(name).extra.get("default_lr", out.get("lr"))
+    if entry.extra.get("wraps"):
+        return {**hyperparameters(base or out["base"]), **out}
+    out["lr"] = entry.extra.get("default_lr", out.get("lr"))
     return out
 
 
@@ -50,7 +98,7 @@ def create(name: str, params: Iterable[Any], **hp: Any) -> torch.optim.Optimizer
     >>> opt = create("sgd", model.parameters(), lr=0.1, momentum=0.9)
     """
     cls = registry.get(name)
-    valid = hyperparameters(name)
+    valid = hyperparameters(name, hp.get("base"))
     unknown = sorted(set(hp) - set(valid))
     if unknown:
         raise TypeError(f"optimizer {name!r} has no hyperparameter {', '.join(map(repr, unknown))}; "

@@ -152,6 +152,12 @@ class Task(ABC):
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """Mean training loss of ``model`` on ``batch`` (a scalar tensor)."""
 
+    def sampled_loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
+        """Mean loss on labels sampled from the model's own predictive distribution, and the number of
+        sampled labels (for Gauss-Newton-Bartlett Hessian estimates, as in Sophia-G)."""
+        raise ConfigError(f"task {self.name!r} has no predictive distribution to sample labels from, "
+                          "which the Gauss-Newton-Bartlett estimator (sophia-g) needs; use sophia-h")
+
     @abstractmethod
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Validation metrics; always includes ``val_loss`` and ``self.metric``."""

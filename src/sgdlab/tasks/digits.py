@@ -72,6 +72,11 @@ class Digits(Task):
         x, y = batch
         return F.cross_entropy(model(x), y)
 
+    def sampled_loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, int]:
+        from ..optim.sophia import gnb_loss
+
+        return gnb_loss(model(batch[0])), len(batch[0])
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         was_training = model.training

@@ -103,6 +103,12 @@ class Quadratic(_SyntheticRegression):
         x, y = batch
         return 0.5 * ((model(x) - y) ** 2).mean()
 
+    def sampled_loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, int]:
+        """Squared loss is the Gaussian likelihood with unit variance: sample y ~ N(f(x), 1)."""
+        f = model(batch[0])
+        y_hat = f.detach() + torch.randn_like(f)
+        return 0.5 * ((f - y_hat) ** 2).mean(), len(f)
+
 
 @dataclass
 class LogRegOptions:
@@ -153,6 +159,12 @@ class LogReg(_SyntheticRegression):
         x, y = batch
         w = model.weight
         return F.binary_cross_entropy_with_logits(model(x), y) + 0.5 * self.options.l2 * w.dot(w)
+
+    def sampled_loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, int]:
+        """Labels sampled from the model's own Bernoulli; the L2 term has no sampled part."""
+        z = model(batch[0])
+        y_hat = torch.bernoulli(torch.sigmoid(z.detach()))
+        return F.binary_cross_entropy_with_logits(z, y_hat), len(z)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:

@@ -103,6 +103,12 @@ class TextFile(Task):
         x, y = batch
         return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
 
+    def sampled_loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, int]:
+        from ..optim.sophia import gnb_loss
+
+        logits = model(batch[0])
+        return gnb_loss(logits), logits.numel() // logits.shape[-1]
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         o = self.options

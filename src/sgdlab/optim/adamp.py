@@ -1,0 +1,394 @@
+r"""AdamP and SGDP: momentum optimizers that drop the radial part of the update on scale-invariant weights.
+
+Paper: Byeongho Heo, Sanghyuk Chun, Seong Joon Oh, Dongyoon Han, Sangdoo Yun, Gyuwan Kim, Youngjung Uh,
+Jung-Woo Ha, "AdamP: Slowing Down the Slowdown for Momentum Optimizers on Scale-invariant Weights",
+ICLR 2021, arXiv:2006.08217.
+
+A weight ``w`` that feeds a normalization layer (BN, LN, WN) is scale-invariant: the loss does not change
+when ``w`` is rescaled. Momentum then keeps pushing along ``w`` itself, the norm ``||w||`` grows, and the
+effective step size ``lr / ||w||^2`` decays too early. The paper's remedy is to remove the radial component
+of the update whenever a weight looks scale-invariant:
+
+    cos(a, b)  = |<a, b>| / (||a|| ||b||)
+    Pi_w(x)    = x - <w_hat, x> w_hat,          w_hat = w / (||w|| + eps)
+    q_t        = Pi_{w_t}(p_t)   if cos(w_t, g_t) < delta / sqrt(dim(w))      (scale-invariant)
+               = p_t             otherwise
+    w_{t+1}    = w_t - lr * q_t
+
+where ``g_t`` is the gradient and ``p_t`` the update of the base optimizer (below). The test uses the
+fact that the gradient of a scale-invariant weight is orthogonal to it; a random direction in ``dim``
+dimensions has a cosine of order ``1 / sqrt(dim)`` with ``w``, and ``delta`` sets how much smaller it must be.
+Bias correction, Nesterov and the weight-decay details follow the authors' code (clovaai/AdamP).
+
+**Channel view and layer view.** Invariance can hold per output channel (BN: each row ``w[c]`` of the
+weight reshaped to ``(out_channels, -1)``) or for the whole tensor (LN, WN); the paper covers both. As in
+the authors' code, the channel view is tried first: if *every* channel passes its test with ``dim = fan-in``
+(``w[c].numel()``), each channel's update is projected on its own ``w_hat[c]``. Otherwise the layer view is
+tried (the flattened tensor, ``dim = w.numel()``) and the whole update is projected on ``w_hat``. If
+neither passes, the update is left unchanged.
+
+**Which parameters.** Only parameters with two or more dimensions (linear, conv and embedding weights)
+are tested and projected. Parameters with fewer than two dimensions (biases, norm gains and shifts,
+scalars) always get the plain Adam / SGD update and the full weight decay.
+
+**Weight decay** is decoupled (AdamW style, as in the authors' code): ``w <- w * (1 - lr * wd * r)``
+before the step, with ``r = wd_ratio`` on projected weights (their norm no longer grows, so they need less
+decay) and ``r = 1`` otherwise. SGDP divides ``r`` by ``1 - momentum``, as the authors' code does.
+
+AdamP base update (Adam with bias correction; ``nesterov`` uses the look-ahead numerator):
+
+    m_t = beta1 m_{t-1} + (1 - beta1) g_t,      v_t = beta2 v_{t-1} + (1 - beta2) g_t^2
+    p_t = (m_t / (1 - beta1^t)) / (sqrt(v_t / (1 - beta2^t)) + eps)
+    nesterov: m_t is replaced by beta1 m_t + (1 - beta1) g_t in p_t
+
+SGDP base update (heavy-ball momentum with dampening, optional Nesterov):
+
+    b_t = momentum b_{t-1} + (1 - dampening) g_t
+    p_t = b_t,    or   g_t + momentum b_t   with nesterov
+
+Cosine similarity in code: ``|<a, b>| / (max(||a||, eps) max(||b||, eps))``.
+
+**Defaults.** ``delta = 0.1`` and ``wd_ratio = 0.1`` are the paper's values, ``eps = 1e-8`` the authors'
+code's. AdamP's ``lr = 1e-3``, ``betas = (0.9, 0.999)`` are Adam's, as in the authors' code. SGDP's
+``lr = 0.1``, ``momentum = 0.9`` are the usual ImageNet SGD setting the paper's ResNet experiments start
+from (the authors' code has no default lr and ``momentum = 0``; momentum 0 leaves nothing for the paper's
+fix to act on). ``weight_decay`` defaults to 0 as in torch.optim.
+
+**Difference from pytorch_optimizer (4.1).** Its AdamP computes ``sqrt(1 - beta2^t) / (sqrt(v_t) + eps)``,
+i.e. it adds ``eps`` before the bias correction of ``v``; we follow Adam (and the authors' code) and add it
+after: ``1 / (sqrt(v_t / (1 - beta2^t)) + eps)``. The two coincide for ``eps = 0``. Its SGDP has the same
+update as ours.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch.optim.optimizer import _get_scalar_dtype
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+from ..errors import check_range
+
+__all__ = ["AdamP", "SGDP"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Projection, one parameter at a time (eager path)
+# --------------------------------------------------------------------------------------------------------
+
+def _project_one(w: torch.Tensor, g: torch.Tensor, u: torch.Tensor, delta: float, eps: float) -> bool:
+    """Remove the radial part of ``u`` in place if ``w`` passes the channel or the layer test."""
+    if w.dim() < 2 or w.numel() == 0:
+        return False
+    for rows in (w.shape[0], 1):  # channel view first, then layer view
+        w2, g2 = w.reshape(rows, -1), g.reshape(rows, -1)
+        w_norm, g_norm = w2.norm(dim=1), g2.norm(dim=1)
+        cos = (w2 * g2).sum(dim=1).abs() / (w_norm.clamp_min(eps) * g_norm.clamp_min(eps))
+        if bool(cos.max() < delta / math.sqrt(w2.shape[1])):
+            w_hat = w2 / (w_norm + eps).unsqueeze(1)
+            u2 = u.view(rows, -1)
+            u2.sub_(w_hat * (w_hat * u2).sum(dim=1, keepdim=True))
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------------------------------------
+# Projection for a list of same-device, same-dtype parameters (fast path)
+# --------------------------------------------------------------------------------------------------------
+
+def _project_many(ws: list[torch.Tensor], gs: list[torch.Tensor], us: list[torch.Tensor], delta: float,
+                  eps: float) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Batched :func:`_project_one` over tensors with ``dim() >= 2``, without a per-tensor loop of compute.
+
+    All tensors are flattened into one vector; per-row (channel) sums come from one ``segment_reduce``
+    and per-tensor (layer) sums from a second one over the row sums. Returns the projected updates (new
+    tensors, views of one buffer) and a bool tensor saying which tensors were projected.
+    """
+    dev = ws[0].device
+    shapes = [w.shape for w in ws]
+    numels = [w.numel() for w in ws]
+    rows = [s[0] for s in shapes]
+    cols = [n // r for n, r in zip(numels, rows, strict=True)]
+    total, n_rows = sum(numels), sum(rows)
+    rows_t = torch.tensor(rows, device=dev)
+    row_len = torch.tensor(cols, device=dev).repeat_interleave(rows_t, output_size=n_rows)
+    cols_t = torch.tensor(cols, device=dev, dtype=ws[0].dtype)
+    numels_t = torch.tensor(numels, device=dev, dtype=ws[0].dtype)
+
+    W = torch.cat([w.reshape(-1) for w in ws])
+    G = torch.cat([g.reshape(-1) for g in gs])
+    U = torch.cat([u.reshape(-1) for u in us])
+
+    def row_sum(x: torch.Tensor) -> torch.Tensor:
+        return torch.segment_reduce(x, "sum", lengths=row_len)
+
+    def per_tensor(x: torch.Tensor, how: str = "sum") -> torch.Tensor:
+        return torch.segment_reduce(x, how, lengths=rows_t)
+
+    def expand_rows(x: torch.Tensor) -> torch.Tensor:  # one value per tensor -> one per row
+        return x.repeat_interleave(rows_t, output_size=n_rows)
+
+    ww, gg, wg, wu = row_sum(W * W), row_sum(G * G), row_sum(W * G), row_sum(W * U)
+
+    def cosine(dot: torch.Tensor, sq_a: torch.Tensor, sq_b: torch.Tensor) -> torch.Tensor:
+        return dot.abs() / (sq_a.sqrt().clamp_min(eps) * sq_b.sqrt().clamp_min(eps))
+
+    # Channel view: every channel of the tensor must pass, with dim = fan-in.
+    channel = per_tensor(cosine(wg, ww, gg), "max") < delta / cols_t.sqrt()
+    # Layer view: the whole tensor, dim = numel.
+    lww, lgg, lwg, lwu = per_tensor(ww), per_tensor(gg), per_tensor(wg), per_tensor(wu)
+    layer = cosine(lwg, lww, lgg) < delta / numels_t.sqrt()
+
+    # Radial part of u along w_hat = w / (||w|| + eps):  w * <w, u> / (||w|| + eps)^2, per row or per tensor.
+    coef_channel = wu / (ww.sqrt() + eps) ** 2
+    coef_layer = expand_rows(lwu / (lww.sqrt() + eps) ** 2)
+    coef = torch.where(expand_rows(channel), coef_channel,
+                       torch.where(expand_rows(layer), coef_layer, torch.zeros_like(coef_layer)))
+    U = torch.addcmul(U, W, coef.repeat_interleave(row_len, output_size=total), value=-1.0)
+    out = [part.view(s) for part, s in zip(U.split(numels), shapes, strict=True)]
+    return out, channel | layer
+
+
+def _split_by_ndim(params: list[torch.Tensor]) -> tuple[list[int], list[int]]:
+    """Indices of the (non-empty) tensors with ``dim() >= 2``, and of all the others."""
+    mats = [i for i, t in enumerate(params) if t.dim() >= 2 and t.numel() > 0]
+    others = [i for i, t in enumerate(params) if not (t.dim() >= 2 and t.numel() > 0)]
+    return mats, others
+
+
+def _projected_step_many(params: list[torch.Tensor], grads: list[torch.Tensor], updates: list[torch.Tensor],
+                         step_sizes: list[float], *, delta: float, eps: float, decay: float,
+                         wd_ratio: float) -> None:
+    """Project the updates of matrix-shaped params, apply decoupled weight decay, then
+    ``p -= step_size * update``. ``decay`` is ``lr * weight_decay`` (already divided by ``1 - momentum``
+    for SGDP)."""
+    mats, others = _split_by_ndim(params)
+    updates = list(updates)
+    if mats:
+        projected_updates, projected = _project_many([params[i] for i in mats], [grads[i] for i in mats],
+                                                     [updates[i] for i in mats], delta, eps)
+        for i, u in zip(mats, projected_updates, strict=True):
+            updates[i] = u
+        if decay != 0.0:
+            ref = params[mats[0]]  # factors in the params' dtype (a Python-scalar torch.where would be float32)
+            factors = torch.where(projected, ref.new_tensor(1.0 - decay * wd_ratio), ref.new_tensor(1.0 - decay))
+            torch._foreach_mul_([params[i] for i in mats], list(factors.unbind(0)))
+    if others and decay != 0.0:
+        torch._foreach_mul_([params[i] for i in others], 1.0 - decay)
+    scaled = torch._foreach_mul(updates, [-s for s in step_sizes])
+    torch._foreach_add_(params, scaled)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Shared helpers
+# --------------------------------------------------------------------------------------------------------
+
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+def _check_common(lr, weight_decay, delta, wd_ratio, eps, foreach, maximize, nesterov) -> None:
+    check_range("lr", lr, low=0.0)
+    check_range("weight_decay", weight_decay, low=0.0)
+    check_range("delta", delta, low=0.0)
+    check_range("wd_ratio", wd_ratio, low=0.0, high=1.0)
+    check_range("eps", eps, low=0.0)
+    if foreach is not None:
+        _check_flag("foreach", foreach)
+    _check_flag("maximize", maximize)
+    _check_flag("nesterov", nesterov)
+
+
+def _use_foreach(group: dict, params: list[torch.Tensor]) -> bool:
+    if group["foreach"] is not None:
+        return group["foreach"]
+    return len({p.device.type for p in params}) <= 1
+
+
+def _collect(optimizer: torch.optim.Optimizer, group: dict, init: Callable[[torch.Tensor], dict]):
+    """Params of ``group`` that have a gradient, their gradients and their (lazily created) state."""
+    params, grads, states = [], [], []
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise RuntimeError(f"{type(optimizer).__name__} does not support sparse gradients")
+        state = optimizer.state[p]
+        if len(state) == 0:
+            state.update(init(p))
+        params.append(p)
+        grads.append(p.grad)
+        states.append(state)
+    return params, grads, states
+
+
+def _maybe_negate(grads: list[torch.Tensor], maximize: bool, foreach: bool) -> list[torch.Tensor]:
+    if not maximize:
+        return grads
+    return torch._foreach_neg(grads) if foreach else [-g for g in grads]
+
+
+# --------------------------------------------------------------------------------------------------------
+# AdamP
+# --------------------------------------------------------------------------------------------------------
+
+class AdamP(torch.optim.Optimizer):
+    """Adam with the radial component removed on scale-invariant weights (Heo et al., ICLR 2021).
+
+    See the module docstring for the update rule. Arguments: ``lr`` (default 1e-3), ``betas`` (0.9, 0.999),
+    ``eps`` (1e-8; Adam denominator, cosine and projection guard), ``weight_decay`` (0, decoupled),
+    ``delta`` (0.1, threshold of the scale-invariance test), ``wd_ratio`` (0.1, weight-decay multiplier on
+    projected weights), ``nesterov`` (False), ``foreach`` (None: multi-tensor path when all params share a
+    device type), ``maximize`` (False).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, delta: float = 0.1, wd_ratio: float = 0.1, nesterov: bool = False,
+                 *, foreach: bool | None = None, maximize: bool = False):
+        _check_common(lr, weight_decay, delta, wd_ratio, eps, foreach, maximize, nesterov)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        check_range("beta1", betas[0], low=0.0, high=1.0, high_open=True)
+        check_range("beta2", betas[1], low=0.0, high=1.0, high_open=True)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, delta=delta,
+                        wd_ratio=wd_ratio, nesterov=nesterov, foreach=foreach, maximize=maximize)
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _init_state(p: torch.Tensor) -> dict:
+        return {"step": torch.tensor(0.0, dtype=_get_scalar_dtype()),
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, states = _collect(self, group, self._init_state)
+            if not params:
+                continue
+            if _use_foreach(group, params):
+                self._step_foreach(group, params, grads, states)
+            else:
+                self._step_eager(group, params, grads, states)
+        return loss
+
+    def _step_eager(self, group, params, grads, states) -> None:
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        for p, g, state in zip(params, _maybe_negate(grads, group["maximize"], False), states, strict=True):
+            state["step"] += 1
+            t = state["step"].item()
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            m.mul_(beta1).add_(g, alpha=1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
+            num = m * beta1 + g * (1 - beta1) if group["nesterov"] else m
+            update = num / denom
+            projected = _project_one(p, g, update, group["delta"], eps)
+            if wd != 0.0:
+                p.mul_(1 - lr * wd * (group["wd_ratio"] if projected else 1.0))
+            p.add_(update, alpha=-lr / (1 - beta1 ** t))
+
+    def _step_foreach(self, group, params, grads, states) -> None:
+        beta1, beta2 = group["betas"]
+        lr, eps = group["lr"], group["eps"]
+        grouped = _group_tensors_by_device_and_dtype(
+            [params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+             [s["step"] for s in states]])
+        for (ps, gs, ms, vs, steps), _ in grouped.values():
+            gs = _maybe_negate(gs, group["maximize"], True)
+            torch._foreach_add_(steps, 1.0)
+            ts = [s.item() for s in steps]  # CPU scalars: no device sync
+            torch._foreach_mul_(ms, beta1)
+            torch._foreach_add_(ms, gs, alpha=1 - beta1)
+            torch._foreach_mul_(vs, beta2)
+            torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
+            denom = torch._foreach_sqrt(vs)
+            torch._foreach_div_(denom, [math.sqrt(1 - beta2 ** t) for t in ts])
+            torch._foreach_add_(denom, eps)
+            if group["nesterov"]:
+                num = torch._foreach_mul(ms, beta1)
+                torch._foreach_add_(num, gs, alpha=1 - beta1)
+            else:
+                num = ms
+            updates = torch._foreach_div(num, denom)
+            _projected_step_many(ps, gs, updates, [lr / (1 - beta1 ** t) for t in ts], delta=group["delta"],
+                                 eps=eps, decay=lr * group["weight_decay"], wd_ratio=group["wd_ratio"])
+
+
+# --------------------------------------------------------------------------------------------------------
+# SGDP
+# --------------------------------------------------------------------------------------------------------
+
+class SGDP(torch.optim.Optimizer):
+    """SGD with momentum and the radial component removed on scale-invariant weights (Heo et al., ICLR 2021).
+
+    See the module docstring for the update rule. Arguments: ``lr`` (default 0.1), ``momentum`` (0.9,
+    in [0, 1)), ``dampening`` (0), ``weight_decay`` (0, decoupled, divided by ``1 - momentum``), ``nesterov``
+    (False; needs momentum > 0 and dampening = 0), ``eps`` (1e-8; cosine and projection guard), ``delta``
+    (0.1), ``wd_ratio`` (0.1), ``foreach`` (None: multi-tensor path when all params share a device type),
+    ``maximize`` (False).
+    """
+
+    def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, eps: float = 1e-8, delta: float = 0.1,
+                 wd_ratio: float = 0.1, *, foreach: bool | None = None, maximize: bool = False):
+        _check_common(lr, weight_decay, delta, wd_ratio, eps, foreach, maximize, nesterov)
+        check_range("momentum", momentum, low=0.0, high=1.0, high_open=True)
+        check_range("dampening", dampening, low=0.0, high=1.0)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError(f"nesterov=True requires momentum > 0 and dampening = 0, got momentum={momentum!r}, "
+                             f"dampening={dampening!r}")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio, foreach=foreach,
+                        maximize=maximize)
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _init_state(p: torch.Tensor) -> dict:
+        return {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, states = _collect(self, group, self._init_state)
+            if not params:
+                continue
+            if _use_foreach(group, params):
+                self._step_foreach(group, params, grads, states)
+            else:
+                self._step_eager(group, params, grads, states)
+        return loss
+
+    def _step_eager(self, group, params, grads, states) -> None:
+        lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+        for p, g, state in zip(params, _maybe_negate(grads, group["maximize"], False), states, strict=True):
+            buf = state["momentum_buffer"]
+            buf.mul_(mom).add_(g, alpha=1 - group["dampening"])
+            update = g + mom * buf if group["nesterov"] else buf.clone()
+            projected = _project_one(p, g, update, group["delta"], group["eps"])
+            if wd != 0.0:
+                p.mul_(1 - lr * wd * (group["wd_ratio"] if projected else 1.0) / (1 - mom))
+            p.add_(update, alpha=-lr)
+
+    def _step_foreach(self, group, params, grads, states) -> None:
+        lr, mom = group["lr"], group["momentum"]
+        grouped = _group_tensors_by_device_and_dtype([params, grads, [s["momentum_buffer"] for s in states]])
+        for (ps, gs, bufs), _ in grouped.values():
+            gs = _maybe_negate(gs, group["maximize"], True)
+            torch._foreach_mul_(bufs, mom)
+            torch._foreach_add_(bufs, gs, alpha=1 - group["dampening"])
+            updates = torch._foreach_add(gs, bufs, alpha=mom) if group["nesterov"] else bufs
+            _projected_step_many(ps, gs, updates, [lr] * len(ps), delta=group["delta"], eps=group["eps"],
+                                 decay=lr * group["weight_decay"] / (1 - mom), wd_ratio=group["wd_ratio"])

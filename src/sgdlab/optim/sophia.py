@@ -1,0 +1,371 @@
+"""Sophia: second-order clipped stochastic optimization.
+
+Hong Liu, Zhiyuan Li, David Hall, Percy Liang, Tengyu Ma, "Sophia: A Scalable Stochastic Second-order
+Optimizer for Language Model Pre-training", 2023 (ICLR 2024), arXiv:2305.14342.
+
+Update (the paper's Algorithm 3, per coordinate, step ``t = 1, 2, ...``)::
+
+    m_t = beta1 * m_{t-1} + (1 - beta1) * g_t
+    if t mod k == 1:  h_t = beta2 * h_{t-k} + (1 - beta2) * h_hat_t      (h_{1-k} = 0)
+    else:             h_t = h_{t-1}
+    theta <- theta - lr * weight_decay * theta
+    theta <- theta - lr * clip(m_t / max(gamma * h_t, eps), 1)           clip(z, 1) = max(-1, min(z, 1))
+
+``h_hat_t`` estimates the diagonal of the Hessian at ``theta_t``:
+
+* Sophia-H (``estimator="hutchinson"``, Algorithm 1): ``h_hat = u * (H u)`` with ``u ~ N(0, I)``
+  (the paper's choice; ``probe="rademacher"`` draws +-1 instead). ``E[u * Hu] = diag(H)``.
+* Sophia-G (``estimator="gnb"``, Gauss-Newton-Bartlett, Algorithm 2): sample labels ``y_hat_b`` from
+  the model's own softmax, take ``g_hat`` = gradient of the MEAN cross-entropy over the ``B`` sampled
+  labels, and ``h_hat = B * g_hat * g_hat``. Since ``g_hat = (1/B) sum_b grad l_b``,
+  ``B * g_hat^2 = (sum_b grad l_b)^2 / B``; by Bartlett's identity its expectation over ``y_hat`` is the
+  Gauss-Newton diagonal of the mean loss, which is what ``m_t`` (a mean-loss gradient) must be divided by.
+  ``B`` is the number of sampled labels (tokens for a language model).
+
+No bias correction; there is no second moment of gradients. No parameter is treated specially: biases,
+norms and embeddings get the same element-wise rule (the paper applies it to every GPT-2 parameter).
+
+Defaults. The paper's experimental setup uses beta1 = 0.96, beta2 = 0.99, eps = 1e-12 and a Hessian
+update every k = 10 steps for all runs. gamma and lr are tuned per model there: ``gamma = 0.01`` is the
+clip scale of the paper's first version and pytorch_optimizer's default (the official Sophia-G GPT-2 configs
+use rho = gamma = 0.03-0.05); ``lr = 3e-4`` and ``weight_decay = 0.2`` are the official GPT-2 small (125M)
+Sophia-G config. The clip caps every coordinate's move at ``lr`` per step, so tune ``lr`` per problem.
+
+Differences from other implementations, on purpose:
+
+* Official code (Liuhong99/Sophia, ``SophiaG``): keeps ``h`` as an EMA of ``g_hat^2`` and applies
+  ``rho * bs * h + 1e-15`` in the step, with ``bs`` passed to ``step``. That is the paper's rule with
+  ``gamma = rho`` and ``B = bs`` moved from the estimator into the step, and ``+eps`` instead of ``max``.
+  We follow the paper: ``B`` enters through :meth:`Sophia.update_hessian` and the floor is ``max``.
+* The paper's first version (v1) wrote ``theta - lr * clip(m / max(h, eps), rho)``; that equals the form
+  above with ``gamma = rho``, ``lr_here = rho * lr_v1`` and ``eps_here = rho * eps_v1``.
+  ``pytorch_optimizer.SophiaH`` uses the v1 form (its ``p`` is rho); it also draws probes from torch's
+  global RNG and needs ``loss.backward(create_graph=True)`` on every step. Here the probe comes from a
+  generator owned by the optimizer (``seed``), saved in ``state_dict()``, and the closure is called only on
+  Hessian steps.
+
+Usage, Sophia-G (the training step is an ordinary ``backward(); step()``)::
+
+    import torch
+    import torch.nn.functional as F
+    from sgdlab.optim.sophia import SophiaG, gnb_loss
+
+    model = torch.nn.Linear(8, 3)
+    opt = SophiaG(model.parameters(), lr=1e-2, k=10)
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    for _ in range(20):
+        if opt.hessian_due:                       # steps 1, k+1, 2k+1, ...
+            opt.zero_grad()
+            gnb_loss(model(x)).backward()         # labels sampled from the model's own softmax
+            opt.update_hessian(batch_size=32)     # h <- beta2 h + (1 - beta2) * B * grad^2
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+Usage, Sophia-H (the closure returns the loss with its graph and does NOT call ``backward``)::
+
+    opt = SophiaH(model.parameters(), lr=1e-2, k=10, seed=0)
+    for _ in range(20):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step(lambda: F.cross_entropy(model(x), y))   # called on Hessian steps only
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.optim import Optimizer
+
+from ..errors import ConfigError, check_range
+
+__all__ = ["Sophia", "SophiaG", "SophiaH", "gnb_loss"]
+
+_ESTIMATORS = ("gnb", "hutchinson")
+_PROBES = ("gaussian", "rademacher")
+
+_CLOSURE_HELP = (
+    "Sophia-H estimates the Hessian diagonal with Hessian-vector products, so on every k-th step it needs "
+    "`optimizer.step(closure)`, where `closure()` recomputes the mini-batch loss with autograd enabled and "
+    "RETURNS it without calling backward() (e.g. `lambda: loss_fn(model(x), y)`); the optimizer "
+    "differentiates it twice itself. Gradients for the update still come from your usual loss.backward()."
+)
+
+
+def gnb_loss(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sampled-label cross-entropy for Sophia-G's Gauss-Newton-Bartlett estimator.
+
+    Draws ``y_hat ~ Categorical(softmax(logits))`` (classes along the last dimension, no gradient through
+    the sampling) and returns the MEAN cross-entropy over all ``B = logits.numel() // logits.shape[-1]``
+    positions. Back-propagate it and call ``Sophia.update_hessian(batch_size=B)``: the estimator is
+    ``B * grad(mean loss)^2`` (paper, Algorithm 2).
+    """
+    flat = logits.reshape(-1, logits.shape[-1])
+    with torch.no_grad():
+        probs = torch.softmax(flat.detach().float(), dim=-1)
+        y_hat = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return F.cross_entropy(flat, y_hat, reduction="mean")
+
+
+def _check_group(g: dict) -> None:
+    check_range("lr", g["lr"], low=0.0)
+    betas = g["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ConfigError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    check_range("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
+    check_range("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
+    check_range("gamma", g["gamma"], low=0.0, low_open=True)
+    check_range("eps", g["eps"], low=0.0, low_open=True)
+    check_range("weight_decay", g["weight_decay"], low=0.0)
+    if g["foreach"] not in (None, True, False):
+        raise ConfigError(f"foreach must be True, False or None, got {g['foreach']!r}")
+
+
+class Sophia(Optimizer):
+    """Sophia (Liu et al., 2023, arXiv:2305.14342); see the module docstring for the rule and defaults.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate ``eta`` (also the largest move of any coordinate per step).
+        betas: ``(beta1, beta2)``, EMA rates of the gradient and of the Hessian-diagonal estimate.
+        gamma: scale of the Hessian in the denominator ``max(gamma * h, eps)``.
+        eps: floor of the denominator (> 0).
+        weight_decay: decoupled weight decay ``lambda`` (multiplied by ``lr``).
+        estimator: ``"gnb"`` (Sophia-G, feed it with :meth:`update_hessian`) or ``"hutchinson"``
+            (Sophia-H, estimated inside ``step(closure)``).
+        k: the Hessian estimate is refreshed on steps ``1, k+1, 2k+1, ...`` (:attr:`hessian_due`).
+        probe: Hutchinson probe distribution, ``"gaussian"`` (paper) or ``"rademacher"``.
+        seed: seed of the optimizer's own probe generator (saved in ``state_dict``).
+        foreach: multi-tensor fast path; ``None`` picks it when a group's parameters share one device type.
+    """
+
+    def __init__(self, params, lr: float = 3e-4, betas: tuple[float, float] = (0.96, 0.99), gamma: float = 0.01,
+                 eps: float = 1e-12, weight_decay: float = 0.2, *, estimator: str = "gnb", k: int = 10,
+                 probe: str = "gaussian", seed: int = 0, foreach: bool | None = None):
+        if estimator not in _ESTIMATORS:
+            raise ConfigError(f"estimator={estimator!r} is not allowed; allowed: {', '.join(_ESTIMATORS)}")
+        if probe not in _PROBES:
+            raise ConfigError(f"probe={probe!r} is not allowed; allowed: {', '.join(_PROBES)}")
+        check_range("k", k, low=1, integer=True)
+        check_range("seed", seed, low=0, integer=True)
+        self.estimator, self.k, self.probe, self.seed = estimator, k, probe, seed
+        self._sophia_step = 0          # number of step() calls; drives the Hessian schedule
+        self._rng_states: dict[str, torch.Tensor] = {}   # probe generator state per device
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, gamma=gamma, eps=eps,
+                        weight_decay=weight_decay, foreach=foreach)
+        _check_group(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        _check_group(self.param_groups[-1])
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def needs_sampled_loss(self) -> bool:
+        """Sophia-G: sgdlab's runner back-propagates a sampled-label loss and calls update_hessian()."""
+        return self.estimator == "gnb"
+
+    @property
+    def needs_closure(self) -> bool:
+        """Sophia-H takes ``step(closure)``; sgdlab's runner passes one when this is True."""
+        return self.estimator == "hutchinson"
+
+    @property
+    def hessian_due(self) -> bool:
+        """True when the next :meth:`step` is a Hessian step (paper: ``t mod k == 1``)."""
+        return self._sophia_step % self.k == 0
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["sophia"] = {"step": self._sophia_step, "rng_states": {d: s.clone() for d, s in self._rng_states.items()}}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        extra = state_dict.get("sophia")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "sophia"})
+        if extra is not None:
+            self._sophia_step = int(extra["step"])
+            self._rng_states = {d: s.clone() for d, s in extra["rng_states"].items()}
+
+    # ----------------------------------------------------------------------------------------------
+    def _with_grad(self) -> list[tuple[dict, list[torch.Tensor]]]:
+        """Per group, the params that have a gradient (sparse ones rejected), with their state created."""
+        out = []
+        for group in self.param_groups:
+            ps = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Sophia does not support sparse gradients; "
+                                       f"got one for a parameter of shape {tuple(p.shape)}")
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                ps.append(p)
+            out.append((group, ps))
+        return out
+
+    def _use_foreach(self, group: dict, ps: list[torch.Tensor]) -> bool:
+        if group["foreach"] is not None:
+            return bool(group["foreach"])
+        return len({p.device.type for p in ps}) <= 1 and all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in ps)
+
+    @staticmethod
+    def _by_device_dtype(tensor_lists: list[list[torch.Tensor]]) -> list[list[list[torch.Tensor]]]:
+        buckets: dict[tuple, list[list[torch.Tensor]]] = {}
+        for i in range(len(tensor_lists[0])):
+            key = (tensor_lists[0][i].device, tensor_lists[0][i].dtype)
+            lists = buckets.setdefault(key, [[] for _ in tensor_lists])
+            for lst, src in zip(lists, tensor_lists, strict=True):
+                lst.append(src[i])
+        return list(buckets.values())
+
+    def _ema_hessian(self, group: dict, ps: list[torch.Tensor], h_hats: list[torch.Tensor]) -> None:
+        """h <- beta2 * h + (1 - beta2) * h_hat for the params ``ps`` of ``group``."""
+        if not ps:
+            return
+        w = 1.0 - group["betas"][1]
+        hs = [self.state[p]["hessian"] for p in ps]
+        if self._use_foreach(group, ps):
+            for h_l, hh_l in self._by_device_dtype([hs, h_hats]):
+                torch._foreach_lerp_(h_l, hh_l, w)
+        else:
+            for h, hh in zip(hs, h_hats, strict=True):
+                h.lerp_(hh, w)
+
+    @torch.no_grad()
+    def update_hessian(self, batch_size: int) -> None:
+        """Sophia-G: fold ``h_hat = batch_size * grad**2`` into the Hessian EMA of every param with a grad.
+
+        Call it every ``k`` steps (when :attr:`hessian_due`), right after back-propagating the MEAN
+        sampled-label loss (:func:`gnb_loss`) over ``batch_size`` sampled labels, and before the next
+        :meth:`step`. It does not move the parameters or the step counter.
+        """
+        if self.estimator != "gnb":
+            raise RuntimeError("update_hessian() is for Sophia-G (estimator='gnb'); Sophia-H estimates the "
+                               "Hessian itself inside step(closure)")
+        check_range("batch_size", batch_size, low=1, integer=True)
+        for group, ps in self._with_grad():
+            grads = [p.grad for p in ps]
+            if ps and self._use_foreach(group, ps):
+                h_hats = torch._foreach_mul(grads, grads)
+                torch._foreach_mul_(h_hats, float(batch_size))
+            else:
+                h_hats = [g * g * batch_size for g in grads]
+            self._ema_hessian(group, ps, h_hats)
+
+    def _probe(self, p: torch.Tensor) -> torch.Tensor:
+        dev = str(p.device)
+        gen = torch.Generator(device=p.device)
+        if dev in self._rng_states:
+            gen.set_state(self._rng_states[dev])
+        else:
+            gen.manual_seed(self.seed)
+        if self.probe == "gaussian":
+            u = torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device)
+        else:
+            u = torch.randint(0, 2, p.shape, generator=gen, device=p.device).to(p.dtype).mul_(2).sub_(1)
+        self._rng_states[dev] = gen.get_state()
+        return u
+
+    def _hutchinson(self, closure: Callable[[], torch.Tensor], groups: list[tuple[dict, list[torch.Tensor]]]):
+        """One Hutchinson estimate ``u * (H u)`` at the current parameters; returns the closure's loss."""
+        ps = [p for _, g_ps in groups for p in g_ps]
+        with torch.enable_grad():
+            loss = closure()
+            if not isinstance(loss, torch.Tensor) or loss.grad_fn is None:
+                raise RuntimeError(f"the closure returned {type(loss).__name__} without an autograd graph. "
+                                   + _CLOSURE_HELP)
+            if not ps:
+                return loss.detach()
+            try:
+                grads = torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True)
+            except RuntimeError as e:
+                raise RuntimeError(f"{e}\n{_CLOSURE_HELP}") from None
+            probes = [self._probe(p) for p in ps]
+            outs = [(g, u) for g, u in zip(grads, probes, strict=True) if g is not None and g.requires_grad]
+            hvps = (torch.autograd.grad([g for g, _ in outs], ps, grad_outputs=[u for _, u in outs],
+                                        allow_unused=True) if outs else [None] * len(ps))
+        i = 0
+        for group, g_ps in groups:
+            h_hats = []
+            for p in g_ps:
+                hv, u = hvps[i], probes[i]
+                h_hats.append(torch.zeros_like(p) if hv is None else hv.detach() * u)
+                i += 1
+            self._ema_hessian(group, g_ps, h_hats)
+        return loss.detach()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        """One Sophia step from ``p.grad``. For Sophia-H, on Hessian steps (:attr:`hessian_due`),
+        ``closure`` is called to get a loss to take Hessian-vector products of; its loss is returned
+        (otherwise ``None``). Sophia-G calls the closure, if given, like torch.optim (it may backward)."""
+        groups = self._with_grad()
+        loss = None
+        if self.estimator == "hutchinson":
+            if self.hessian_due:
+                if closure is None:
+                    raise RuntimeError(f"step {self._sophia_step + 1} is a Hessian step (every k={self.k}). "
+                                       + _CLOSURE_HELP)
+                loss = self._hutchinson(closure, groups)
+        elif closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+            groups = self._with_grad()
+        self._sophia_step += 1
+
+        for group, ps in groups:
+            if not ps:
+                continue
+            lr, (beta1, _), gamma, eps, wd = (group["lr"], group["betas"], group["gamma"], group["eps"],
+                                              group["weight_decay"])
+            states = [self.state[p] for p in ps]
+            grads, ms, hs = [p.grad for p in ps], [s["exp_avg"] for s in states], [s["hessian"] for s in states]
+            steps = [s["step"] for s in states]
+            if self._use_foreach(group, ps):
+                torch._foreach_add_(steps, 1.0)
+                for p_l, g_l, m_l, h_l in self._by_device_dtype([ps, grads, ms, hs]):
+                    if wd != 0:
+                        torch._foreach_mul_(p_l, 1.0 - lr * wd)
+                    torch._foreach_lerp_(m_l, g_l, 1.0 - beta1)
+                    den = torch._foreach_mul(h_l, gamma)
+                    torch._foreach_clamp_min_(den, eps)
+                    ratio = torch._foreach_div(m_l, den)
+                    torch._foreach_clamp_min_(ratio, -1.0)
+                    torch._foreach_clamp_max_(ratio, 1.0)
+                    torch._foreach_add_(p_l, ratio, alpha=-lr)
+            else:
+                for p, g, m, h, st in zip(ps, grads, ms, hs, steps, strict=True):
+                    st.add_(1.0)
+                    if wd != 0:
+                        p.mul_(1.0 - lr * wd)
+                    m.lerp_(g, 1.0 - beta1)
+                    ratio = (m / (h * gamma).clamp_min_(eps)).clamp_(-1.0, 1.0)
+                    p.add_(ratio, alpha=-lr)
+        return loss
+
+
+class SophiaG(Sophia):
+    """Sophia-G: :class:`Sophia` with the Gauss-Newton-Bartlett estimator (feed it via ``update_hessian``)."""
+
+    def __init__(self, params, lr: float = 3e-4, betas: tuple[float, float] = (0.96, 0.99), gamma: float = 0.01,
+                 eps: float = 1e-12, weight_decay: float = 0.2, *, k: int = 10, foreach: bool | None = None):
+        super().__init__(params, lr, betas, gamma, eps, weight_decay, estimator="gnb", k=k, foreach=foreach)
+
+
+class SophiaH(Sophia):
+    """Sophia-H: :class:`Sophia` with the Hutchinson estimator (needs ``step(closure)`` every ``k`` steps)."""
+
+    def __init__(self, params, lr: float = 3e-4, betas: tuple[float, float] = (0.96, 0.99), gamma: float = 0.01,
+                 eps: float = 1e-12, weight_decay: float = 0.2, *, k: int = 10, probe: str = "gaussian",
+                 seed: int = 0, foreach: bool | None = None):
+        super().__init__(params, lr, betas, gamma, eps, weight_decay, estimator="hutchinson", k=k, probe=probe,
+                         seed=seed, foreach=foreach)
+

@@ -1,0 +1,145 @@
+r"""SWAN: SGD with Whitening And Normalization, a stateless optimizer for matrix parameters.
+
+Paper: Chao Ma, Wenbo Gong, Meyer Scetbon, Edward Meeds, "SWAN: SGD with Normalization and Whitening
+Enables Stateless LLM Training", arXiv:2412.13148 (2024; ICML 2025).
+
+For a matrix parameter ``W`` of shape ``m x n`` (``out x in``; a conv weight ``(out, in, kh, kw)`` is
+viewed as ``(out, in*kh*kw)``) with gradient ``G``, each step (paper Algorithms 1-3)::
+
+    GradNorm:       G~ = (G - gbar 1_n^T) / (s 1_n^T + eps)
+                    gbar_i = mean_j G_ij,  s_i = sqrt(mean_j (G_ij - gbar_i)^2)   (each row standardised
+                                                                                   across the input axis)
+    GradWhitening:  D = (G~ G~^T)^{-1/2} G~   by coupled Newton-Schulz iterations:
+                    A = G~ G~^T,  c = ||A||_F,  Y_0 = A / c,  Z_0 = I
+                    T_k = (3 I - Z_k Y_k) / 2,  Y_{k+1} = Y_k T_k,  Z_{k+1} = T_k Z_k   (k = 0..ns_steps-1)
+                    D = Z_K G~ / sqrt(c)
+    rescale:        D <- D ||G~||_F / ||D||_F          (optional; update RMS ~ 1 like Adam's)
+    update:         W <- (1 - lr wd) W - lr D
+
+No state is kept for matrices. When ``m > n`` the whitening is computed on the short side,
+``G~ (G~^T G~)^{-1/2}``, which is the same matrix (the polar factor of ``G~``) and far cheaper.
+Since GradNorm centres each row, ``G~`` is rank deficient when ``m >= n``; the iteration leaves the null
+space untouched, so this is harmless. A consequence of the centring: with ``weight_decay=0`` SWAN never
+changes the row sums of a matrix parameter (every update row sums to zero).
+
+Non-matrix parameters (``ndim < 2``: biases, norm gains) and all parameters of a group with
+``use_adamw=True`` are trained by AdamW at learning rate ``lr * adamw_lr_ratio``: the paper keeps Adam
+for 1-D parameters and for the embedding and output layers, so put those in a ``use_adamw=True`` group.
+
+Defaults and where they come from: ``lr=1e-3`` (Adam-scale; with ``rescale=True`` the update has
+entrywise RMS about 1, like Adam's); ``ns_steps=10`` coupled Newton-Schulz iterations; ``eps=1e-8``
+guards the row std and the norms. We could not read the paper's algorithm box directly; the whitening
+iteration, the row axis of GradNorm and the optional rescaling follow secondary descriptions of the paper
+(a public summary of its update and a public re-implementation), so treat ``ns_steps`` and ``rescale``
+as tunable. No ``pytorch_optimizer`` equivalent exists.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from ..errors import check_range
+from .auon import (
+    _check_bool,
+    adamw_update,
+    check_adamw_args,
+    collect_grads,
+    matrix_view,
+    split_matrix_params,
+    use_foreach,
+)
+
+__all__ = ["SWAN", "grad_norm", "grad_whitening"]
+
+
+def grad_norm(g: torch.Tensor, eps: float) -> torch.Tensor:
+    """GradNorm of a (batch of) matrix ``(..., m, n)``: standardise each row across its ``n`` entries."""
+    centred = g - g.mean(dim=-1, keepdim=True)
+    std = centred.square().mean(dim=-1, keepdim=True).sqrt()
+    return centred / (std + eps)
+
+
+def grad_whitening(g: torch.Tensor, ns_steps: int, eps: float) -> torch.Tensor:
+    """``(G G^T)^{-1/2} G`` for a (batch of) matrix ``(..., m, n)`` by coupled Newton-Schulz iterations."""
+    tall = g.shape[-2] > g.shape[-1]
+    x = g.mT if tall else g
+    a = x @ x.mT
+    c = torch.linalg.matrix_norm(a, keepdim=True) + eps
+    y = a / c
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    z = eye.expand_as(a)
+    for _ in range(ns_steps):
+        t = 0.5 * (3.0 * eye - z @ y)
+        y = y @ t
+        z = t @ z
+    out = (z @ x) / c.sqrt()
+    return out.mT if tall else out
+
+
+class SWAN(torch.optim.Optimizer):
+    """SWAN (Ma et al., 2024, arXiv:2412.13148): stateless GradNorm + GradWhitening for matrices,
+    AdamW for the rest. See the module docstring."""
+
+    def __init__(self, params, lr: float = 1e-3, ns_steps: int = 10, rescale: bool = True, eps: float = 1e-8,
+                 weight_decay: float = 0.0, adamw_lr_ratio: float = 1.0,
+                 adamw_betas: tuple[float, float] = (0.9, 0.999), adamw_eps: float = 1e-8, use_adamw: bool = False,
+                 *, foreach: bool | None = None, maximize: bool = False):
+        check_range("lr", lr, low=0.0)
+        check_range("ns_steps", ns_steps, low=1, high=100, integer=True)
+        _check_bool("rescale", rescale)
+        check_range("eps", eps, low=0.0, low_open=True)
+        check_range("weight_decay", weight_decay, low=0.0)
+        adamw_betas = check_adamw_args(adamw_lr_ratio, adamw_betas, adamw_eps)
+        _check_bool("use_adamw", use_adamw)
+        _check_bool("maximize", maximize)
+        if foreach is not None:
+            _check_bool("foreach", foreach)
+        defaults = dict(lr=lr, ns_steps=ns_steps, rescale=rescale, eps=eps, weight_decay=weight_decay,
+                        adamw_lr_ratio=adamw_lr_ratio, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
+                        use_adamw=use_adamw, foreach=foreach, maximize=maximize)
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _direction(g: torch.Tensor, group: dict) -> torch.Tensor:
+        gn = grad_norm(g, group["eps"])
+        d = grad_whitening(gn, group["ns_steps"], group["eps"])
+        if group["rescale"]:
+            d = d * (torch.linalg.matrix_norm(gn, keepdim=True)
+                     / (torch.linalg.matrix_norm(d, keepdim=True) + group["eps"]))
+        return d
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads = collect_grads(self, group)
+            foreach = use_foreach(group["foreach"], params)
+            (mat, mat_g), (vec, vec_g) = split_matrix_params(group, params, grads)
+            lr, wd = group["lr"], group["weight_decay"]
+            adamw_update(self, vec, vec_g, lr=lr * group["adamw_lr_ratio"], betas=group["adamw_betas"],
+                         eps=group["adamw_eps"], weight_decay=wd, foreach=foreach)
+            if not mat:
+                continue
+            if not foreach:
+                for p, g in zip(mat, mat_g, strict=True):
+                    d = self._direction(matrix_view(g), group)
+                    p.mul_(1 - lr * wd)
+                    p.add_(d.view_as(p), alpha=-lr)
+                continue
+            shapes: dict = defaultdict(list)
+            for i, g in enumerate(mat_g):
+                shapes[(tuple(matrix_view(g).shape), g.device, g.dtype)].append(i)
+            updates: list = [None] * len(mat)
+            for idx in shapes.values():  # batch same-shaped matrices
+                d = self._direction(torch.stack([matrix_view(mat_g[i]) for i in idx]), group)
+                for j, i in enumerate(idx):
+                    updates[i] = d[j].view_as(mat[i])
+            if wd != 0:
+                torch._foreach_mul_(mat, 1 - lr * wd)
+            torch._foreach_add_(mat, updates, alpha=-lr)
+        return loss
