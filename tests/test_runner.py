@@ -11,11 +11,12 @@ from sgdlab.metrics import read_metrics
 
 
 def _model(out) -> dict:
-    return torch.load(Path(out) / "checkpoint.pt", weights_only=True)["model"]
+    return torch.load(Path(out) / "checkpoint.pt", weights_only=True)["workers"][0]["model"]
 
 
 def _metrics_without_time(out):
-    return [{k: v for k, v in r.items() if k != "wall_time_s"} for r in read_metrics(Path(out) / "metrics.jsonl")]
+    return [{k: v for k, v in r.items() if k not in ("wall_time_s", "sim_time_s")}
+            for r in read_metrics(Path(out) / "metrics.jsonl")]
 
 
 def test_run_writes_the_run_directory(digits_config):
@@ -98,7 +99,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
         run(cfg)
     ck = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
     assert 0 < ck["step"] < ei.value.step
-    assert torch.isfinite(ck["model"]["weight"]).all()
+    assert torch.isfinite(ck["workers"][0]["model"]["weight"]).all()
     s = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert s["status"] == "diverged"
 

@@ -13,6 +13,9 @@ A TOML file holds top-level keys (the fields of :class:`Config`) and two tables:
 
     [task_args]           # any option of the chosen task (see `sgdlab list tasks -v`)
     d_model = 128
+
+    [strategy_args]       # any option of the chosen strategy (see `sgdlab list strategies -v`)
+    sync_every = 50
 """
 
 from __future__ import annotations
@@ -32,10 +35,12 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from . import optim, strategies, tasks
+from .distributed.network import NetworkModel
 from .errors import ConfigError, UnknownNameError, check_range
 from .options import build_options, check_types
 
 SCHEDULES = ("constant", "cosine", "linear")
+BACKENDS = ("sim", "torch")
 
 
 @dataclass
@@ -56,12 +61,20 @@ class Config:
     min_lr_ratio: float = 0.0
     grad_clip: float = 0.0             # max global gradient norm; 0 disables clipping
     strategy: str = "single"
+    workers: int = 1                   # N, the number of workers (simulated, or torchrun processes)
+    backend: str = "sim"               # sim (all workers in this process) | torch (torchrun + torch.distributed)
+    data_split: str = "iid"            # iid | contiguous | dirichlet:ALPHA — how the data is sharded over workers
+    network: str | None = None         # "bandwidth=1G,latency=1ms" (the defaults): the simulated network
+    worker_speeds: list[float] | None = None  # per-worker compute-time multipliers (default all 1)
+    step_time: float | None = None     # seconds one step takes on a speed-1 worker; None: measured
+    timeout: float = 60.0              # torch backend: seconds before a silent peer counts as lost
     data: str | None = None            # input file for tasks that read one (textfile)
     device: str = "auto"               # auto | cpu | cuda | cuda:N | mps
     name: str | None = None            # label in reports; default "<optimizer>"
     out: str | None = None             # run directory; default runs/<task>-<name>-<time>
     optimizer_args: dict[str, Any] = field(default_factory=dict)
     task_args: dict[str, Any] = field(default_factory=dict)
+    strategy_args: dict[str, Any] = field(default_factory=dict)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -89,31 +102,37 @@ class Config:
         """Apply one ``key=value`` override (value parsed as TOML, else taken as a string).
 
         A bare key is a top-level field, else a hyperparameter of the optimizer, else an option of the
-        task. ``optimizer_args.KEY`` / ``task_args.KEY`` (or ``optim.KEY`` / ``task.KEY``) are explicit.
+        task, else an option of the strategy. ``optimizer_args.KEY`` / ``task_args.KEY`` /
+        ``strategy_args.KEY`` (or ``optim.KEY`` / ``task.KEY`` / ``strategy.KEY``) are explicit.
         """
         key, eq, raw = assignment.partition("=")
         key = key.strip()
         if not eq or not key:
             raise ConfigError(f"--set expects KEY=VALUE, got {assignment!r}")
         value = parse_value(raw.strip())
-        top = [f.name for f in dataclasses.fields(self) if f.name not in ("optimizer_args", "task_args")]
+        top = [f.name for f in dataclasses.fields(self) if not f.name.endswith("_args")]
         scope, dot, sub = key.partition(".")
         if dot:
             if scope in ("optimizer_args", "optim"):
                 return self._set_arg("optimizer_args", sub, value)
             if scope in ("task_args", "task"):
                 return self._set_arg("task_args", sub, value)
-            raise UnknownNameError("config scope", scope, ["optimizer_args", "task_args"])
+            if scope in ("strategy_args", "strategy"):
+                return self._set_arg("strategy_args", sub, value)
+            raise UnknownNameError("config scope", scope, ["optimizer_args", "task_args", "strategy_args"])
         if key in top:
             return self.replace(**{key: value})
         opt_keys = (optim.hyperparameters(self.optimizer, self.optimizer_args.get("base"))
                     if self.optimizer in optim.registry else {})
         if key in opt_keys and key != "lr":
             return self._set_arg("optimizer_args", key, value)
-        task_keys = _task_option_names(self.task)
+        task_keys = _option_names(tasks.registry, self.task)
         if key in task_keys:
             return self._set_arg("task_args", key, value)
-        raise UnknownNameError("config key", key, [*top, *opt_keys, *task_keys])
+        strategy_keys = _option_names(strategies.registry, self.strategy)
+        if key in strategy_keys:
+            return self._set_arg("strategy_args", key, value)
+        raise UnknownNameError("config key", key, [*top, *opt_keys, *task_keys, *strategy_keys])
 
     def _set_arg(self, table: str, key: str, value: Any) -> Config:
         return dataclasses.replace(self, **{table: {**getattr(self, table), key: value}})
@@ -150,6 +169,25 @@ class Config:
             raise ConfigError("set the learning rate with lr (or --lr), not optimizer_args.lr")
         task_cls = tasks.registry.get(self.task)
         build_options(task_cls.Options, self.task_args, f"option of task {self.task!r}")
+        check_range("workers", self.workers, low=1, integer=True)
+        if self.strategy == "single" and self.workers != 1:
+            others = ", ".join(n for n in strategies.registry.names() if n != "single")
+            raise ConfigError(f"strategy 'single' trains one worker, got workers={self.workers}; choose a "
+                              f"distributed strategy: {others}")
+        if self.backend not in BACKENDS:
+            raise UnknownNameError("backend", self.backend, BACKENDS)
+        tasks.parse_split(self.data_split)
+        NetworkModel.parse(self.network)
+        if self.worker_speeds is not None:
+            if len(self.worker_speeds) != self.workers:
+                raise ConfigError(f"worker_speeds has {len(self.worker_speeds)} entries; it needs one per worker "
+                                  f"(workers={self.workers})")
+            for i, v in enumerate(self.worker_speeds):
+                check_range(f"worker_speeds[{i}]", v, low=0, low_open=True)
+        if self.step_time is not None:
+            check_range("step_time", self.step_time, low=0, low_open=True)
+        check_range("timeout", self.timeout, low=0, low_open=True)
+        strategies.options(self.strategy, self.strategy_args)
         return self
 
     def resolve(self) -> Config:
@@ -160,8 +198,12 @@ class Config:
         hp.pop("lr", None)
         task_cls = tasks.registry.get(self.task)
         opts = build_options(task_cls.Options, self.task_args, f"option of task {self.task!r}")
+        net = NetworkModel.parse(self.network)
         return dataclasses.replace(
-            self, lr=float(lr), name=self.name or self.optimizer,
+            self, lr=float(lr), name=self.name or (self.optimizer if self.strategy == "single" else self.strategy),
+            network=f"bandwidth={net.bandwidth:g},latency={net.latency:g}",
+            worker_speeds=[float(v) for v in (self.worker_speeds or [1.0] * self.workers)],
+            strategy_args=_json_form(dataclasses.asdict(strategies.options(self.strategy, self.strategy_args))),
             checkpoint_every=self.eval_every if self.checkpoint_every is None else self.checkpoint_every,
             device=resolve_device(self.device),
             optimizer_args=_json_form({**hp, **self.optimizer_args}),
@@ -176,10 +218,10 @@ def _json_form(d: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(d))
 
 
-def _task_option_names(task: str) -> list[str]:
-    if task not in tasks.registry:
+def _option_names(registry, name: str) -> list[str]:
+    if name not in registry:
         return []
-    return [f.name for f in dataclasses.fields(tasks.registry.get(task).Options)]
+    return [f.name for f in dataclasses.fields(registry.get(name).Options)]
 
 
 def parse_value(raw: str) -> Any:

@@ -11,6 +11,8 @@ in one batch) and checks that losses are finite at those points.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import signal
 import threading
@@ -22,15 +24,18 @@ from typing import Any
 
 import torch
 
-from . import __version__, checkpoint, optim, tasks
+from . import __version__, checkpoint, optim, strategies, tasks
 from .config import Config
+from .distributed.group import Group, SimGroup, TorchGroup, torchrun_env
+from .distributed.network import NetworkModel
 from .errors import CheckpointError, ConfigError, DivergenceError
 from .metrics import MetricsLog, read_metrics, write_json
+from .strategies import Worker
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt")
 # Settings that may differ between a run and its resumption (they do not change the trajectory,
 # except ``steps``, which extends or shortens the run).
-RESUMABLE_CHANGES = ("steps", "device", "eval_every", "log_every", "checkpoint_every", "name", "out")
+RESUMABLE_CHANGES = ("steps", "device", "eval_every", "log_every", "checkpoint_every", "name", "out", "timeout")
 
 
 @dataclass
@@ -55,7 +60,7 @@ def default_out(cfg: Config) -> Path:
     return Path("runs") / f"{cfg.task}-{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+def prepare_out(out: Path, resume: bool, overwrite: bool, create: bool = True) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a directory; choose a directory")
     if resume:
@@ -69,6 +74,8 @@ def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
     elif any((out / f).exists() for f in RUN_FILES):
         raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it, --overwrite "
                           "to replace it, or choose another --out")
+    if not create:
+        return
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -119,67 +126,119 @@ class Trainer:
         self.handle_signals = handle_signals
 
     def run(self, *, resume: bool = False, stop_at: int | None = None, overwrite: bool = False) -> RunResult:
+        group = self._make_group()
+        try:
+            return self._run(group, resume=resume, stop_at=stop_at, overwrite=overwrite)
+        finally:
+            group.close()
+
+    def _make_group(self) -> Group:
         cfg = self.cfg
+        net = NetworkModel.parse(cfg.network)
+        if cfg.backend == "sim":
+            return SimGroup(cfg.workers, net)
+        env = torchrun_env()
+        if env is None:
+            raise ConfigError("--backend torch must be started by torchrun, e.g. `torchrun --nproc-per-node "
+                              f"{cfg.workers} -m sgdlab run --backend torch --workers {cfg.workers} ...`")
+        if env[1] != cfg.workers:
+            raise ConfigError(f"workers={cfg.workers} but torchrun started {env[1]} processes; pass "
+                              f"--workers {env[1]} (one worker per process)")
+        if cfg.device.startswith("cuda") and ":" not in cfg.device:
+            cfg.device = f"cuda:{env[2]}"
+            torch.cuda.set_device(cfg.device)
+        group = TorchGroup(net, torch.device(cfg.device), cfg.timeout)
+        group.check_same(hashlib.sha256(json.dumps(
+            {k: v for k, v in cfg.to_dict().items() if k != "device"}, sort_keys=True).encode()).hexdigest())
+        return group
+
+    def _run(self, group: Group, *, resume: bool, stop_at: int | None, overwrite: bool) -> RunResult:
+        cfg = self.cfg
+        lead = group.local[0] == 0  # rank 0 writes config, metrics and summary
         out = Path(cfg.out) if cfg.out else default_out(cfg)
-        prepare_out(out, resume, overwrite)
+        if isinstance(group, TorchGroup) and not cfg.out:
+            raise ConfigError("--backend torch needs --out DIR (the same directory on every rank)")
+        prepare_out(out, resume, overwrite and lead, create=lead)
         if resume:
             saved = Config.from_dict(_read_json(out / "config.json"), source=f"key in {out / 'config.json'}:")
             check_resume_config(saved, cfg)
         cfg.out = str(out)
+        ckpt_path = out / ("checkpoint.pt" if lead else f"checkpoint.rank{group.local[0]}.pt")
 
         torch.manual_seed(cfg.seed)
         task = self.task or tasks.create(cfg.task, cfg.task_args, cfg.device, cfg.data)
-        model = task.build_model()
-        opt = optim.create(cfg.optimizer, model.parameters(), lr=cfg.lr, **cfg.optimizer_args)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, cfg))
-        sampler = None
+        strategy = strategies.create(cfg.strategy, group, cfg.strategy_args)
+        lr = cfg.lr * strategy.lr_multiplier()
+        shards = None
         if task.num_train is not None:
-            sampler = tasks.EpochSampler(torch.arange(task.num_train), cfg.batch_size, cfg.seed)
+            min_size = cfg.batch_size if cfg.data_split.startswith("dirichlet") else 1
+            shards = task.shards(cfg.workers, cfg.data_split, cfg.seed, min_size=min_size)
+        replicas = []
+        for rank in group.local:
+            torch.manual_seed(cfg.seed)  # identical initial replicas
+            model = task.build_model()
+            opt = optim.create(cfg.optimizer, model.parameters(), lr=lr, **cfg.optimizer_args)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, cfg))
+            sampler = None if shards is None else tasks.EpochSampler(shards[rank], cfg.batch_size,
+                                                                     cfg.seed + 7919 * rank)
+            replicas.append(_Replica(Worker(rank, model, opt), sched, sampler))
+        workers = [r.worker for r in replicas]
+        strategy.setup(workers)
         log = MetricsLog(out / "metrics.jsonl")
         st = _State()
         if resume:
-            ck = checkpoint.load(out / "checkpoint.pt", map_location=cfg.device)
+            ck = checkpoint.load(ckpt_path, map_location=cfg.device)
             try:
-                model.load_state_dict(ck["model"])
-                opt.load_state_dict(ck["optimizer"])
-                sched.load_state_dict(ck["scheduler"])
-            except (RuntimeError, KeyError, ValueError) as e:
-                raise CheckpointError(f"checkpoint {out / 'checkpoint.pt'} does not match this run "
-                                      f"({str(e).splitlines()[0][:200]})") from None
-            if sampler is not None:
-                sampler.load_state_dict(ck["sampler"])
+                for r, wst in zip(replicas, ck["workers"], strict=True):
+                    r.load_state_dict(wst)
+                strategy.load_state_dict(ck["strategy"])
+                group.load_state_dict(ck["group"])
+            except (RuntimeError, KeyError, ValueError, TypeError) as e:
+                raise CheckpointError(f"checkpoint {ckpt_path} does not match this run "
+                                      f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
             checkpoint.set_rng_state(ck["rng"])
             st.load(ck["trainer"])
-            log.truncate_after(st.step)
-        else:
+            if lead:
+                log.truncate_after(st.step)
+        elif lead:
             cfg.save(out / "config.json")
+        if isinstance(group, TorchGroup):
+            group.barrier()
 
-        params = [p for p in model.parameters() if p.requires_grad]
         # Optional optimizer protocol: `needs_closure` (step(closure) recomputes the loss) and
         # `needs_sampled_loss` (every `hessian_due` step, the gradient of task.sampled_loss is fed to
         # `update_hessian(batch_size)` before the ordinary backward).
-        needs_closure = bool(getattr(opt, "needs_closure", False))
-        hessian_hook = bool(getattr(opt, "needs_sampled_loss", False))
-        samples_per_step = cfg.batch_size if sampler is not None else 1
+        needs_closure = bool(getattr(workers[0].optimizer, "needs_closure", False))
+        hessian_hook = bool(getattr(workers[0].optimizer, "needs_sampled_loss", False))
+        samples_per_step = (cfg.batch_size if shards is not None else 1) * cfg.workers
         tokens_per_sample = task.tokens_per_example if task.unit == "tokens" else None
+        speeds = cfg.worker_speeds
+        sync_timing = torch.device(cfg.device).type == "cuda" and cfg.step_time is None
+
+        def elapsed(t0: float) -> float:
+            if sync_timing:
+                torch.cuda.synchronize()
+            return time.perf_counter() - t0
 
         def save_checkpoint() -> None:
-            bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-            if bad:
-                raise DivergenceError(st.step, float("nan"),
-                                      str(out / "checkpoint.pt") if st.saved_step is not None else None,
-                                      what=f"parameter {bad[0]}")
-            log.flush()
+            for r in replicas:
+                bad = [n for n, p in r.worker.model.named_parameters() if not torch.isfinite(p).all()]
+                if bad:
+                    raise DivergenceError(st.step, float("nan"),
+                                          str(ckpt_path) if st.saved_step is not None else None,
+                                          what=f"parameter {bad[0]} of worker {r.worker.rank}")
+            if lead:
+                log.flush()
             checkpoint.save({
-                "step": st.step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "sampler": sampler.state_dict() if sampler else None,
-                "rng": checkpoint.rng_state(), "trainer": st.state_dict(), "sgdlab_version": __version__,
-            }, out / "checkpoint.pt")
+                "step": st.step, "workers": [r.state_dict() for r in replicas], "strategy": strategy.state_dict(),
+                "group": group.state_dict(), "rng": checkpoint.rng_state(), "trainer": st.state_dict(),
+                "sgdlab_version": __version__,
+            }, ckpt_path)
             st.saved_step = st.step
 
         def evaluate(record: dict[str, Any]) -> None:
             t = time.perf_counter()
-            metrics = task.evaluate(model)
+            metrics = task.evaluate(strategy.eval_model(workers))
             st.eval_time += time.perf_counter() - t
             record.update(metrics)
             st.last_eval = metrics
@@ -197,84 +256,108 @@ class Trainer:
             return r
 
         status = "completed"
-        bar = _progress_bar(self.progress, cfg, st.step)
+        bar = _progress_bar(self.progress if lead else False, cfg, st.step)
         try:
             with _StopFlag(self.handle_signals) as stop:
                 if st.step == 0 and cfg.eval_every > 0:
                     r = record_at(0)
                     evaluate(r)
+                    r.update(bytes_sent=0.0, sim_time_s=0.0)
                     log.append(r)
-                pending: list[torch.Tensor] = []
-                model.train()
+                for w in workers:
+                    w.model.train()
                 t_start = time.perf_counter()
                 t_train = st.wall_time
                 for step in range(st.step + 1, cfg.steps + 1):
                     is_eval = step == cfg.steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
                     is_ckpt = cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0
                     is_log = is_eval or is_ckpt or step % cfg.log_every == 0
-                    stop_now = stop.requested or step == stop_at
-                    batch = task.get_batch(sampler.next() if sampler is not None else None)
-                    if hessian_hook and opt.hessian_due:  # Gauss-Newton-Bartlett estimate (Sophia-G)
-                        sampled, n_labels = task.sampled_loss(model, batch)
-                        sampled.backward()
-                        opt.update_hessian(batch_size=n_labels)
+                    # the torch backend agrees on a stop request at logging steps only (see below)
+                    stop_now = step == stop_at or (stop.requested and isinstance(group, SimGroup))
+                    for i, r in enumerate(replicas):
+                        t0 = time.perf_counter()
+                        model, opt = r.worker.model, r.worker.optimizer
+                        batch = task.get_batch(r.sampler.next() if r.sampler is not None else None)
+                        if hessian_hook and opt.hessian_due:  # Gauss-Newton-Bartlett estimate (Sophia-G)
+                            sampled, n_labels = task.sampled_loss(model, batch)
+                            sampled.backward()
+                            opt.update_hessian(batch_size=n_labels)
+                            opt.zero_grad(set_to_none=True)
+                        loss = task.loss(model, batch)
+                        loss.backward()
+                        r.batch = batch
+                        r.pending.append(loss.detach())
+                        group.advance(i, (cfg.step_time / 2 if cfg.step_time else elapsed(t0)) * speeds[r.worker.rank])
+                    strategy.after_backward(workers, step)
+                    lr_used = workers[0].optimizer.param_groups[0]["lr"]
+                    for i, r in enumerate(replicas):
+                        t0 = time.perf_counter()
+                        model, opt = r.worker.model, r.worker.optimizer
+                        if cfg.grad_clip > 0:
+                            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
+                        if needs_closure:  # e.g. Sophia-H's Hessian-vector products
+                            opt.step(lambda m=model, b=r.batch: task.loss(m, b))
+                        else:
+                            opt.step()
+                        r.scheduler.step()
                         opt.zero_grad(set_to_none=True)
-                    loss = task.loss(model, batch)
-                    loss.backward()
-                    if cfg.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
-                    lr = opt.param_groups[0]["lr"]
-                    if needs_closure:  # e.g. Sophia-H's Hessian-vector products
-                        opt.step(lambda b=batch: task.loss(model, b))
-                    else:
-                        opt.step()
-                    sched.step()
-                    opt.zero_grad(set_to_none=True)
-                    pending.append(loss.detach())
+                        r.batch = None
+                        group.advance(i, (cfg.step_time / 2 if cfg.step_time else elapsed(t0)) * speeds[r.worker.rank])
+                    strategy.after_step(workers, step)
                     st.step = step
                     bar.update(1)
                     if is_log or stop_now:
-                        losses = st.carry + torch.stack(pending).double().tolist()
-                        pending.clear()
+                        per_step = torch.stack([torch.stack(r.pending) for r in replicas]).double().mean(0)
+                        for r in replicas:
+                            r.pending.clear()
+                        flag = float(stop.requested) if isinstance(group, TorchGroup) and is_log else 0.0
+                        reduced = group.mean_vector([*per_step.tolist(), flag])
+                        if reduced[-1] > 0:
+                            stop_now = True
+                        losses = st.carry + reduced[:-1]
                         bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
                         if bad:
                             st.step = step - len(losses) + bad[0] + 1
                             raise DivergenceError(st.step, losses[bad[0]],
-                                                  str(out / "checkpoint.pt") if st.saved_step is not None else None)
+                                                  str(ckpt_path) if st.saved_step is not None else None)
                         st.wall_time = t_train + (time.perf_counter() - t_start) - st.pause
                         t_pause = time.perf_counter()
                         if is_log:  # the record's train_loss is the mean since the previous record
                             st.carry = []
                             st.train_loss = sum(losses) / len(losses)
-                            r = record_at(step)
-                            r.update(train_loss=st.train_loss, lr=lr, wall_time_s=st.wall_time)
+                            rec = record_at(step)
+                            rec.update(train_loss=st.train_loss, lr=lr_used, wall_time_s=st.wall_time,
+                                       bytes_sent=group.bytes_sent, sim_time_s=group.sim_time())
                             if is_eval:
-                                evaluate(r)
-                            log.append(r)
-                            bar.set_postfix(_postfix(r, task.metric), refresh=False)
+                                evaluate(rec)
+                            log.append(rec)
+                            bar.set_postfix(_postfix(rec, task.metric), refresh=False)
                         else:  # stopping between records: carry the losses over in the checkpoint
                             st.carry = losses
                         if is_ckpt or stop_now:
                             save_checkpoint()
                         st.pause += time.perf_counter() - t_pause
-                    if stop.requested or step == stop_at:
+                    if stop_now:
                         status = "stopped"
                         break
                 if status == "completed" and st.saved_step != st.step:
                     save_checkpoint()
         except DivergenceError:
-            log.flush()
-            self._write_summary(out, cfg, task, model, opt, st, "diverged")
+            if lead:
+                log.flush()
+                self._write_summary(out, cfg, task, workers, group, st, "diverged")
             raise
         finally:
             bar.close()
-            log.flush()
-        summary = self._write_summary(out, cfg, task, model, opt, st, status)
+            if lead:
+                log.flush()
+        summary = self._write_summary(out, cfg, task, workers, group, st, status) if lead else {}
         return RunResult(out, cfg, summary)
 
     @staticmethod
-    def _write_summary(out, cfg, task, model, opt, st, status) -> dict[str, Any]:
+    def _write_summary(out, cfg, task, workers, group, st, status) -> dict[str, Any]:
         ev = st.last_eval or {}
+        model, opt = workers[0].model, workers[0].optimizer
         s: dict[str, Any] = {
             "name": cfg.name, "task": cfg.task, "optimizer": cfg.optimizer, "strategy": cfg.strategy,
             "lr": cfg.lr, "status": status, "steps": st.step, "steps_planned": cfg.steps,
@@ -283,6 +366,9 @@ class Trainer:
             "best_val_loss": st.best_val_loss, "metric": task.metric,
             task.metric: ev.get(task.metric), f"best_{task.metric}": st.best_metric,
             "wall_time_s": st.wall_time, "eval_time_s": st.eval_time,
+            "workers": cfg.workers, "backend": cfg.backend, "bytes_sent_per_worker": group.bytes_sent,
+            "bytes_sent_total": group.bytes_sent * cfg.workers, "sim_time_s": group.sim_time(),
+            "sim_comm_time_s": group.comm_time,
             "num_params": sum(p.numel() for p in model.parameters()),
             "optimizer_state_bytes": optim.state_bytes(opt),
             "device": cfg.device, "torch_version": torch.__version__, "sgdlab_version": __version__,
@@ -292,6 +378,31 @@ class Trainer:
             s.setdefault(k, v)
         write_json(out / "summary.json", s)
         return s
+
+
+@dataclass
+class _Replica:
+    """A worker plus what only the runner needs: LR schedule, data sampler, pending losses."""
+
+    worker: Worker
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: tasks.EpochSampler | None
+    pending: list[torch.Tensor] = field(default_factory=list)
+    batch: Any = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rank": self.worker.rank, "model": self.worker.model.state_dict(),
+                "optimizer": self.worker.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "sampler": self.sampler.state_dict() if self.sampler else None}
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        if st["rank"] != self.worker.rank:
+            raise ValueError(f"checkpoint holds worker {st['rank']}, expected {self.worker.rank}")
+        self.worker.model.load_state_dict(st["model"])
+        self.worker.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        if self.sampler is not None:
+            self.sampler.load_state_dict(st["sampler"])
 
 
 @dataclass

@@ -1,12 +1,34 @@
-"""Training strategies by name: how workers train and what they exchange.
+"""Training strategies by name: how workers train and what they exchange (``sgdlab list strategies``).
 
-Only ``single`` (one worker, no communication) exists so far; the distributed strategies (ddp,
-localsgd, diloco, streaming-diloco) are tracked in their own issue.
+Each strategy is one file, written once against :class:`sgdlab.distributed.group.Group`, and runs on
+the in-process simulator (``--backend sim``) and on ``torch.distributed`` (``--backend torch``).
 """
 
 from __future__ import annotations
 
-from ..registry import Registry
+from typing import Any
 
-registry: Registry[str] = Registry("strategy")
-registry.register("single", "single", "one worker, no communication: the plain training loop")
+from ..distributed.group import Group
+from ..options import build_options
+from ..registry import Registry
+from .base import Strategy, Worker
+from .ddp import DDP
+from .diloco import DiLoCo
+from .localsgd import LocalSGD
+from .single import Single
+from .streaming_diloco import StreamingDiLoCo
+
+__all__ = ["registry", "create", "options", "Strategy", "Worker"]
+
+registry: Registry[type[Strategy]] = Registry("strategy")
+for _cls in (Single, DDP, LocalSGD, DiLoCo, StreamingDiLoCo):
+    registry.register(_cls.name, _cls, _cls.description)
+
+
+def options(name: str, values: dict[str, Any] | None = None):
+    """The validated options dataclass of strategy ``name``."""
+    return build_options(registry.get(name).Options, dict(values or {}), f"option of strategy {name!r}")
+
+
+def create(name: str, group: Group, values: dict[str, Any] | None = None) -> Strategy:
+    return registry.get(name)(options(name, values), group)

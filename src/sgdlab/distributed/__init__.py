@@ -1,0 +1,8 @@
+"""Communication for distributed strategies: groups (simulator and torch.distributed), the network
+model, and precision codecs."""
+
+from .compress import PRECISIONS, Codec
+from .group import Group, SimGroup, TorchGroup, WorkerLostError
+from .network import NetworkModel
+
+__all__ = ["Codec", "PRECISIONS", "Group", "SimGroup", "TorchGroup", "WorkerLostError", "NetworkModel"]

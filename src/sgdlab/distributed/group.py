@@ -1,0 +1,220 @@
+"""Communication groups: the one interface every strategy talks to, with two backends.
+
+* :class:`SimGroup` holds all N workers in this process (deterministic; reductions in rank order).
+* :class:`TorchGroup` holds one worker per process and uses ``torch.distributed`` (gloo on CPU, NCCL on
+  CUDA), started by ``torchrun``.
+
+Both count the bytes each worker sends (from the payload tensors, with the ring cost model of
+:mod:`sgdlab.distributed.network`) and keep each worker's simulated clock. Lossless exchanges are
+all-reduces; lower-precision ones (bf16, fp16, int8, int4) all-gather the encoded payloads and every
+worker decodes and averages them in rank order, so both backends compute the same numbers.
+Measurement-only traffic (the clock maximum, logged losses) is not counted.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ..errors import ConfigError, SgdlabError
+from .compress import Codec
+from .network import NetworkModel
+
+
+class WorkerLostError(SgdlabError, RuntimeError):
+    """A peer process stopped answering a collective."""
+
+
+def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1).float() for t in tensors])
+
+
+def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset:offset + n].view_as(t))
+        offset += n
+
+
+class Group:
+    """Collectives over the workers of a run. ``local`` lists the ranks that live in this process."""
+
+    world: int
+    local: list[int]
+
+    def __init__(self, network: NetworkModel):
+        self.network = network
+        self.bytes_sent = 0.0               # cumulative, per worker (every worker sends the same)
+        self.clocks = [0.0 for _ in self.local]  # simulated seconds, per local worker
+        self.comm_time = 0.0                # simulated seconds spent in collectives
+
+    # ---- backend primitives ------------------------------------------------------------------------
+    def _sum(self, flats: list[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _gather(self, payloads: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+        raise NotImplementedError
+
+    def max_clock(self) -> float:
+        raise NotImplementedError
+
+    def mean_vector(self, values: list[float]) -> list[float]:
+        """Element-wise mean over processes of a vector that is already a mean over this process's
+        workers (measurement only: logged losses, stop requests)."""
+        raise NotImplementedError
+
+    # ---- collectives -------------------------------------------------------------------------------
+    def all_reduce_mean(self, per_worker: list[list[torch.Tensor]], codec: Codec | None = None,
+                        wait: bool = True) -> float:
+        """Replace every local worker's tensors by the mean over all workers.
+
+        ``per_worker[i]`` are local worker i's tensors (same shapes on every worker). The exchange starts
+        when the slowest worker arrives; returns the simulated time at which it completes. With
+        ``wait=False`` the clocks are not advanced (the caller overlaps it and calls :meth:`wait_until`).
+        """
+        if len(per_worker) != len(self.local):
+            raise ValueError(f"expected tensors of {len(self.local)} local workers, got {len(per_worker)}")
+        codec = codec or Codec("fp32")
+        flats = [_flatten(ts) for ts in per_worker]
+        n = flats[0].numel()
+        if codec.lossless:
+            mean = self._sum(flats).div_(self.world)
+            sent, secs = self.network.all_reduce(n * 4, self.world)
+        else:
+            gathered = self._gather([codec.encode(f) for f in flats])
+            mean = codec.decode(gathered[0], n)
+            for p in gathered[1:]:
+                mean += codec.decode(p, n)
+            mean.div_(self.world)
+            sent, secs = self.network.all_gather(codec.nbytes(n), self.world)
+        for ts in per_worker:
+            _unflatten_into(mean, ts)
+        self.bytes_sent += sent
+        self.comm_time += secs
+        done = self.max_clock() + secs
+        if wait:
+            self.wait_until(done)
+        return done
+
+    # ---- simulated time ----------------------------------------------------------------------------
+    def advance(self, i: int, seconds: float) -> None:
+        self.clocks[i] += seconds
+
+    def wait_until(self, t: float) -> None:
+        self.clocks = [max(c, t) for c in self.clocks]
+
+    def sim_time(self) -> float:
+        return self.max_clock()
+
+    def state_dict(self) -> dict:
+        return {"bytes_sent": self.bytes_sent, "clocks": list(self.clocks), "comm_time": self.comm_time}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.bytes_sent, self.clocks, self.comm_time = st["bytes_sent"], list(st["clocks"]), st["comm_time"]
+
+    def close(self) -> None:
+        pass
+
+
+class SimGroup(Group):
+    """All ``world`` workers in this process."""
+
+    def __init__(self, world: int, network: NetworkModel):
+        self.world, self.local = world, list(range(world))
+        super().__init__(network)
+
+    def _sum(self, flats):
+        total = flats[0].clone()
+        for f in flats[1:]:
+            total += f
+        return total
+
+    def _gather(self, payloads):
+        return [[t.clone() for t in p] for p in payloads]
+
+    def max_clock(self) -> float:
+        return max(self.clocks)
+
+    def mean_vector(self, values: list[float]) -> list[float]:
+        return list(values)
+
+
+def torchrun_env() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) when started by torchrun, else None."""
+    try:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    except (KeyError, ValueError):
+        return None
+
+
+class TorchGroup(Group):
+    """One worker per process over ``torch.distributed`` (gloo on CPU, NCCL on CUDA)."""
+
+    def __init__(self, network: NetworkModel, device: torch.device, timeout_s: float = 60.0):
+        env = torchrun_env()
+        if env is None:
+            raise ConfigError("--backend torch must be started by torchrun, e.g. "
+                              "`torchrun --nproc-per-node 4 -m sgdlab run --backend torch ...` "
+                              "(RANK/WORLD_SIZE are not set)")
+        self.rank, world, _ = env
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=timedelta(seconds=timeout_s))
+        self.world, self.local = dist.get_world_size(), [self.rank]
+        self.device = device
+        super().__init__(network)
+
+    def _call(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (RuntimeError, dist.DistBackendError) as e:  # a peer died or timed out
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise WorkerLostError(f"rank {self.rank}: lost contact with a peer process during "
+                                  f"{getattr(fn, '__name__', 'a collective')} ({first}); every rank stops. "
+                                  "Resume from the last checkpoint with --resume.") from None
+
+    def _sum(self, flats):
+        total = flats[0].clone()
+        self._call(dist.all_reduce, total, op=dist.ReduceOp.SUM)
+        return total
+
+    def _gather(self, payloads):
+        (mine,) = payloads
+        out: list[list[torch.Tensor]] = [[] for _ in range(self.world)]
+        for t in mine:
+            bufs = [torch.empty_like(t) for _ in range(self.world)]
+            self._call(dist.all_gather, bufs, t.contiguous())
+            for r in range(self.world):
+                out[r].append(bufs[r])
+        return out
+
+    def max_clock(self) -> float:
+        t = torch.tensor([self.clocks[0]], dtype=torch.float64, device=self.device)
+        self._call(dist.all_reduce, t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
+    def mean_vector(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        self._call(dist.all_reduce, t, op=dist.ReduceOp.SUM)
+        return (t / self.world).tolist()
+
+    def check_same(self, fingerprint: str) -> None:
+        """Raise unless every rank runs the same configuration."""
+        mine = torch.tensor(list(bytes.fromhex(fingerprint)), dtype=torch.uint8, device=self.device)
+        bufs = [torch.empty_like(mine) for _ in range(self.world)]
+        self._call(dist.all_gather, bufs, mine)
+        bad = [r for r, b in enumerate(bufs) if not torch.equal(b, mine)]
+        if bad:
+            raise ConfigError(f"rank {self.rank}: ranks {bad} run a different configuration; every rank must "
+                              "be started with the same flags")
+
+    def barrier(self) -> None:
+        self._call(dist.barrier)
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
