@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..registry import Registry
 
 __all__ = ["create", "registry", "hyperparameters", "state_bytes", "AdamP", "SGDP", "AdEMAMix", "AuON", "HybridAuON",
-           "DiffGrad", "Grams", "LaProp", "Lookahead", "MARS", "SGDSaI", "SophiaG", "SophiaH", "SWAN"]
+           "DiffGrad", "Grams", "LaProp", "Lookahead", "MARS", "Muon", "SGDSaI", "SophiaG", "SophiaH", "SWAN"]
 
 registry: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
 
@@ -35,6 +35,7 @@ from .grams import Grams  # noqa: E402
 from .laprop import LaProp  # noqa: E402
 from .lookahead import Lookahead, lookahead  # noqa: E402
 from .mars import MARS  # noqa: E402
+from .muon import Muon  # noqa: E402
 from .sgd_sai import SGDSaI  # noqa: E402
 from .sophia import SophiaG, SophiaH  # noqa: E402
 from .swan import SWAN  # noqa: E402
@@ -57,6 +58,8 @@ registry.register("auon", AuON, "AuON: momentum normalised then divided by its c
                   "(Maity, 2025, arXiv:2509.24320)", default_lr=0.08)
 registry.register("hybrid-auon", HybridAuON, "Hybrid-AuON: AuON with one quintic Newton-Schulz step "
                   "(Maity, 2025, arXiv:2509.24320)", default_lr=0.08)
+registry.register("muon", Muon, "Muon: Newton-Schulz-orthogonalised Nesterov momentum for matrices, AdamW for "
+                  "the rest (Jordan et al., 2024; Liu et al., 2025, arXiv:2502.16982)", default_lr=0.02)
 registry.register("ademamix", AdEMAMix, "AdEMAMix: Adam with a mixture of fast and slow gradient EMAs "
                   "(Pagliardini, Ablin & Grangier, 2024, arXiv:2409.03137)", default_lr=1e-3)
 registry.register("mars", MARS, "MARS-AdamW (approx.): AdamW on clipped, scaled stochastic recursive momentum "

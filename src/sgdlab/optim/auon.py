@@ -67,8 +67,10 @@ def newton_schulz5_step(x: torch.Tensor) -> torch.Tensor:
     tall = x.shape[-2] > x.shape[-1]
     if tall:
         x = x.mT
+    shape = x.shape
+    x = x.reshape(-1, *shape[-2:])  # fused baddbmm: one rounding per product in low precision, as torch.optim.Muon
     gram = x @ x.mT
-    x = a * x + (b * gram + c * (gram @ gram)) @ x
+    x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a).reshape(shape)
     return x.mT if tall else x
 
 
@@ -171,6 +173,44 @@ def by_shape(tensors: list[torch.Tensor]) -> dict:
     return out
 
 
+def momentum_matrix_step(optimizer: torch.optim.Optimizer, params: list, grads: list, *, lr: float,
+                         weight_decay: float, momentum: float, nesterov: bool, scales: list[float], direction,
+                         foreach: bool) -> None:
+    """Shared matrix step of AuON and Muon; state: ``momentum_buffer``. With ``V`` the (Nesterov) momentum::
+
+        M <- lerp(M, g, 1 - momentum);  V = lerp(g, M, momentum) if nesterov else M
+        W <- (1 - lr wd) W - lr * scale * direction(matrix_view(V))
+
+    ``direction`` maps a batch ``(..., m, n)`` to same-shaped updates; same-shaped matrices are batched
+    when ``foreach``.
+    """
+    bufs = []
+    for p in params:
+        st = optimizer.state[p]
+        if "momentum_buffer" not in st:
+            st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        bufs.append(st["momentum_buffer"])
+    if not foreach:
+        for p, g, buf, s in zip(params, grads, bufs, scales, strict=True):
+            buf.lerp_(g, 1 - momentum)
+            v = g.lerp(buf, momentum) if nesterov else buf
+            u = direction(matrix_view(v))
+            p.mul_(1 - lr * weight_decay)
+            p.add_(u.view_as(p).to(p.dtype), alpha=-lr * s)
+        return
+    torch._foreach_lerp_(bufs, grads, 1 - momentum)
+    vs = torch._foreach_lerp(grads, bufs, momentum) if nesterov else bufs
+    updates: list = [None] * len(params)
+    for idx in by_shape(vs).values():  # batch same-shaped matrices
+        u = direction(torch.stack([matrix_view(vs[i]) for i in idx]))
+        for j, i in enumerate(idx):
+            updates[i] = u[j].view_as(params[i]).to(params[i].dtype)
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    torch._foreach_mul_(updates, [-lr * s for s in scales])
+    torch._foreach_add_(params, updates)
+
+
 class AuON(torch.optim.Optimizer):
     """AuON (Maity, 2025, arXiv:2509.24320): momentum normalised to unit Frobenius norm, then divided by
     the RMS of its elementwise cosh; AdamW for non-matrix parameters. See the module docstring."""
@@ -218,32 +258,9 @@ class AuON(torch.optim.Optimizer):
                          eps=group["adamw_eps"], weight_decay=wd, foreach=foreach)
             if not mat:
                 continue
-            bufs = []
-            for p in mat:
-                st = self.state[p]
-                if "momentum_buffer" not in st:
-                    st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                bufs.append(st["momentum_buffer"])
-            scales = [-lr * math.sqrt(max(1.0, matrix_view(p).shape[0] / matrix_view(p).shape[1])) for p in mat]
-            if not foreach:
-                for p, g, buf, s in zip(mat, mat_g, bufs, scales, strict=True):
-                    buf.lerp_(g, 1 - beta)
-                    v = g.lerp(buf, beta) if group["nesterov"] else buf
-                    u = self._direction(matrix_view(v))
-                    p.mul_(1 - lr * wd)
-                    p.add_(u.view_as(p), alpha=s)
-                continue
-            torch._foreach_lerp_(bufs, mat_g, 1 - beta)
-            vs = torch._foreach_lerp(mat_g, bufs, beta) if group["nesterov"] else bufs
-            updates: list = [None] * len(mat)
-            for idx in by_shape(vs).values():  # batch same-shaped matrices
-                u = self._direction(torch.stack([matrix_view(vs[i]) for i in idx]))
-                for j, i in enumerate(idx):
-                    updates[i] = u[j].view_as(mat[i])
-            if wd != 0:
-                torch._foreach_mul_(mat, 1 - lr * wd)
-            torch._foreach_mul_(updates, scales)
-            torch._foreach_add_(mat, updates)
+            scales = [math.sqrt(max(1.0, matrix_view(p).shape[0] / matrix_view(p).shape[1])) for p in mat]
+            momentum_matrix_step(self, mat, mat_g, lr=lr, weight_decay=wd, momentum=beta, nesterov=group["nesterov"],
+                                 scales=scales, direction=self._direction, foreach=foreach)
         return loss
 
 
