@@ -16,8 +16,18 @@ import torch
 from .errors import CheckpointError
 
 
-def save(state: dict[str, Any], path: str | Path) -> None:
-    """Write ``state`` to ``path`` so that ``path`` always holds either the old or the new checkpoint."""
+def previous(path: str | Path) -> Path:
+    """Where :func:`save` with ``keep_previous`` keeps the checkpoint it replaced."""
+    path = Path(path)
+    return path.with_name(path.stem + ".prev" + path.suffix)
+
+
+def save(state: dict[str, Any], path: str | Path, keep_previous: bool = False) -> None:
+    """Write ``state`` to ``path`` so that ``path`` always holds either the old or the new checkpoint.
+
+    With ``keep_previous`` the replaced checkpoint stays at :func:`previous` (processes that checkpoint
+    independently can then agree on a step all of them have).
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -25,6 +35,10 @@ def save(state: dict[str, Any], path: str | Path) -> None:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and path.exists():
+            link = f"{tmp}.prev"
+            os.link(path, link)
+            os.replace(link, previous(path))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .distributed.group import WorkerLostError
 from .errors import DivergenceError, SgdlabError
 
 # Flag → Config field, for flags that map one to one.
@@ -26,15 +27,47 @@ RUN_FLAGS: list[tuple[str, str, type, str]] = [
     ("--warmup-steps", "warmup_steps", int, "linear LR warm-up steps; default 0"),
     ("--grad-clip", "grad_clip", float, "clip the global gradient norm to this (0: off); default 0"),
     ("--strategy", "strategy", str, "training strategy (see `sgdlab list strategies`); default single"),
+    ("--workers", "workers", int, "number of workers N; default 1"),
+    ("--backend", "backend", str, "sim (all workers in this process, the default) or torch (one worker per "
+                                  "torchrun process, torch.distributed)"),
+    ("--data-split", "data_split", str, "how data is sharded over workers: iid (default), contiguous, "
+                                        "dirichlet:ALPHA"),
+    ("--network", "network", str, "simulated network, e.g. bandwidth=1G,latency=1ms (the default)"),
+    ("--worker-speeds", "worker_speeds", "floats", "per-worker compute-time multipliers, e.g. 1,1,2,1"),
+    ("--step-time", "step_time", float, "seconds one step takes on a speed-1 worker (default: measured)"),
+    ("--timeout", "timeout", float, "torch backend: seconds before a silent peer counts as lost; default 60"),
     ("--data", "data", str, "input file for tasks that read one (textfile)"),
     ("--device", "device", str, "auto, cpu, cuda, cuda:N or mps; default auto (CUDA when available)"),
     ("--name", "name", str, "label of the run in reports; default: the optimizer name"),
 ]
 
 
+# Flag → key of strategy_args (each strategy accepts the ones its options define).
+STRATEGY_FLAGS: list[tuple[str, str, type, str]] = [
+    ("--sync-every", "sync_every", int, "localsgd/diloco/streaming-diloco: inner steps between syncs (H)"),
+    ("--outer-optimizer", "outer_optimizer", str, "diloco: outer optimizer name; default sgd (Nesterov 0.9)"),
+    ("--outer-lr", "outer_lr", float, "diloco: outer learning rate; default 0.7"),
+    ("--fragments", "fragments", int, "streaming-diloco: number of fragments P; default 2"),
+    ("--overlap", "overlap", int, "streaming-diloco: inner steps a fragment exchange overlaps (tau); default 0"),
+    ("--mix-alpha", "mix_alpha", float, "streaming-diloco: weight of the local fragment when merging; default 0.5"),
+    ("--precision", "precision", str, "precision of exchanged tensors: fp32, bf16, fp16, int8, int4"),
+    ("--lr-scaling", "lr_scaling", str, "ddp: none, linear (x N) or sqrt (x sqrt N); default none"),
+]
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     for flag, dest, typ, help_ in RUN_FLAGS:
-        p.add_argument(flag, dest=dest, type=typ, default=None, help=help_)
+        p.add_argument(flag, dest=dest, type=_floats if typ == "floats" else typ, default=None, help=help_)
+    g = p.add_argument_group("strategy options (also settable with --set KEY=VALUE)")
+    for flag, dest, typ, help_ in STRATEGY_FLAGS:
+        g.add_argument(flag, dest=f"strategy_{dest}", type=typ, default=None, help=help_, metavar=dest.upper())
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="any other setting: a config key, an optimizer hyperparameter (momentum=0.9) or a "
                         "task option (d_model=256); repeatable")
@@ -114,6 +147,10 @@ def config_from_args(args: argparse.Namespace, base: Any = None):
     cfg = base if base is not None else Config()
     given = {dest: getattr(args, dest) for _, dest, _, _ in RUN_FLAGS if getattr(args, dest) is not None}
     cfg = cfg.replace(**given)
+    strategy_given = {k: getattr(args, f"strategy_{k}") for _, k, _, _ in STRATEGY_FLAGS
+                      if getattr(args, f"strategy_{k}") is not None}
+    if strategy_given:
+        cfg = cfg.replace(strategy_args={**cfg.strategy_args, **strategy_given})
     for s in args.sets:
         cfg = cfg.set(s)
     return cfg
@@ -139,6 +176,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     res = Trainer(cfg, progress=args.progress, handle_signals=True).run(
         resume=args.resume, stop_at=args.stop_at, overwrite=args.overwrite)
     s = res.summary
+    if not s:  # a torch-backend rank other than 0: rank 0 reports
+        return 0
     metric = s["metric"]
     extra = "" if metric == "val_loss" else f", {metric} {s.get(metric)}"
     print(f"{s['status']}: {s['steps']}/{s['steps_planned']} steps, final val loss "
@@ -219,6 +258,9 @@ def cmd_list(args: argparse.Namespace) -> int:
             if args.verbose and what == "tasks":
                 opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(e.obj.Options))
                 print(f"  {'':<{width}}  options: {opts}")
+            if args.verbose and what == "strategies":
+                opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(e.obj.Options))
+                print(f"  {'':<{width}}  options: {opts or '(none)'}")
             if args.verbose and what == "optimizers":
                 hp = ", ".join(f"{k}={v!r}" for k, v in optim.hyperparameters(e.name).items())
                 print(f"  {'':<{width}}  hyperparameters: {hp}")
@@ -256,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                 "bench": cmd_bench}
     try:
         return commands[args.command](args)
-    except DivergenceError as e:
+    except (DivergenceError, WorkerLostError) as e:
         print(f"sgdlab: error: {e}", file=sys.stderr)
         return 1
     except SgdlabError as e:

@@ -69,8 +69,9 @@ def prepare_out(out: Path, resume: bool, overwrite: bool, create: bool = True) -
                 raise CheckpointError(f"cannot resume: {out / f} does not exist")
         return
     if overwrite:
-        for f in (*RUN_FILES, "report.png"):
-            (out / f).unlink(missing_ok=True)
+        if create:  # only the lead process deletes
+            for f in (*RUN_FILES, "report.png", *(p.name for p in out.glob("checkpoint*.pt"))):
+                (out / f).unlink(missing_ok=True)
     elif any((out / f).exists() for f in RUN_FILES):
         raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it, --overwrite "
                           "to replace it, or choose another --out")
@@ -158,7 +159,7 @@ class Trainer:
         out = Path(cfg.out) if cfg.out else default_out(cfg)
         if isinstance(group, TorchGroup) and not cfg.out:
             raise ConfigError("--backend torch needs --out DIR (the same directory on every rank)")
-        prepare_out(out, resume, overwrite and lead, create=lead)
+        prepare_out(out, resume, overwrite, create=lead)
         if resume:
             saved = Config.from_dict(_read_json(out / "config.json"), source=f"key in {out / 'config.json'}:")
             check_resume_config(saved, cfg)
@@ -187,7 +188,7 @@ class Trainer:
         log = MetricsLog(out / "metrics.jsonl")
         st = _State()
         if resume:
-            ck = checkpoint.load(ckpt_path, map_location=cfg.device)
+            ck = _load_agreed_checkpoint(group, ckpt_path, cfg.device)
             try:
                 for r, wst in zip(replicas, ck["workers"], strict=True):
                     r.load_state_dict(wst)
@@ -233,7 +234,7 @@ class Trainer:
                 "step": st.step, "workers": [r.state_dict() for r in replicas], "strategy": strategy.state_dict(),
                 "group": group.state_dict(), "rng": checkpoint.rng_state(), "trainer": st.state_dict(),
                 "sgdlab_version": __version__,
-            }, ckpt_path)
+            }, ckpt_path, keep_previous=isinstance(group, TorchGroup))
             st.saved_step = st.step
 
         def evaluate(record: dict[str, Any]) -> None:
@@ -343,19 +344,21 @@ class Trainer:
                 if status == "completed" and st.saved_step != st.step:
                     save_checkpoint()
         except DivergenceError:
+            sim_time = group.sim_time()  # a collective on the torch backend: every rank takes part
             if lead:
                 log.flush()
-                self._write_summary(out, cfg, task, workers, group, st, "diverged")
+                self._write_summary(out, cfg, task, workers, group, sim_time, st, "diverged")
             raise
         finally:
             bar.close()
             if lead:
                 log.flush()
-        summary = self._write_summary(out, cfg, task, workers, group, st, status) if lead else {}
+        sim_time = group.sim_time()
+        summary = self._write_summary(out, cfg, task, workers, group, sim_time, st, status) if lead else {}
         return RunResult(out, cfg, summary)
 
     @staticmethod
-    def _write_summary(out, cfg, task, workers, group, st, status) -> dict[str, Any]:
+    def _write_summary(out, cfg, task, workers, group, sim_time, st, status) -> dict[str, Any]:
         ev = st.last_eval or {}
         model, opt = workers[0].model, workers[0].optimizer
         s: dict[str, Any] = {
@@ -367,7 +370,7 @@ class Trainer:
             task.metric: ev.get(task.metric), f"best_{task.metric}": st.best_metric,
             "wall_time_s": st.wall_time, "eval_time_s": st.eval_time,
             "workers": cfg.workers, "backend": cfg.backend, "bytes_sent_per_worker": group.bytes_sent,
-            "bytes_sent_total": group.bytes_sent * cfg.workers, "sim_time_s": group.sim_time(),
+            "bytes_sent_total": group.bytes_sent * cfg.workers, "sim_time_s": sim_time,
             "sim_comm_time_s": group.comm_time,
             "num_params": sum(p.numel() for p in model.parameters()),
             "optimizer_state_bytes": optim.state_bytes(opt),
@@ -426,6 +429,27 @@ class _State:
         for k, v in d.items():
             setattr(self, k, v)
         self.saved_step = self.step
+
+
+def _load_agreed_checkpoint(group: Group, path: Path, device: str) -> dict[str, Any]:
+    """This process's checkpoint; on the torch backend, the newest step that every rank has (a rank that
+    died between the others' checkpoint and its own leaves them one checkpoint apart)."""
+    if not isinstance(group, TorchGroup):
+        return checkpoint.load(path, map_location=device)
+    candidates = {}
+    for p in (path, checkpoint.previous(path)):
+        if p.is_file():
+            try:
+                ck = checkpoint.load(p, map_location=device)
+            except CheckpointError:
+                continue
+            candidates[int(ck["step"])] = ck
+    steps = group.gather_ints(sorted(candidates, reverse=True)[:2] + [-1] * (2 - len(candidates)))
+    common = set(steps[0]).intersection(*steps[1:]) - {-1}
+    if not common:
+        raise CheckpointError(f"rank {group.rank}: the ranks' checkpoints share no step (steps per rank: "
+                              f"{[[s for s in st if s >= 0] for st in steps]}); cannot resume consistently")
+    return candidates[max(common)]
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -161,7 +161,8 @@ class TorchGroup(Group):
                               "`torchrun --nproc-per-node 4 -m sgdlab run --backend torch ...` "
                               "(RANK/WORLD_SIZE are not set)")
         self.rank, world, _ = env
-        if not dist.is_initialized():
+        self.owns = not dist.is_initialized()  # a caller's own process group is left open
+        if self.owns:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                     timeout=timedelta(seconds=timeout_s))
         self.world, self.local = dist.get_world_size(), [self.rank]
@@ -202,6 +203,13 @@ class TorchGroup(Group):
         self._call(dist.all_reduce, t, op=dist.ReduceOp.SUM)
         return (t / self.world).tolist()
 
+    def gather_ints(self, values: list[int]) -> list[list[int]]:
+        """Every rank's list of ``len(values)`` integers (measurement/control traffic)."""
+        mine = torch.tensor(values, dtype=torch.int64, device=self.device)
+        bufs = [torch.empty_like(mine) for _ in range(self.world)]
+        self._call(dist.all_gather, bufs, mine)
+        return [b.tolist() for b in bufs]
+
     def check_same(self, fingerprint: str) -> None:
         """Raise unless every rank runs the same configuration."""
         mine = torch.tensor(list(bytes.fromhex(fingerprint)), dtype=torch.uint8, device=self.device)
@@ -216,5 +224,5 @@ class TorchGroup(Group):
         self._call(dist.barrier)
 
     def close(self) -> None:
-        if dist.is_initialized():
+        if self.owns and dist.is_initialized():
             dist.destroy_process_group()

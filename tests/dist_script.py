@@ -1,0 +1,18 @@
+"""Run by tests under torchrun: trains several configurations with --backend torch in one process group.
+
+usage: torchrun --standalone --nproc-per-node N tests/dist_script.py OUT_DIR JSON_CONFIGS
+"""
+
+import json
+import sys
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from sgdlab import Config, run
+
+out, configs = sys.argv[1], json.loads(sys.argv[2])
+dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+for name, kw in configs.items():
+    run(Config(**{**kw, "backend": "torch", "out": f"{out}/{name}"}))
+dist.destroy_process_group()

@@ -1,0 +1,91 @@
+"""The same strategy code on torch.distributed (gloo, real processes) gives the simulator's numbers."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sgdlab import Config, run
+from sgdlab.metrics import read_metrics
+
+HERE = Path(__file__).parent
+COMMON = dict(task="digits", lr=0.05, steps=8, batch_size=16, eval_every=4, log_every=1, device="cpu",
+              step_time=0.01)
+STRATEGIES = {
+    "ddp": dict(strategy="ddp", optimizer="sgd", optimizer_args={"momentum": 0.9}),
+    "localsgd": dict(strategy="localsgd", optimizer="sgd", strategy_args={"sync_every": 2}),
+    "diloco": dict(strategy="diloco", optimizer="adamw", lr=1e-3, strategy_args={"sync_every": 4}),
+    "streaming": dict(strategy="streaming-diloco", optimizer="adamw", lr=1e-3,
+                      strategy_args={"sync_every": 4, "fragments": 2, "overlap": 1, "precision": "int4"}),
+}
+
+
+def torchrun(n: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _final(out: Path) -> tuple[list[dict], list[float], dict]:
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    recs = read_metrics(out / "metrics.jsonl")
+    return ck["workers"][0]["model"], [r["train_loss"] for r in recs if "train_loss" in r], \
+        json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [2, 3])
+def test_torch_backend_matches_simulator(tmp_path, n):
+    configs = {name: {**COMMON, **kw, "workers": n} for name, kw in STRATEGIES.items()}
+    res = torchrun(n, str(HERE / "dist_script.py"), str(tmp_path / "torch"), json.dumps(configs))
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name, kw in configs.items():
+        run(Config(**{**kw, "out": str(tmp_path / "sim" / name)}))
+        m_t, l_t, s_t = _final(tmp_path / "torch" / name)
+        m_s, l_s, s_s = _final(tmp_path / "sim" / name)
+        for k in m_s:
+            torch.testing.assert_close(m_t[k], m_s[k], atol=1e-6, rtol=0, msg=f"{name}: {k}")
+        assert l_t == pytest.approx(l_s, abs=1e-6), name
+        assert s_t["bytes_sent_per_worker"] == s_s["bytes_sent_per_worker"], name
+        assert s_t["sim_time_s"] == pytest.approx(s_s["sim_time_s"], rel=1e-9), name
+        assert s_t["final_val_loss"] == pytest.approx(s_s["final_val_loss"], abs=1e-6), name
+        # every rank checkpoints its own worker
+        assert (tmp_path / "torch" / name / "checkpoint.rank1.pt").is_file()
+
+
+@pytest.mark.slow
+def test_killed_worker_stops_the_others_and_resume_works(tmp_path):
+    out = tmp_path / "run"
+    args = ["-m", "sgdlab", "run", "--backend", "torch", "--workers", "2", "--strategy", "diloco", "--task", "digits",
+            "--steps", "400000", "--eval-every", "50", "--log-every", "10", "--step-time", "0.01", "--timeout", "20",
+            "--out", str(out), "--device", "cpu", "--no-progress"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "checkpoint.rank1.pt").is_file():
+            time.sleep(0.2)
+        assert (out / "checkpoint.rank1.pt").is_file(), "the run never checkpointed"
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) == 2, children
+        os.kill(int(children[-1]), signal.SIGKILL)  # one worker process dies
+        t0 = time.time()
+        _, err = proc.communicate(timeout=90)
+        assert proc.returncode != 0
+        assert time.time() - t0 < 60, "the surviving rank did not stop in time"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert saved >= 50
+    res = torchrun(2, *args[:args.index("--steps") + 1], str(saved + 20), *args[args.index("--steps") + 2:],
+                   "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["steps"] == saved + 20
