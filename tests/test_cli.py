@@ -34,7 +34,7 @@ def test_run_and_report(capsys, tmp_path):
     assert "completed: 20/20 steps" in stdout
     assert json.loads((out / "config.json").read_text())["optimizer_args"]["momentum"] == 0.9
     code, stdout, _ = cli(capsys, "report", out)
-    assert code == 0 and "| sgd | digits | sgd |" in stdout
+    assert code == 0 and "| sgd | digits | single | 1 | sgd |" in stdout
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -138,14 +138,18 @@ def test_report_missing_dir(capsys, tmp_path):
     assert code == 2 and "not a run directory" in err
 
 
-def test_demo_preset_is_valid():
+def test_presets_are_valid():
     from sgdlab import presets
 
-    cfgs = presets.registry.get("demo")()
-    assert {c.optimizer for c in cfgs} >= {"sgd", "adamw"}
-    assert any(c.optimizer_args.get("momentum") for c in cfgs)
-    for c in cfgs:
-        c.validate()
+    demo = presets.registry.get("demo")()
+    assert {c.strategy for c in demo} == {"ddp", "localsgd", "diloco", "streaming-diloco"}
+    assert {c.workers for c in demo} == {4} and len({(c.steps, c.batch_size) for c in demo}) == 1  # same budget
+    quick = presets.registry.get("optimizers-quick")()
+    assert {c.optimizer for c in quick} >= {"sgd", "adamw"}
+    assert any(c.optimizer_args.get("momentum") for c in quick)
+    for name in presets.registry.names():
+        for c in presets.registry.get(name)():
+            c.validate()
 
 
 def test_bench_loop_smoke(capsys):

@@ -89,3 +89,24 @@ def test_killed_worker_stops_the_others_and_resume_works(tmp_path):
                    "--resume")
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["steps"] == saved + 20
+
+
+@pytest.mark.slow
+def test_wrapping_a_user_loop(tmp_path):
+    res = torchrun(2, str(HERE / "wrap_script.py"), str(tmp_path / "w.pt"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = torch.load(tmp_path / "w.pt", weights_only=True)
+    # reference: SGD on the mean of the two ranks' gradients, from rank 0's initial weights
+    torch.manual_seed(100)
+    w = torch.nn.Linear(4, 1, bias=False).weight.detach().clone()
+    gens = [torch.Generator().manual_seed(r) for r in range(2)]
+    for _ in range(5):
+        grads = []
+        for g in gens:
+            x = torch.randn(8, 4, generator=g)
+            wr = w.clone().requires_grad_()
+            (x @ wr.t()).squeeze(1).sub(x.sum(1)).pow(2).mean().backward()
+            grads.append(wr.grad)
+        w -= 0.1 * (grads[0] + grads[1]) / 2
+    torch.testing.assert_close(got["weight"], w, atol=1e-6, rtol=0)
+    assert got["bytes"] == 5 * 4 * 4  # 2(N-1)/N x 16 bytes per step, N = 2

@@ -22,18 +22,20 @@ def _fmt(v: Any, spec: str = ".4f") -> str:
 
 def table(runs: list[dict[str, Any]]) -> str:
     rows = []
-    head = ["run", "task", "optimizer", "lr", "steps", "final train loss", "final val loss", "best val loss",
-            "metric", "wall s", "opt. state MiB", "status"]
+    head = ["run", "task", "strategy", "workers", "optimizer", "lr", "steps", "final train loss", "final val loss",
+            "best val loss", "metric", "wall s", "sim s", "MB sent / worker", "opt. state MiB", "status"]
     for r in runs:
         s, c = r["summary"], r["config"]
         metric = s.get("metric", "val_loss")
         mval = s.get(metric)
         rows.append([
-            c.get("name") or r["path"].name, c.get("task"), c.get("optimizer"), _fmt(c.get("lr"), ".3g"),
+            c.get("name") or r["path"].name, c.get("task"), c.get("strategy", "single"), c.get("workers", 1),
+            c.get("optimizer"), _fmt(c.get("lr"), ".3g"),
             _fmt(s.get("steps")), _fmt(s.get("final_train_loss")), _fmt(s.get("final_val_loss")),
             _fmt(s.get("best_val_loss")),
             "–" if metric == "val_loss" or mval is None else f"{metric} {_fmt(mval)}",
-            _fmt(s.get("wall_time_s"), ".1f"),
+            _fmt(s.get("wall_time_s"), ".1f"), _fmt(s.get("sim_time_s"), ".1f"),
+            _fmt(s["bytes_sent_per_worker"] / 1e6, ".3g") if "bytes_sent_per_worker" in s else "–",
             _fmt(s["optimizer_state_bytes"] / 2**20, ".2f") if "optimizer_state_bytes" in s else "–",
             s.get("status", "running?"),
         ])
@@ -48,8 +50,9 @@ def plot(runs: list[dict[str, Any]], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    axes_spec = [a for a in X_AXES if any(a[0] in m for r in runs for m in r["metrics"] if "val_loss" in m)
-                 or (a[0] == "step")]
+    distributed = any(r["config"].get("workers", 1) > 1 for r in runs)
+    axes_spec = [a for a in X_AXES if a[0] in ("step", "wall_time_s") or (
+        distributed and any(m.get(a[0]) for r in runs for m in r["metrics"] if "val_loss" in m))]
     metric = next((r["summary"].get("metric") for r in runs if r["summary"].get("metric")), "val_loss")
     extra = metric != "val_loss"
     n = len(axes_spec) + int(extra)
@@ -67,7 +70,7 @@ def plot(runs: list[dict[str, Any]], path: str | Path) -> Path:
             ax.plot([m[key] for m in tr], [m["train_loss"] for m in tr], "-", lw=0.8, alpha=0.35, color=color)
             ax.set_xlabel(xlabel)
             if logx:
-                ax.set_xscale("symlog")
+                ax.set_xscale("symlog", linthresh=max(1.0, min((m[key] for m in ms if m.get(key)), default=1.0)))
         if extra:
             ev = [m for m in ms if metric in m]
             axs[-1].plot([m["step"] for m in ev], [m[metric] for m in ev], "-o", ms=3, color=color, label=label)
@@ -84,8 +87,11 @@ def plot(runs: list[dict[str, Any]], path: str | Path) -> Path:
     task = runs[0]["config"].get("task", "")
     axs[0].set_title(f"{task}: validation loss vs step")
     axs[0].legend(fontsize=8)
-    if len(axes_spec) > 1:
-        axs[1].set_title("validation loss vs time")
+    titles = {"wall_time_s": "vs wall-clock time", "bytes_sent": "vs bytes sent (log)",
+              "sim_time_s": "vs simulated time"}
+    for ax, (key, _, _) in zip(axs, axes_spec, strict=False):
+        if key in titles:
+            ax.set_title(f"validation loss {titles[key]}")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

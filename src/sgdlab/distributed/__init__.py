@@ -4,5 +4,6 @@ model, and precision codecs."""
 from .compress import PRECISIONS, Codec
 from .group import Group, SimGroup, TorchGroup, WorkerLostError
 from .network import NetworkModel
+from .wrap import Distributed
 
-__all__ = ["Codec", "PRECISIONS", "Group", "SimGroup", "TorchGroup", "WorkerLostError", "NetworkModel"]
+__all__ = ["Distributed", "Codec", "PRECISIONS", "Group", "SimGroup", "TorchGroup", "WorkerLostError", "NetworkModel"]

@@ -101,6 +101,9 @@ class Group:
         return done
 
     # ---- simulated time ----------------------------------------------------------------------------
+    def broadcast_(self, tensors: list[torch.Tensor]) -> None:
+        """Make every process's ``tensors`` equal to rank 0's (set-up traffic, not counted)."""
+
     def advance(self, i: int, seconds: float) -> None:
         self.clocks[i] += seconds
 
@@ -202,6 +205,10 @@ class TorchGroup(Group):
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         self._call(dist.all_reduce, t, op=dist.ReduceOp.SUM)
         return (t / self.world).tolist()
+
+    def broadcast_(self, tensors: list[torch.Tensor]) -> None:
+        for t in tensors:
+            self._call(dist.broadcast, t, src=0)
 
     def gather_ints(self, values: list[int]) -> list[list[int]]:
         """Every rank's list of ``len(values)`` integers (measurement/control traffic)."""

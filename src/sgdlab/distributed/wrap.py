@@ -1,0 +1,73 @@
+"""Use a strategy inside your own training loop.
+
+Under torchrun (one worker per process), wrap your model and optimizer and call ``step()`` where you
+called ``optimizer.step()``::
+
+    import torch.distributed as dist
+    from sgdlab.distributed import Distributed
+
+    model = MyModel()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    dd = Distributed(model, opt, "diloco", sync_every=100, outer_lr=0.7)  # rank 0's weights broadcast
+    for batch in loader:                      # your data: give each rank its own shard
+        loss = loss_fn(model(batch.x), batch.y)
+        loss.backward()
+        dd.step()                              # all-reduce / local step / outer step, as the strategy says
+        opt.zero_grad()
+    print(dd.bytes_sent)                       # bytes this worker sent, by the ring cost model
+
+Without torchrun it runs one worker (nothing is exchanged). Strategy options are those of
+``sgdlab list strategies -v``; the strategy's LR multiplier (ddp ``lr_scaling``) is not applied to an
+optimizer you built yourself: scale its lr yourself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .group import SimGroup, TorchGroup, torchrun_env
+from .network import NetworkModel
+
+
+class Distributed:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str = "ddp", *,
+                 network: str | None = None, timeout: float = 60.0, **options: Any):
+        from ..strategies import Worker, create
+
+        device = next(model.parameters()).device
+        net = NetworkModel.parse(network)
+        self.group = TorchGroup(net, device, timeout) if torchrun_env() else SimGroup(1, net)
+        self.group.broadcast_([p.data for p in model.parameters()])
+        self.strategy = create(strategy, self.group, options)
+        self.worker = Worker(self.group.local[0], model, optimizer)
+        self.strategy.setup([self.worker])
+        self.steps = 0
+
+    def step(self) -> None:
+        """Replaces ``optimizer.step()``: the strategy's exchange around this worker's optimizer step."""
+        self.steps += 1
+        self.strategy.after_backward([self.worker], self.steps)
+        self.worker.optimizer.step()
+        self.strategy.after_step([self.worker], self.steps)
+
+    @property
+    def bytes_sent(self) -> float:
+        return self.group.bytes_sent
+
+    def eval_model(self) -> nn.Module:
+        """The model that represents the run (the last synchronised parameters for local strategies)."""
+        return self.strategy.eval_model([self.worker])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "strategy": self.strategy.state_dict(), "group": self.group.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = state["steps"]
+        self.strategy.load_state_dict(state["strategy"])
+        self.group.load_state_dict(state["group"])
+
+    def close(self) -> None:
+        self.group.close()
