@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="auto")
     b.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="task option or optimizer hyperparameter, as for `sgdlab run`")
+    from .bench import ddp as bench_ddp
+
+    bench_ddp.add_arguments(bsub.add_parser("ddp", help="torch-backend ddp vs DistributedDataParallel (torchrun)"))
     return ap
 
 
@@ -272,7 +275,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench.loop import main as bench_loop
 
         return bench_loop(args)
-    raise SgdlabError("bench needs a benchmark name; available: loop")
+    if args.bench == "ddp":
+        from .bench.ddp import main as bench_ddp
+
+        return bench_ddp(args)
+    raise SgdlabError("bench needs a benchmark name; available: loop, ddp")
 
 
 def _load_json(path: Path) -> dict:

@@ -13,7 +13,7 @@ registry: Registry[Callable[[], list[Config]]] = Registry("preset")
 @registry.add("demo", "charlm, 4 simulated workers, same token budget: ddp, localsgd, diloco and "
               "streaming-diloco (int4) on a 1 Gbit/s network (~3 minutes on 2 CPU cores)")
 def demo() -> list[Config]:
-    base = dict(task="charlm", optimizer="adamw", lr=3e-3, steps=240, batch_size=8, workers=4, eval_every=40,
+    base = dict(task="charlm", optimizer="adamw", lr=3e-3, steps=200, batch_size=8, workers=4, eval_every=40,
                 schedule="cosine", warmup_steps=20, grad_clip=1.0, optimizer_args={"weight_decay": 0.01},
                 network="bandwidth=1G,latency=1ms")
     return [
