@@ -139,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="task option or optimizer hyperparameter, as for `sgdlab run`")
     from .bench import ddp as bench_ddp
+    from .bench import optim as bench_optim
+
+    bench_optim.add_arguments(bsub.add_parser(
+        "optim", help="optimizer step time, state bytes/param and bandwidth vs fused AdamW and pytorch_optimizer"))
 
     bench_ddp.add_arguments(bsub.add_parser("ddp", help="torch-backend ddp vs DistributedDataParallel (torchrun)"))
     return ap
@@ -279,7 +283,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench.ddp import main as bench_ddp
 
         return bench_ddp(args)
-    raise SgdlabError("bench needs a benchmark name; available: loop, ddp")
+    if args.bench == "optim":
+        from .bench.optim import main as bench_optim
+
+        return bench_optim(args)
+    raise SgdlabError("bench needs a benchmark name; available: loop, ddp, optim")
 
 
 def _load_json(path: Path) -> dict:

@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..registry import Registry
 
 __all__ = ["create", "registry", "hyperparameters", "state_bytes", "AdamP", "SGDP", "AdEMAMix", "AuON", "HybridAuON",
-           "DiffGrad", "Grams", "LaProp", "Lookahead", "MARS", "Muon", "SGDSaI", "SophiaG", "SophiaH", "SWAN"]
+           "DiffGrad", "FRUGAL", "Grams", "LaProp", "Lookahead", "MARS", "Muon", "SGDSaI", "SophiaG", "SophiaH", "SWAN"]
 
 registry: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
 
@@ -31,6 +31,7 @@ from .adamp import SGDP, AdamP  # noqa: E402
 from .ademamix import AdEMAMix  # noqa: E402
 from .auon import AuON, HybridAuON  # noqa: E402
 from .diffgrad import DiffGrad  # noqa: E402
+from .frugal import FRUGAL  # noqa: E402
 from .grams import Grams  # noqa: E402
 from .laprop import LaProp  # noqa: E402
 from .lookahead import Lookahead, lookahead  # noqa: E402
@@ -50,6 +51,9 @@ registry.register("adamp", AdamP, "AdamP: Adam without the radial update on scal
                   "(Heo et al., ICLR 2021)", default_lr=1e-3)
 registry.register("sgdp", SGDP, "SGDP: momentum SGD without the radial update on scale-invariant weights "
                   "(Heo et al., ICLR 2021)", default_lr=0.1)
+registry.register("frugal", FRUGAL, "FRUGAL: Adam in a low-dimensional subspace (GaLore SVD or BAdam blocks) + "
+                  "signSGD/SGD on the rest, full-rank update (Zmushko et al., 2024, arXiv:2411.07837)",
+                  default_lr=1e-3)
 registry.register("sophia-g", SophiaG, "Sophia-G: clipped diagonal-Hessian preconditioning, Gauss-Newton-"
                   "Bartlett estimator (Liu et al., 2023, arXiv:2305.14342)", default_lr=3e-4)
 registry.register("sophia-h", SophiaH, "Sophia-H: clipped diagonal-Hessian preconditioning, Hutchinson "
