@@ -148,7 +148,9 @@ def test_presets_are_valid():
     assert {c.optimizer for c in quick} >= {"sgd", "adamw"}
     assert any(c.optimizer_args.get("momentum") for c in quick)
     for name in presets.registry.names():
-        for c in presets.registry.get(name)():
+        cfgs = presets.registry.get(name)()
+        assert len({c.name for c in cfgs}) == len(cfgs)  # distinct run directories
+        for c in cfgs:
             c.validate()
 
 

@@ -36,3 +36,65 @@ def optimizers_quick() -> list[Config]:
         Config(name="sgd-momentum", optimizer="sgd", lr=0.1, optimizer_args={"momentum": 0.9}, **base),
         Config(name="adamw", optimizer="adamw", lr=3e-3, optimizer_args={"weight_decay": 0.01}, **base),
     ]
+
+
+def _strategies(workers: int, steps: int, sync_every: int) -> list[Config]:
+    base = dict(task="charlm", optimizer="adamw", lr=3e-3, steps=steps, batch_size=8, workers=workers,
+                eval_every=steps // 6, schedule="cosine", warmup_steps=20, grad_clip=1.0, step_time=0.05,
+                optimizer_args={"weight_decay": 0.01}, network="bandwidth=1G,latency=1ms")
+    h = {"sync_every": sync_every}
+    return [
+        Config(name="ddp", strategy="ddp", **base),
+        Config(name=f"localsgd-h{sync_every}", strategy="localsgd", strategy_args=h, **base),
+        Config(name=f"diloco-h{sync_every}", strategy="diloco", strategy_args={**h, "outer_lr": 0.7}, **base),
+        Config(name=f"diloco-h{sync_every}-lr0.4", strategy="diloco", strategy_args={**h, "outer_lr": 0.4}, **base),
+        Config(name=f"streaming-h{sync_every}-fp32", strategy="streaming-diloco",
+               strategy_args={**h, "outer_lr": 0.7, "fragments": 2, "overlap": 1, "precision": "fp32"}, **base),
+        Config(name=f"streaming-h{sync_every}-int4", strategy="streaming-diloco",
+               strategy_args={**h, "outer_lr": 0.7, "fragments": 2, "overlap": 1, "precision": "int4"}, **base),
+    ]
+
+
+@registry.add("strategies-4", "charlm, 4 workers, 600 steps: ddp vs localsgd / diloco / streaming-diloco at H=50 "
+              "(BENCHMARKS.md; ~10 minutes)")
+def strategies_4() -> list[Config]:
+    return _strategies(4, 600, 50)
+
+
+@registry.add("strategies-8", "charlm, 8 workers, 300 steps: ddp vs localsgd / diloco / streaming-diloco at H=50 "
+              "(BENCHMARKS.md; ~10 minutes)")
+def strategies_8() -> list[Config]:
+    return _strategies(8, 300, 50)
+
+
+def _optimizer_names() -> list[str]:
+    from . import optim
+
+    return optim.registry.names()
+
+
+@registry.add("optimizers", "charlm, one worker, 300 steps: every registered optimizer at its paper/default "
+              "learning rate (BENCHMARKS.md; ~15 minutes)")
+def optimizers() -> list[Config]:
+    base = dict(task="charlm", steps=300, batch_size=32, eval_every=50, schedule="cosine", warmup_steps=20,
+                grad_clip=1.0)
+    out = []
+    for name in _optimizer_names():
+        extra: dict = {"optimizer_args": {"momentum": 0.9}} if name == "sgd" else {}
+        out.append(Config(name=name, optimizer=name, **base, **extra))
+    return out
+
+
+@registry.add("optimizers-digits", "digits MLP, one worker, 400 steps: every registered optimizer at 0.3x, 1x "
+              "and 3x its default learning rate (BENCHMARKS.md; ~3 minutes)")
+def optimizers_digits() -> list[Config]:
+    from . import optim
+
+    out = []
+    for name in _optimizer_names():
+        lr0 = optim.hyperparameters(name)["lr"]
+        extra: dict = {"optimizer_args": {"momentum": 0.9}} if name == "sgd" else {}
+        for mult in (0.3, 1.0, 3.0):
+            out.append(Config(name=f"{name}-x{mult:g}", task="digits", optimizer=name, lr=lr0 * mult, steps=400,
+                              batch_size=32, eval_every=100, **extra))
+    return out
