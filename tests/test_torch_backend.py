@@ -110,3 +110,11 @@ def test_wrapping_a_user_loop(tmp_path):
         w -= 0.1 * (grads[0] + grads[1]) / 2
     torch.testing.assert_close(got["weight"], w, atol=1e-6, rtol=0)
     assert got["bytes"] == 5 * 4 * 4  # 2(N-1)/N x 16 bytes per step, N = 2
+
+
+@pytest.mark.slow
+def test_mismatched_configs_between_ranks_are_refused(tmp_path):
+    res = torchrun(2, str(HERE / "mismatch_script.py"), str(tmp_path / "r"), timeout=120)
+    assert res.returncode != 0
+    assert "run a different configuration" in res.stdout + res.stderr
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
