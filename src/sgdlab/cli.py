@@ -26,6 +26,10 @@ RUN_FLAGS: list[tuple[str, str, type, str]] = [
     ("--schedule", "schedule", str, "LR schedule after warm-up: constant, cosine or linear; default constant"),
     ("--warmup-steps", "warmup_steps", int, "linear LR warm-up steps; default 0"),
     ("--grad-clip", "grad_clip", float, "clip the global gradient norm to this (0: off); default 0"),
+    ("--dp", "dp", str, "train with DP-SGD: noise=SIGMA,clip=C[,delta=D][,accountant=rdp|pld]"
+                        "[,clipping=flat|per_layer][,max_physical_batch=B], or target_epsilon=E,clip=C,delta=D "
+                        "(calibrates SIGMA); --batch-size is then the expected Poisson batch; defaults "
+                        "delta=1e-5, accountant=rdp, clipping=flat, max_physical_batch=256"),
     ("--strategy", "strategy", str, "training strategy (see `sgdlab list strategies`); default single"),
     ("--workers", "workers", int, "number of workers N; default 1"),
     ("--backend", "backend", str, "sim (all workers in this process, the default) or torch (one worker per "
@@ -89,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         "loss, time and optimizer memory, written to a run directory and plotted.",
         epilog="Examples:\n  sgdlab run --task digits --optimizer sgd --lr 0.1 --set momentum=0.9\n"
                "  sgdlab compare --preset demo --out runs/demo\n  sgdlab report runs/demo/*\n"
-               "  sgdlab list optimizers",
+               "  sgdlab list optimizers\n"
+               "  sgdlab run --task digits --dp noise=1.0,clip=1.0   # DP-SGD\n"
+               "  sgdlab dp-epsilon --noise 1.5 --sample-rate 0.04 --steps 2250 --delta 1e-5",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"sgdlab {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
@@ -145,6 +151,26 @@ def build_parser() -> argparse.ArgumentParser:
         "optim", help="optimizer step time, state bytes/param and bandwidth vs fused AdamW and pytorch_optimizer"))
 
     bench_ddp.add_arguments(bsub.add_parser("ddp", help="torch-backend ddp vs DistributedDataParallel (torchrun)"))
+
+    acc_help = "rdp (Renyi DP, dp-accounting's default orders; the default) or pld (privacy-loss distributions)"
+    p = sub.add_parser("dp-epsilon", help="privacy spent (epsilon) by DP-SGD with a given noise multiplier",
+                       description="Print the epsilon of STEPS Poisson-subsampled Gaussian steps (DP-SGD) with "
+                                   "noise multiplier SIGMA and sample rate Q (expected batch / dataset size) "
+                                   "at DELTA, computed with dp-accounting.")
+    p.add_argument("--noise", type=float, required=True, metavar="SIGMA", help="noise multiplier sigma (> 0)")
+    p.add_argument("--sample-rate", type=float, required=True, metavar="Q", help="sampling probability, 0 < Q <= 1")
+    p.add_argument("--steps", type=int, required=True, metavar="T", help="number of steps (>= 1)")
+    p.add_argument("--delta", type=float, required=True, metavar="D", help="delta, 0 < D < 1 (below 1/N)")
+    p.add_argument("--accountant", default="rdp", help=acc_help)
+
+    p = sub.add_parser("dp-noise", help="noise multiplier that reaches a target epsilon",
+                       description="Print the smallest noise multiplier (to within 0.001, rounded up) for which "
+                                   "STEPS DP-SGD steps at sample rate Q spend at most epsilon E at DELTA.")
+    p.add_argument("--target-epsilon", type=float, required=True, metavar="E", help="target epsilon (> 0)")
+    p.add_argument("--sample-rate", type=float, required=True, metavar="Q", help="sampling probability, 0 < Q <= 1")
+    p.add_argument("--steps", type=int, required=True, metavar="T", help="number of steps (>= 1)")
+    p.add_argument("--delta", type=float, required=True, metavar="D", help="delta, 0 < D < 1 (below 1/N)")
+    p.add_argument("--accountant", default="rdp", help=acc_help)
     return ap
 
 
@@ -290,6 +316,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     raise SgdlabError("bench needs a benchmark name; available: loop, ddp, optim")
 
 
+def cmd_dp_epsilon(args: argparse.Namespace) -> int:
+    from .privacy import accounting
+
+    print(f"{accounting.epsilon(args.noise, args.sample_rate, args.steps, args.delta, args.accountant):.6g}")
+    return 0
+
+
+def cmd_dp_noise(args: argparse.Namespace) -> int:
+    from .privacy import accounting
+
+    sigma = accounting.noise_multiplier(args.target_epsilon, args.sample_rate, args.steps, args.delta,
+                                        args.accountant)
+    print(f"{sigma:.6g}")
+    return 0
+
+
 def _load_json(path: Path) -> dict:
     import json
 
@@ -310,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     commands = {"run": cmd_run, "compare": cmd_compare, "report": cmd_report, "list": cmd_list,
-                "bench": cmd_bench}
+                "bench": cmd_bench, "dp-epsilon": cmd_dp_epsilon, "dp-noise": cmd_dp_noise}
     try:
         return commands[args.command](args)
     except (DivergenceError, WorkerLostError) as e:

@@ -38,6 +38,7 @@ from . import optim, strategies, tasks
 from .distributed.network import NetworkModel
 from .errors import ConfigError, UnknownNameError, check_range
 from .options import build_options, check_types
+from .privacy.options import DPOptions
 
 SCHEDULES = ("constant", "cosine", "linear")
 BACKENDS = ("sim", "torch")
@@ -60,6 +61,7 @@ class Config:
     warmup_steps: int = 0              # linear warm-up from 0 over this many steps
     min_lr_ratio: float = 0.0
     grad_clip: float = 0.0             # max global gradient norm; 0 disables clipping
+    dp: str | None = None              # DP-SGD: "noise=SIGMA,clip=C[,delta=D,...]" or "target_epsilon=E,clip=C,delta=D"
     strategy: str = "single"
     workers: int = 1                   # N, the number of workers (simulated, or torchrun processes)
     backend: str = "sim"               # sim (all workers in this process) | torch (torchrun + torch.distributed)
@@ -188,6 +190,12 @@ class Config:
             check_range("step_time", self.step_time, low=0, low_open=True)
         check_range("timeout", self.timeout, low=0, low_open=True)
         strategies.options(self.strategy, self.strategy_args)
+        if self.dp is not None:
+            DPOptions.parse(self.dp)
+            if self.workers != 1 or self.strategy != "single":
+                raise ConfigError(f"dp: client-level DP for distributed strategies is not implemented yet (got "
+                                  f"strategy={self.strategy!r}, workers={self.workers}); DP-SGD needs "
+                                  "strategy 'single' with workers=1")
         return self
 
     def resolve(self) -> Config:
@@ -206,6 +214,7 @@ class Config:
             strategy_args=_json_form(dataclasses.asdict(strategies.options(self.strategy, self.strategy_args))),
             checkpoint_every=self.eval_every if self.checkpoint_every is None else self.checkpoint_every,
             device=resolve_device(self.device),
+            dp=None if self.dp is None else DPOptions.parse(self.dp).canonical(),
             optimizer_args=_json_form({**hp, **self.optimizer_args}),
             task_args=_json_form(dataclasses.asdict(opts)))
 

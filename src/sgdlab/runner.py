@@ -30,6 +30,7 @@ from .distributed.group import Group, SimGroup, TorchGroup, torchrun_env
 from .distributed.network import NetworkModel
 from .errors import CheckpointError, ConfigError, DivergenceError
 from .metrics import MetricsLog, read_metrics, write_json
+from .privacy import PoissonSampler, PrivateTraining
 from .strategies import Worker
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt")
@@ -184,6 +185,15 @@ class Trainer:
                                                                      cfg.seed + 7919 * rank)
             replicas.append(_Replica(Worker(rank, model, opt), sched, sampler))
         workers = [r.worker for r in replicas]
+        dp = None
+        if cfg.dp is not None:  # DP-SGD: Poisson sampling and private gradients (single worker, see Config)
+            opt0 = workers[0].optimizer
+            if getattr(opt0, "needs_closure", False) or getattr(opt0, "needs_sampled_loss", False):
+                raise ConfigError(f"dp: optimizer {cfg.optimizer!r} evaluates extra non-private losses (Hessian "
+                                  "estimates); choose another optimizer for DP-SGD")
+            dp = PrivateTraining(cfg.dp, task, workers[0].model, steps=cfg.steps, batch_size=cfg.batch_size,
+                                 seed=cfg.seed)
+            replicas[0].sampler = dp.sampler
         strategy.setup(workers)
         log = MetricsLog(out / "metrics.jsonl")
         st = _State()
@@ -194,6 +204,8 @@ class Trainer:
                     r.load_state_dict(wst)
                 strategy.load_state_dict(ck["strategy"])
                 group.load_state_dict(ck["group"])
+                if dp is not None:
+                    dp.load_state_dict(ck["dp"])
             except (RuntimeError, KeyError, ValueError, TypeError) as e:
                 raise CheckpointError(f"checkpoint {ckpt_path} does not match this run "
                                       f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
@@ -233,6 +245,7 @@ class Trainer:
             checkpoint.save({
                 "step": st.step, "workers": [r.state_dict() for r in replicas], "strategy": strategy.state_dict(),
                 "group": group.state_dict(), "rng": checkpoint.rng_state(), "trainer": st.state_dict(),
+                "dp": dp.state_dict() if dp is not None else None,
                 "sgdlab_version": __version__,
             }, ckpt_path, keep_previous=isinstance(group, TorchGroup))
             st.saved_step = st.step
@@ -240,6 +253,8 @@ class Trainer:
         def evaluate(record: dict[str, Any]) -> None:
             t = time.perf_counter()
             metrics = task.evaluate(strategy.eval_model(workers))
+            if dp is not None:
+                metrics = {**metrics, "epsilon": dp.epsilon(record["step"])}
             st.eval_time += time.perf_counter() - t
             record.update(metrics)
             st.last_eval = metrics
@@ -284,8 +299,11 @@ class Trainer:
                             sampled.backward()
                             opt.update_hessian(batch_size=n_labels)
                             opt.zero_grad(set_to_none=True)
-                        loss = task.loss(model, batch)
-                        loss.backward()
+                        if dp is not None:  # per-example clipping + noise → p.grad
+                            loss = dp.backward(batch)
+                        else:
+                            loss = task.loss(model, batch)
+                            loss.backward()
                         r.batch = batch
                         r.pending.append(loss.detach())
                         group.advance(i, (cfg.step_time / 2 if cfg.step_time else elapsed(t0)) * speeds[r.worker.rank])
@@ -347,18 +365,18 @@ class Trainer:
             sim_time = group.sim_time()  # a collective on the torch backend: every rank takes part
             if lead:
                 log.flush()
-                self._write_summary(out, cfg, task, workers, group, sim_time, st, "diverged")
+                self._write_summary(out, cfg, task, workers, group, sim_time, st, "diverged", dp)
             raise
         finally:
             bar.close()
             if lead:
                 log.flush()
         sim_time = group.sim_time()
-        summary = self._write_summary(out, cfg, task, workers, group, sim_time, st, status) if lead else {}
+        summary = self._write_summary(out, cfg, task, workers, group, sim_time, st, status, dp) if lead else {}
         return RunResult(out, cfg, summary)
 
     @staticmethod
-    def _write_summary(out, cfg, task, workers, group, sim_time, st, status) -> dict[str, Any]:
+    def _write_summary(out, cfg, task, workers, group, sim_time, st, status, dp=None) -> dict[str, Any]:
         ev = st.last_eval or {}
         model, opt = workers[0].model, workers[0].optimizer
         s: dict[str, Any] = {
@@ -377,6 +395,8 @@ class Trainer:
             "device": cfg.device, "torch_version": torch.__version__, "sgdlab_version": __version__,
             "data": task.info(),
         }
+        if dp is not None:
+            s.update(dp.summary(st.step))
         for k, v in ev.items():
             s.setdefault(k, v)
         write_json(out / "summary.json", s)
@@ -389,7 +409,7 @@ class _Replica:
 
     worker: Worker
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    sampler: tasks.EpochSampler | None
+    sampler: tasks.EpochSampler | PoissonSampler | None
     pending: list[torch.Tensor] = field(default_factory=list)
     batch: Any = None
 

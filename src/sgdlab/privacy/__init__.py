@@ -1,0 +1,11 @@
+"""Private training: DP-SGD (:mod:`.dpsgd`) and its privacy accounting (:mod:`.accounting`)."""
+
+from __future__ import annotations
+
+from .accounting import ACCOUNTANTS, DEFAULT_ACCOUNTANT, epsilon, noise_multiplier
+from .dpsgd import DPSGD, PoissonSampler, check_model
+from .options import DPOptions
+from .training import PrivateTraining
+
+__all__ = ["ACCOUNTANTS", "DEFAULT_ACCOUNTANT", "DPOptions", "DPSGD", "PoissonSampler", "PrivateTraining",
+           "check_model", "epsilon", "noise_multiplier"]

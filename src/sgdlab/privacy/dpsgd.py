@@ -1,0 +1,209 @@
+"""DP-SGD: differentially private training by per-example clipping and Gaussian noise.
+
+Abadi, Chu, Goodfellow, McMahan, Mironov, Talwar and Zhang, "Deep Learning with Differential Privacy",
+CCS 2016 (arXiv:1607.00133), Algorithm 1, with Poisson sampling as the accountants assume. One step:
+
+1. **Sample** a batch ``B``: every training example is included independently with probability
+   ``q = L / N`` (``L`` the expected batch size, ``N`` the number of training examples). ``|B|`` varies
+   and may be 0.
+2. **Per-example gradients** ``g_i = ∇θ ℓ(θ; x_i)`` for ``i ∈ B``, where ``ℓ(θ; x_i)`` is the task's
+   loss on a batch of that one example (for a language model, the mean over the example's tokens),
+   computed with ``torch.func`` (``vmap(grad(functional_call(...)))``), in physical micro-batches of at
+   most ``max_physical_batch`` examples so that a large logical batch fits in memory.
+3. **Clip** each ``g_i`` to norm ``C``:
+
+   * ``flat`` (the paper's): one L2 norm over all parameters, ``ḡ_i = g_i · min(1, C / (‖g_i‖ + 1e-6))``;
+   * ``per_layer``: each of the ``K`` parameter tensors ``g_i^k`` is clipped to ``C / √K`` on its own,
+     so the whole ``ḡ_i`` still has norm ≤ C and the same noise keeps the same guarantee.
+
+4. **Noise and average**: ``g̃ = (Σ_{i∈B} ḡ_i + N(0, σ² C² I)) / L`` — the noise goes on the *sum*, and the
+   sum is divided by the *expected* batch size ``L = qN``, not by ``|B|`` (dividing by the realised size
+   would make the sensitivity depend on the batch).
+5. ``g̃`` is written into ``p.grad``; any optimizer then takes its step (post-processing keeps the
+   guarantee), so DP-SGD, DP-Adam, DP-anything come from the same engine.
+
+The ``(ε, δ)`` bound of ``T`` such steps is computed by :mod:`sgdlab.privacy.accounting`.
+
+Layers that mix examples of a batch (BatchNorm, SyncBatchNorm, InstanceNorm with running statistics)
+have no per-example gradient and are refused before training; GroupNorm and LayerNorm are per-example.
+
+Sampling and noise come from ``torch.Generator`` objects owned by the engine (seeded from the run's seed),
+whose states :meth:`DPSGD.state_dict` returns, so a checkpointed run resumes bit-identically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+from torch.utils._pytree import tree_flatten, tree_map
+
+from ..errors import ConfigError, check_range
+
+CLIPPINGS = ("flat", "per_layer")
+DEFAULT_MAX_PHYSICAL_BATCH = 256
+_NORM_EPS = 1e-6  # added to per-example norms before dividing (Opacus and TF Privacy do the same)
+
+
+def check_model(model: nn.Module) -> None:
+    """Raise ``ConfigError`` naming the first layer that mixes the examples of a batch."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            raise ConfigError(f"DP-SGD needs per-example gradients, but layer {name or '<model>'!r} "
+                              f"({type(m).__name__}) mixes the examples of a batch through its batch statistics; "
+                              "replace it with GroupNorm or LayerNorm")
+        if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats:
+            raise ConfigError(f"DP-SGD needs per-example gradients, but layer {name or '<model>'!r} "
+                              f"({type(m).__name__} with track_running_stats=True) accumulates statistics over "
+                              "the batch; use track_running_stats=False, GroupNorm or LayerNorm")
+
+
+class PoissonSampler:
+    """Each of ``num_examples`` examples is in a batch independently with probability ``sample_rate``.
+
+    Draws from the generator it is given (the DP engine's), so it has no state of its own.
+    """
+
+    def __init__(self, num_examples: int, sample_rate: float, generator: torch.Generator):
+        self.num_examples, self.sample_rate, self.generator = num_examples, sample_rate, generator
+
+    def next(self) -> torch.Tensor:
+        u = torch.rand(self.num_examples, generator=self.generator, dtype=torch.float64)
+        return (u < self.sample_rate).nonzero().flatten()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # the state is the engine's generator
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class _LossModule(nn.Module):
+    """``loss_fn(model, batch)`` as a module, so ``functional_call`` can substitute the model's parameters
+    even where the loss reads them directly (e.g. an L2 term on ``model.weight``)."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor]):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+def _seed(seed: int, what: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"sgdlab-dp:{seed}:{what}".encode()).digest()[:8], "little") >> 1
+
+
+class DPSGD:
+    """Private gradients for ``model``: call :meth:`backward` where plain training calls
+    ``loss_fn(model, batch).backward()``, then step any optimizer.
+
+    Args:
+        model: the model (checked with :func:`check_model`).
+        loss_fn: ``loss_fn(model, batch)`` → mean loss over the batch; ``batch`` is a tensor or a tuple /
+            list / dict of tensors whose first dimension indexes the examples.
+        noise_multiplier: σ; the noise on the summed clipped gradients has standard deviation σ·C.
+        max_grad_norm: the clipping bound C (``inf`` only with σ = 0, for tests and ablations).
+        expected_batch_size: L = qN, the divisor of the noisy sum.
+        clipping: ``"flat"`` or ``"per_layer"`` (see the module docstring).
+        max_physical_batch: examples per vmap call (memory: about this many copies of the gradients).
+        seed: seeds the engine's generators (sampling on the CPU, noise on the parameters' device).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], *,
+                 noise_multiplier: float, max_grad_norm: float, expected_batch_size: float,
+                 clipping: str = "flat", max_physical_batch: int = DEFAULT_MAX_PHYSICAL_BATCH, seed: int = 0):
+        check_model(model)
+        check_range("noise_multiplier", noise_multiplier, low=0)
+        check_range("max_grad_norm", max_grad_norm, low=0, low_open=True)
+        if math.isinf(max_grad_norm) and noise_multiplier > 0:
+            raise ConfigError("max_grad_norm=inf needs noise_multiplier=0 (the noise scale is σ·C)")
+        check_range("expected_batch_size", expected_batch_size, low=0, low_open=True)
+        if clipping not in CLIPPINGS:
+            raise ConfigError(f"clipping={clipping!r}; allowed: {', '.join(CLIPPINGS)}")
+        check_range("max_physical_batch", max_physical_batch, low=1, integer=True)
+        self.model, self.loss_fn = model, loss_fn
+        self.noise_multiplier, self.max_grad_norm = float(noise_multiplier), float(max_grad_norm)
+        self.expected_batch_size, self.clipping = float(expected_batch_size), clipping
+        self.max_physical_batch = max_physical_batch
+        self._loss_module = _LossModule(model, loss_fn)
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise ConfigError("DP-SGD: the model has no trainable parameters")
+        device = next(iter(self.params.values())).device
+        self.sample_generator = torch.Generator().manual_seed(_seed(seed, "sample"))
+        self.noise_generator = torch.Generator(device=device).manual_seed(_seed(seed, "noise"))
+        self._per_example = vmap(grad_and_value(self._example_loss), in_dims=(None, None, 0))
+
+    def sampler(self, num_examples: int) -> PoissonSampler:
+        """A Poisson sampler with rate ``expected_batch_size / num_examples`` on the engine's generator."""
+        q = self.expected_batch_size / num_examples
+        if q > 1:
+            raise ConfigError(f"batch_size={self.expected_batch_size:g} (the expected batch with DP) is larger "
+                              f"than the data ({num_examples} examples); allowed: batch_size <= {num_examples}")
+        return PoissonSampler(num_examples, q, self.sample_generator)
+
+    # ---- per-example gradients --------------------------------------------------------------
+    def _example_loss(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], example: Any):
+        one = tree_map(lambda t: t.unsqueeze(0), example)
+        return functional_call(self._loss_module, {**params, **buffers}, (one,))
+
+    def per_sample_gradients(self, batch: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """``({name: tensor of shape (B, *param.shape)}, per-example losses (B,))`` for one micro-batch."""
+        params = {f"model.{n}": p.detach() for n, p in self.params.items()}
+        buffers = {f"model.{n}": b for n, b in self.model.named_buffers()}
+        with warnings.catch_warnings():  # SDPA has no vmap rule on the CPU: torch loops over the batch
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            grads, losses = self._per_example(params, buffers, batch)
+        return {n[len("model."):]: g for n, g in grads.items()}, losses.detach()
+
+    def clip_factors(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-example multipliers (shape (B,), one per parameter tensor) that bring norms to ≤ C."""
+        def factor(norm: torch.Tensor, bound: float) -> torch.Tensor:
+            return (bound / (norm + _NORM_EPS)).clamp(max=1.0)
+
+        norms = {n: g.flatten(1).norm(dim=1) for n, g in grads.items()}
+        if self.clipping == "flat":
+            f = factor(torch.stack(list(norms.values())).norm(dim=0), self.max_grad_norm)
+            return {n: f for n in grads}
+        bound = self.max_grad_norm / math.sqrt(len(grads))
+        return {n: factor(v, bound) for n, v in norms.items()}
+
+    # ---- the step ---------------------------------------------------------------------------
+    def backward(self, batch: Any) -> torch.Tensor:
+        """Write the private gradient of ``batch`` into ``p.grad`` and return the batch's summed loss
+        divided by the expected batch size (an unbiased estimate of the mean loss; 0 for an empty batch)."""
+        leaves, _ = tree_flatten(batch)
+        n = int(leaves[0].shape[0]) if leaves else 0
+        sums = {k: torch.zeros_like(p) for k, p in self.params.items()}
+        loss_sum = torch.zeros((), device=next(iter(self.params.values())).device)
+        for start in range(0, n, self.max_physical_batch):
+            micro = tree_map(lambda t, s=start: t[s:s + self.max_physical_batch], batch)
+            grads, losses = self.per_sample_gradients(micro)
+            factors = self.clip_factors(grads)
+            for k, g in grads.items():
+                sums[k] += torch.einsum("b,b...->...", factors[k].to(g.dtype), g)
+            loss_sum += losses.sum()
+        std = self.noise_multiplier * self.max_grad_norm
+        for k, p in self.params.items():
+            g = sums[k]
+            if std > 0:
+                g += std * torch.randn(g.shape, generator=self.noise_generator, device=g.device, dtype=g.dtype)
+            p.grad = g / self.expected_batch_size
+        return loss_sum / self.expected_batch_size
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sample_generator": self.sample_generator.get_state(),
+                "noise_generator": self.noise_generator.get_state(),
+                "noise_multiplier": self.noise_multiplier}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sample_generator.set_state(state["sample_generator"].cpu())
+        self.noise_generator.set_state(state["noise_generator"].cpu())
+        self.noise_multiplier = float(state["noise_multiplier"])
