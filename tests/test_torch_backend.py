@@ -80,6 +80,8 @@ def test_killed_worker_stops_the_others_and_resume_works(tmp_path):
         _, err = proc.communicate(timeout=90)
         assert proc.returncode != 0
         assert time.time() - t0 < 60, "the surviving rank did not stop in time"
+        # the killed process (the later-started child) is rank 1; rank 0 names it
+        assert "rank 0: lost rank 1 during" in err, err[-3000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

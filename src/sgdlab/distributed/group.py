@@ -14,6 +14,7 @@ Measurement-only traffic (the clock maximum, logged losses) is not counted.
 from __future__ import annotations
 
 import os
+import time
 from datetime import timedelta
 
 import torch
@@ -169,17 +170,36 @@ class TorchGroup(Group):
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                     timeout=timedelta(seconds=timeout_s))
         self.world, self.local = dist.get_world_size(), [self.rank]
-        self.device = device
+        self.device, self.timeout_s = device, timeout_s
         super().__init__(network)
 
     def _call(self, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except (RuntimeError, dist.DistBackendError) as e:  # a peer died or timed out
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            raise WorkerLostError(f"rank {self.rank}: lost contact with a peer process during "
-                                  f"{getattr(fn, '__name__', 'a collective')} ({first}); every rank stops. "
-                                  "Resume from the last checkpoint with --resume.") from None
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            lost = self._lost_ranks()
+            who = f"lost rank {', '.join(map(str, lost))}" if lost else "lost contact with a peer process"
+            raise WorkerLostError(f"rank {self.rank}: {who} during {getattr(fn, '__name__', 'a collective')} "
+                                  f"({first}); every rank stops. Resume from the last checkpoint with --resume."
+                                  ) from None
+
+    def _lost_ranks(self, wait_s: float = 5.0) -> list[int]:
+        """Ranks that do not check in on the rendezvous store within ``wait_s`` (survivors of a failure
+        all check in; the store lives in torchrun's agent, not in a worker). Empty if unknown."""
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            store.set(f"sgdlab/alive/{self.rank}", "1")
+            keys = {r: f"sgdlab/alive/{r}" for r in range(self.world)}
+            deadline = time.monotonic() + min(wait_s, self.timeout_s)
+            while time.monotonic() < deadline:
+                missing = [r for r, k in keys.items() if not store.check([k])]
+                if not missing:
+                    return []
+                time.sleep(0.2)
+            return missing
+        except Exception:  # the store itself may be gone; then we cannot tell
+            return []
 
     def _sum(self, flats):
         total = flats[0].clone()
