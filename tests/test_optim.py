@@ -62,3 +62,13 @@ def test_lookahead_by_name_takes_base_hyperparameters():
     assert optim.hyperparameters("lookahead", "sgd")["lr"] == 0.1
     with pytest.raises(TypeError, match="no hyperparameter 'betas'"):
         optim.create("lookahead", p, base="sgd", betas=(0.9, 0.9))
+
+
+def test_sophia_h_through_attention(tmp_path):
+    """Hessian-vector products through scaled_dot_product_attention (no double backward in fused kernels)."""
+    from sgdlab import Config, run
+
+    cfg = Config(task="charlm", optimizer="sophia-h", steps=3, batch_size=2, eval_every=0, device="cpu",
+                 task_args={"d_model": 16, "n_layers": 1, "n_heads": 2, "context": 16, "max_bytes": 20000,
+                            "eval_windows": 2}, optimizer_args={"k": 2}, out=str(tmp_path / "r"))
+    assert run(cfg).summary["status"] == "completed"

@@ -77,6 +77,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.optim import Optimizer
 
 from ..errors import ConfigError, check_range
@@ -277,7 +278,9 @@ class Sophia(Optimizer):
     def _hutchinson(self, closure: Callable[[], torch.Tensor], groups: list[tuple[dict, list[torch.Tensor]]]):
         """One Hutchinson estimate ``u * (H u)`` at the current parameters; returns the closure's loss."""
         ps = [p for _, g_ps in groups for p in g_ps]
-        with torch.enable_grad():
+        # Hessian-vector products differentiate twice; fused attention kernels (flash / memory-efficient)
+        # have no double backward, so attention runs on the math kernel for this closure.
+        with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
             loss = closure()
             if not isinstance(loss, torch.Tensor) or loss.grad_fn is None:
                 raise RuntimeError(f"the closure returned {type(loss).__name__} without an autograd graph. "
