@@ -159,3 +159,14 @@ def test_bench_loop_smoke(capsys):
                          *TINY)
     assert code == 0, err
     assert "| bare PyTorch |" in out and "| sgdlab runner (training loop) |" in out and "overhead" in out
+
+
+def test_compare_resume_restarts_a_run_without_checkpoint(capsys, tmp_path):
+    p = tmp_path / "a.toml"
+    p.write_text('task = "digits"\noptimizer = "sgd"\nsteps = 4\n')
+    out = tmp_path / "cmp"
+    (out / "a").mkdir(parents=True)
+    (out / "a" / "config.json").write_text("{}")  # a run that died before its first checkpoint
+    code, _, err = cli(capsys, "compare", p, "--out", out, "--resume")
+    assert code == 0, err
+    assert json.loads((out / "a" / "summary.json").read_text())["status"] == "completed"

@@ -255,8 +255,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
             continue
         print(f"[{i + 1}/{len(configs)}] {name}", file=sys.stderr)
         resume = args.resume and (run_dir / "checkpoint.pt").is_file()
+        # --resume on a run that never checkpointed: nothing to continue, start it again
+        restart = args.resume and not resume
         Trainer(c.replace(out=str(run_dir)), progress=args.progress, handle_signals=True).run(
-            resume=resume, overwrite=args.overwrite)
+            resume=resume, overwrite=args.overwrite or restart)
     md, png = report(dirs, out / "report.png")
     print(md)
     print(f"\nplot: {png}")
