@@ -15,4 +15,5 @@ out, configs = sys.argv[1], json.loads(sys.argv[2])
 dist.init_process_group("gloo", timeout=timedelta(seconds=60))
 for name, kw in configs.items():
     run(Config(**{**kw, "backend": "torch", "out": f"{out}/{name}"}))
+dist.barrier()  # leave together: a rank exiting while a peer still talks can abort the peer
 dist.destroy_process_group()

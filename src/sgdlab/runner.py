@@ -130,9 +130,12 @@ class Trainer:
     def run(self, *, resume: bool = False, stop_at: int | None = None, overwrite: bool = False) -> RunResult:
         group = self._make_group()
         try:
-            return self._run(group, resume=resume, stop_at=stop_at, overwrite=overwrite)
-        finally:
-            group.close()
+            result = self._run(group, resume=resume, stop_at=stop_at, overwrite=overwrite)
+        except BaseException:
+            group.close(clean=False)
+            raise
+        group.close()
+        return result
 
     def _make_group(self) -> Group:
         cfg = self.cfg

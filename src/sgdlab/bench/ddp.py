@@ -96,6 +96,7 @@ def _worker(task_name: str, optimizer: str, batch: int, steps: int, repeats: int
         print(f"| torch DistributedDataParallel | {mb:.3f} | {steps / mb:.2f} | 1.000 |")
         print(f"| sgdlab ddp (--backend torch) | {ma:.3f} | {steps / ma:.2f} | {mb / ma:.3f} |")
         print(f"sgdlab overhead: {100 * (ma / mb - 1):+.1f}% (goal: within 10%)")
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -120,7 +120,7 @@ class Group:
     def load_state_dict(self, st: dict) -> None:
         self.bytes_sent, self.clocks, self.comm_time = st["bytes_sent"], list(st["clocks"]), st["comm_time"]
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
         pass
 
 
@@ -250,6 +250,8 @@ class TorchGroup(Group):
     def barrier(self) -> None:
         self._call(dist.barrier)
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
         if self.owns and dist.is_initialized():
+            if clean:  # tear down together: a rank leaving while a peer still talks can abort the peer
+                self._call(dist.barrier)
             dist.destroy_process_group()
