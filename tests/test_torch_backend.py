@@ -43,8 +43,13 @@ def _final(out: Path) -> tuple[list[dict], list[float], dict]:
 @pytest.mark.parametrize("n", [2, 3])
 def test_torch_backend_matches_simulator(tmp_path, n):
     configs = {name: {**COMMON, **kw, "workers": n} for name, kw in STRATEGIES.items()}
-    res = torchrun(n, str(HERE / "dist_script.py"), str(tmp_path / "torch"), json.dumps(configs))
+    resumed = {**configs["streaming"], "stop_at": 5}  # stopped mid-round with an exchange in flight
+    res = torchrun(n, str(HERE / "dist_script.py"), str(tmp_path / "torch"),
+                   json.dumps({**configs, "streaming-resumed": resumed}))
     assert res.returncode == 0, res.stderr[-3000:]
+    m_r, l_r, _ = _final(tmp_path / "torch" / "streaming-resumed")
+    m_f, l_f, _ = _final(tmp_path / "torch" / "streaming")
+    assert l_r == l_f and all(torch.equal(m_r[k], m_f[k]) for k in m_f)  # torch resume is exact too
     for name, kw in configs.items():
         run(Config(**{**kw, "out": str(tmp_path / "sim" / name)}))
         m_t, l_t, s_t = _final(tmp_path / "torch" / name)
