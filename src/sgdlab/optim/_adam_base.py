@@ -1,0 +1,38 @@
+"""Shared hyperparameter checks for the Adam-family optimizers (lr, betas, eps, weight_decay, foreach)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import check_range
+
+
+def check_betas(betas: Any) -> tuple[float, float]:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    check_range("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
+    check_range("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
+    return float(betas[0]), float(betas[1])
+
+
+class AdamFamilyOptimizer(torch.optim.Optimizer):
+    """Validates every group's (lr, betas, eps, weight_decay, foreach), added groups included."""
+
+    @staticmethod
+    def _validate(group: dict[str, Any]) -> None:
+        check_range("lr", group["lr"], low=0.0)
+        group["betas"] = check_betas(group["betas"])
+        check_range("eps", group["eps"], low=0.0)
+        check_range("weight_decay", group["weight_decay"], low=0.0)
+        if group["foreach"] not in (None, True, False):
+            raise ValueError(f"foreach must be None, True or False, got {group['foreach']!r}")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # Check per-group overrides too, before the group is added.
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        self._validate(merged)
+        if "betas" in param_group:
+            param_group["betas"] = merged["betas"]
+        super().add_param_group(param_group)
