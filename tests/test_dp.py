@@ -267,8 +267,8 @@ def test_bad_dp_settings_are_refused(dp, match):
         Config(task="digits", dp=dp).validate()
 
 
-def test_dp_with_distributed_strategies_is_refused():
-    with pytest.raises(ConfigError, match="client-level DP for distributed strategies is not implemented yet"):
+def test_example_level_dp_with_distributed_strategies_is_refused():
+    with pytest.raises(ConfigError, match="runs on one worker.*add unit=client"):
         Config(task="digits", strategy="ddp", workers=2, dp="noise=1,clip=1").validate()
 
 

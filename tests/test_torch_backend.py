@@ -23,6 +23,11 @@ STRATEGIES = {
     "diloco": dict(strategy="diloco", optimizer="adamw", lr=1e-3, strategy_args={"sync_every": 4}),
     "streaming": dict(strategy="streaming-diloco", optimizer="adamw", lr=1e-3,
                       strategy_args={"sync_every": 4, "fragments": 2, "overlap": 1, "precision": "int4"}),
+    # client-level DP: participation and noise drawn alike on every rank
+    "localsgd-dp": dict(strategy="localsgd", optimizer="sgd", strategy_args={"sync_every": 2},
+                        dp="noise=0.5,clip=0.1,unit=client,participation=0.5"),
+    "diloco-dp": dict(strategy="diloco", optimizer="adamw", lr=1e-3, strategy_args={"sync_every": 4},
+                      dp="noise=0.5,clip=0.05,unit=client"),
 }
 
 
@@ -60,6 +65,7 @@ def test_torch_backend_matches_simulator(tmp_path, n):
         assert s_t["bytes_sent_per_worker"] == s_s["bytes_sent_per_worker"], name
         assert s_t["sim_time_s"] == pytest.approx(s_s["sim_time_s"], rel=1e-9), name
         assert s_t["final_val_loss"] == pytest.approx(s_s["final_val_loss"], abs=1e-6), name
+        assert s_t.get("epsilon") == s_s.get("epsilon"), name
         # every rank checkpoints its own worker
         assert (tmp_path / "torch" / name / "checkpoint.rank1.pt").is_file()
 
@@ -125,3 +131,32 @@ def test_mismatched_configs_between_ranks_are_refused(tmp_path):
     assert res.returncode != 0
     assert "run a different configuration" in res.stdout + res.stderr
     assert not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
+@pytest.mark.slow
+def test_wrapping_a_user_loop_with_client_dp(tmp_path):
+    from sgdlab.privacy import ClientDP, accounting
+
+    res = torchrun(2, str(HERE / "wrap_dp_script.py"), str(tmp_path / "w.pt"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = torch.load(tmp_path / "w.pt", weights_only=True)
+    # reference: three rounds of DP-FedAvg (2 local SGD steps each) written out, same seed and draws
+    cdp = ClientDP(noise_multiplier=0.5, clip=0.05, participation=0.5, num_clients=2, sync_every=2, seed=3)
+    torch.manual_seed(0)
+    w = torch.nn.Linear(4, 1, bias=False).weight.detach().clone()
+    gens = [torch.Generator().manual_seed(r) for r in range(2)]
+    for r in (1, 2, 3):
+        total = torch.zeros_like(w)
+        for i, g in enumerate(gens):
+            wi = w.clone()
+            for _ in range(2):
+                x = torch.randn(8, 4, generator=g)
+                wr = wi.clone().requires_grad_()
+                (x @ wr.t()).squeeze(1).sub(x.sum(1)).pow(2).mean().backward()
+                wi = wi - 0.1 * wr.grad
+            d = w - wi
+            if cdp.participants(r)[i]:
+                total += d * min(1.0, 0.05 / d.norm().item())
+        w = w - (total + 0.5 * 0.05 * cdp.noise(r, [w])[0]) / (0.5 * 2)
+    torch.testing.assert_close(got["weight"], w, atol=1e-6, rtol=0)
+    assert got["epsilon"] == pytest.approx(accounting.epsilon(0.5, 0.5, 3, 1e-5))

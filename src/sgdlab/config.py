@@ -191,11 +191,23 @@ class Config:
         check_range("timeout", self.timeout, low=0, low_open=True)
         strategies.options(self.strategy, self.strategy_args)
         if self.dp is not None:
-            DPOptions.parse(self.dp)
-            if self.workers != 1 or self.strategy != "single":
-                raise ConfigError(f"dp: client-level DP for distributed strategies is not implemented yet (got "
-                                  f"strategy={self.strategy!r}, workers={self.workers}); DP-SGD needs "
-                                  "strategy 'single' with workers=1")
+            dp = DPOptions.parse(self.dp)
+            if dp.unit == "example" and (self.workers != 1 or self.strategy != "single"):
+                raise ConfigError(f"dp: DP-SGD (unit=example) runs on one worker with strategy 'single' (got "
+                                  f"strategy={self.strategy!r}, workers={self.workers}); for client-level DP of "
+                                  "localsgd or diloco add unit=client to dp")
+            if dp.unit == "client":
+                strategy_cls = strategies.registry.get(self.strategy)
+                if not strategy_cls.supports_client_dp:
+                    raise ConfigError(f"dp unit=client (client-level DP) works with strategies localsgd and "
+                                      f"diloco, not {self.strategy!r}")
+                sopts = strategies.options(self.strategy, self.strategy_args)
+                if sopts.precision != "fp32":
+                    raise ConfigError(f"dp unit=client needs precision=fp32 (got {sopts.precision!r}): "
+                                      "quantising a clipped update could raise its norm above clip")
+                if self.steps < sopts.sync_every:
+                    raise ConfigError(f"dp unit=client: steps={self.steps} < sync_every={sopts.sync_every}, so "
+                                      "no round ends and nothing is released; allowed: steps >= sync_every")
         return self
 
     def resolve(self) -> Config:

@@ -30,7 +30,7 @@ from .distributed.group import Group, SimGroup, TorchGroup, torchrun_env
 from .distributed.network import NetworkModel
 from .errors import CheckpointError, ConfigError, DivergenceError
 from .metrics import MetricsLog, read_metrics, write_json
-from .privacy import PoissonSampler, PrivateTraining
+from .privacy import ClientDP, DPOptions, PoissonSampler, PrivateTraining
 from .strategies import Worker
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt")
@@ -188,8 +188,12 @@ class Trainer:
                                                                      cfg.seed + 7919 * rank)
             replicas.append(_Replica(Worker(rank, model, opt), sched, sampler))
         workers = [r.worker for r in replicas]
-        dp = None
-        if cfg.dp is not None:  # DP-SGD: Poisson sampling and private gradients (single worker, see Config)
+        dp: Any = None
+        if cfg.dp is not None and DPOptions.parse(cfg.dp).unit == "client":  # clip + noise each round's updates
+            dp = ClientDP.from_options(cfg.dp, num_clients=cfg.workers, sync_every=strategy.options.sync_every,
+                                       steps=cfg.steps, seed=cfg.seed)
+            strategy.enable_client_dp(dp)
+        elif cfg.dp is not None:  # DP-SGD: Poisson sampling and private gradients (single worker, see Config)
             opt0 = workers[0].optimizer
             if getattr(opt0, "needs_closure", False) or getattr(opt0, "needs_sampled_loss", False):
                 raise ConfigError(f"dp: optimizer {cfg.optimizer!r} evaluates extra non-private losses (Hessian "
@@ -197,6 +201,7 @@ class Trainer:
             dp = PrivateTraining(cfg.dp, task, workers[0].model, steps=cfg.steps, batch_size=cfg.batch_size,
                                  seed=cfg.seed)
             replicas[0].sampler = dp.sampler
+        dp_sgd = dp if isinstance(dp, PrivateTraining) else None
         strategy.setup(workers)
         log = MetricsLog(out / "metrics.jsonl")
         st = _State()
@@ -302,8 +307,8 @@ class Trainer:
                             sampled.backward()
                             opt.update_hessian(batch_size=n_labels)
                             opt.zero_grad(set_to_none=True)
-                        if dp is not None:  # per-example clipping + noise → p.grad
-                            loss = dp.backward(batch)
+                        if dp_sgd is not None:  # per-example clipping + noise → p.grad
+                            loss = dp_sgd.backward(batch)
                         else:
                             loss = task.loss(model, batch)
                             loss.backward()

@@ -19,6 +19,15 @@ called ``optimizer.step()``::
 Without torchrun it runs one worker (nothing is exchanged). Strategy options are those of
 ``sgdlab list strategies -v``; the strategy's LR multiplier (ddp ``lr_scaling``) is not applied to an
 optimizer you built yourself: scale its lr yourself.
+
+Client-level DP (localsgd, diloco; :mod:`sgdlab.privacy.client`)::
+
+    dd = Distributed(model, opt, "diloco", sync_every=100, dp="noise=1.0,clip=0.1,unit=client,participation=0.5",
+                     seed=0)                       # the same seed on every rank
+    ...
+    print(dd.epsilon())                            # ε after the rounds completed so far
+
+``target_epsilon=E`` also needs ``steps=`` (the run's length, to calibrate σ for its rounds).
 """
 
 from __future__ import annotations
@@ -34,17 +43,41 @@ from .network import NetworkModel
 
 class Distributed:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str = "ddp", *,
-                 network: str | None = None, timeout: float = 60.0, **options: Any):
+                 network: str | None = None, timeout: float = 60.0, dp: str | None = None, seed: int = 0,
+                 steps: int | None = None, **options: Any):
+        from ..errors import ConfigError
+        from ..privacy import ClientDP, DPOptions
         from ..strategies import Worker, create
+        from ..strategies import options as strategy_options
 
         device = next(model.parameters()).device
         net = NetworkModel.parse(network)
+        strategy_options(strategy, options)  # bad options fail before connecting
+        self.client_dp = None
+        if dp is not None:
+            opts = DPOptions.parse(dp)
+            if opts.unit != "client":
+                raise ConfigError("Distributed(dp=...) is client-level DP: add unit=client (for DP-SGD of one "
+                                  "worker use sgdlab.privacy.DPSGD in your loop)")
+            if opts.target_epsilon is not None and steps is None:
+                raise ConfigError("dp target_epsilon needs steps= (the number of steps the loop will take)")
         self.group = TorchGroup(net, device, timeout) if torchrun_env() else SimGroup(1, net)
         self.group.broadcast_([p.data for p in model.parameters()])
         self.strategy = create(strategy, self.group, options)
+        if dp is not None:
+            self.client_dp = ClientDP.from_options(
+                dp, num_clients=self.group.world, sync_every=self.strategy.options.sync_every,
+                steps=steps if steps is not None else self.strategy.options.sync_every, seed=seed)
+            self.strategy.enable_client_dp(self.client_dp)
         self.worker = Worker(self.group.local[0], model, optimizer)
         self.strategy.setup([self.worker])
         self.steps = 0
+
+    def epsilon(self) -> float:
+        """ε spent so far under client-level DP (at the ``delta`` of ``dp``)."""
+        if self.client_dp is None:
+            raise RuntimeError("epsilon(): this Distributed was built without dp=")
+        return self.client_dp.epsilon(self.steps)
 
     def step(self) -> None:
         """Replaces ``optimizer.step()``: the strategy's exchange around this worker's optimizer step."""

@@ -24,6 +24,7 @@ Invalid inputs raise :class:`~sgdlab.errors.ConfigError` (a ``ValueError``) nami
 
 from __future__ import annotations
 
+import logging
 import math
 
 from ..errors import ConfigError, UnknownNameError, check_range
@@ -58,7 +59,15 @@ def _epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: flo
         acc = dp_accounting.rdp.RdpAccountant()
     else:
         acc = dp_accounting.pld.PLDAccountant()
-    return float(acc.compose(event).get_epsilon(delta))
+    # At large sample rates (client-level DP) dp-accounting logs a warning for every fractional RDP order
+    # whose series does not converge and leaves that order out; the bound stays valid, so keep it quiet.
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        return float(acc.compose(event).get_epsilon(delta))
+    finally:
+        absl.setLevel(level)
 
 
 def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float,

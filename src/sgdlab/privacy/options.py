@@ -1,5 +1,11 @@
 """The ``--dp`` setting: ``noise=SIGMA,clip=C[,delta=D][,accountant=rdp|pld][,clipping=flat|per_layer]
-[,max_physical_batch=B]`` or ``target_epsilon=E,clip=C,delta=D[,...]``."""
+[,max_physical_batch=B]`` or ``target_epsilon=E,clip=C,delta=D[,...]``.
+
+``unit`` says what is protected: ``example`` (the default) is DP-SGD, one training example at a time, on
+one worker; ``client`` is client-level DP for ``localsgd`` and ``diloco`` (a worker's whole update per
+round, :mod:`sgdlab.privacy.client`), with ``participation=P``, the probability that a worker takes part
+in a round (default 1). ``clipping`` and ``max_physical_batch`` belong to ``example``; ``participation``
+to ``client``."""
 
 from __future__ import annotations
 
@@ -11,7 +17,9 @@ from .accounting import ACCOUNTANTS, DEFAULT_ACCOUNTANT
 from .dpsgd import CLIPPINGS, DEFAULT_MAX_PHYSICAL_BATCH
 
 DEFAULT_DELTA = 1e-5
-_FLOATS = ("noise", "target_epsilon", "clip", "delta")
+_FLOATS = ("noise", "target_epsilon", "clip", "delta", "participation")
+UNITS = ("example", "client")
+_EXAMPLE_ONLY = ("clipping", "max_physical_batch")
 
 
 @dataclass
@@ -25,6 +33,8 @@ class DPOptions:
     accountant: str = DEFAULT_ACCOUNTANT
     clipping: str = "flat"
     max_physical_batch: int = DEFAULT_MAX_PHYSICAL_BATCH
+    unit: str = "example"
+    participation: float = 1.0
 
     @classmethod
     def parse(cls, text: str) -> DPOptions:
@@ -58,6 +68,17 @@ class DPOptions:
             raise ConfigError(f"dp={text!r}: clip=C (the per-example gradient norm bound) is required")
         if "target_epsilon" in values and "delta" not in values:
             raise ConfigError(f"dp={text!r}: target_epsilon needs delta=D (e.g. delta=1e-5, below 1/N)")
+        unit = values.get("unit", "example")
+        if unit not in UNITS:
+            raise UnknownNameError("dp unit", unit, UNITS)
+        if unit == "client":
+            given = [k for k in _EXAMPLE_ONLY if k in values]
+            if given:
+                raise ConfigError(f"dp={text!r}: {given[0]} applies to unit=example (DP-SGD); with unit=client "
+                                  "each worker's whole update is clipped to clip=C")
+        elif "participation" in values:
+            raise ConfigError(f"dp={text!r}: participation applies to unit=client (the probability a worker "
+                              "takes part in a round); add unit=client")
         opts = cls(**values)  # type: ignore[arg-type]
         opts.validate()
         return opts
@@ -69,10 +90,14 @@ class DPOptions:
                 continue
             if key == "delta":
                 check_range("dp delta", v, low=0, high=1, low_open=True, high_open=True)
+            elif key == "participation":
+                check_range("dp participation", v, low=0, high=1, low_open=True)
             else:
                 check_range(f"dp {key}", v, low=0, low_open=True)
             if math.isinf(v):
                 raise ConfigError(f"dp {key} must be finite, got {v!r}")
+        if self.unit not in UNITS:
+            raise UnknownNameError("dp unit", self.unit, UNITS)
         if self.accountant not in ACCOUNTANTS:
             raise UnknownNameError("dp accountant", self.accountant, ACCOUNTANTS)
         if self.clipping not in CLIPPINGS:
@@ -82,5 +107,8 @@ class DPOptions:
     def canonical(self) -> str:
         """Every key spelled out (the form saved in config.json)."""
         head = (f"noise={self.noise!r}" if self.noise is not None else f"target_epsilon={self.target_epsilon!r}")
+        if self.unit == "client":
+            return (f"{head},clip={self.clip!r},delta={self.delta!r},accountant={self.accountant},unit=client,"
+                    f"participation={self.participation!r}")
         return (f"{head},clip={self.clip!r},delta={self.delta!r},accountant={self.accountant},"
                 f"clipping={self.clipping},max_physical_batch={self.max_physical_batch}")

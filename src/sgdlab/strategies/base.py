@@ -51,10 +51,33 @@ class Strategy:
     name: ClassVar[str]
     description: ClassVar[str]
     Options: ClassVar[type] = NoOptions
+    #: Whether the strategy exchanges per-round updates that client-level DP can clip and noise.
+    supports_client_dp: ClassVar[bool] = False
 
     def __init__(self, options: Any, group: Group):
         self.options, self.group = options, group
         self.codec = Codec(getattr(options, "precision", "fp32"))
+        self.client_dp: Any = None  # a sgdlab.privacy.client.ClientDP, set by enable_client_dp
+
+    def enable_client_dp(self, client_dp: Any) -> None:
+        """Clip and noise every round's updates with ``client_dp`` (:mod:`sgdlab.privacy.client`)."""
+        from ..errors import ConfigError
+
+        if not self.supports_client_dp:
+            raise ConfigError(f"client-level DP (dp unit=client) works with strategies localsgd and diloco, "
+                              f"not {self.name!r}")
+        if self.codec.precision != "fp32":
+            raise ConfigError(f"client-level DP needs precision=fp32 (got {self.codec.precision!r}): quantising a "
+                              "clipped update could raise its norm above clip")
+        self.client_dp = client_dp
+
+    def average_updates(self, updates: list[list[torch.Tensor]], step: int) -> list[torch.Tensor]:
+        """The averaged update of a round: the mean over workers, or with client-level DP the clipped,
+        noised estimate. ``updates[i]`` are local worker i's tensors (overwritten)."""
+        if self.client_dp is None:
+            self.group.all_reduce_mean(updates, self.codec)
+            return updates[0]
+        return self.client_dp.aggregate(self.group, updates, step // self.options.sync_every, self.codec)
 
     def lr_multiplier(self) -> float:
         """Factor applied to the inner learning rate (e.g. linear scaling for large batches)."""

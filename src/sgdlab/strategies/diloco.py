@@ -11,7 +11,8 @@ steps of its inner optimizer (default AdamW) on its own data, reaching θ_i. The
 Inner optimizer state stays local to each worker; the outer state (momentum) is computed identically
 on every worker. With outer SGD, lr 1 and no momentum this is Local SGD; with one worker it is plain
 training with a lookahead-like outer step. The paper uses H = 500; ``sync_every`` defaults to 50 for
-sgdlab's small runs.
+sgdlab's small runs. With client-level DP (``--dp unit=client,...``) Δ is the clipped, noised average of
+:mod:`sgdlab.privacy.client` (DP-FedAvg with an outer optimizer).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class DiLoCo(GlobalModelMixin, Strategy):
     description = ("DiLoCo: H inner steps, averaged pseudo-gradient, Nesterov outer step "
                    "(Douillard et al., 2023)")
     Options = DiLoCoOptions
+    supports_client_dp = True
 
     def setup(self, workers: list[Worker]) -> None:
         self.init_global(workers)
@@ -78,8 +80,7 @@ class DiLoCo(GlobalModelMixin, Strategy):
         if step % self.options.sync_every:
             return
         deltas = [[g - p.detach() for g, p in zip(self.global_params, w.params, strict=True)] for w in workers]
-        self.group.all_reduce_mean(deltas, self.codec)
-        outer_step(self.outer, self.global_params, deltas[0])
+        outer_step(self.outer, self.global_params, self.average_updates(deltas, step))
         with torch.no_grad():
             for w in workers:
                 for p, g in zip(w.params, self.global_params, strict=True):

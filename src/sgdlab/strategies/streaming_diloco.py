@@ -71,6 +71,7 @@ class StreamingDiLoCo(DiLoCo):
     description = ("Streaming DiLoCo: staggered fragment syncs, overlapped with tau inner steps, mixed by "
                    "alpha, low-precision exchange (Douillard et al., 2025)")
     Options = StreamingDiLoCoOptions
+    supports_client_dp = False  # fragments are exchanged at different times; not covered by client DP
 
     def setup(self, workers: list[Worker]) -> None:
         self.init_global(workers)
