@@ -29,7 +29,9 @@ RUN_FLAGS: list[tuple[str, str, type, str]] = [
     ("--dp", "dp", str, "train with DP-SGD: noise=SIGMA,clip=C[,delta=D][,accountant=rdp|pld]"
                         "[,clipping=flat|per_layer][,max_physical_batch=B], or target_epsilon=E,clip=C,delta=D "
                         "(calibrates SIGMA); --batch-size is then the expected Poisson batch; defaults "
-                        "delta=1e-5, accountant=rdp, clipping=flat, max_physical_batch=256"),
+                        "delta=1e-5, accountant=rdp, clipping=flat, max_physical_batch=256. Add "
+                        "unit=client[,participation=P] for client-level DP of localsgd/diloco (each worker's "
+                        "round update clipped to C)"),
     ("--strategy", "strategy", str, "training strategy (see `sgdlab list strategies`); default single"),
     ("--workers", "workers", int, "number of workers N; default 1"),
     ("--backend", "backend", str, "sim (all workers in this process, the default) or torch (one worker per "
