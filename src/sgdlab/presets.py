@@ -98,3 +98,34 @@ def optimizers_digits() -> list[Config]:
             out.append(Config(name=f"{name}-x{mult:g}", task="digits", optimizer=name, lr=lr0 * mult, steps=400,
                               batch_size=32, eval_every=100, **extra))
     return out
+
+
+@registry.add("dp-digits", "digits CNN, one worker, 300 steps of batch 128: DP-SGD at epsilon 1, 3, 8 "
+              "(delta 1e-5) and non-private, SGD-momentum at two learning rates and AdamW (BENCHMARKS.md; "
+              "~2 minutes)")
+def dp_digits() -> list[Config]:
+    base = dict(task="digits", task_args={"model": "cnn"}, steps=300, batch_size=128, eval_every=50)
+    opts = {"sgdm-lr0.02": dict(optimizer="sgd", lr=0.02, optimizer_args={"momentum": 0.9}),
+            "sgdm-lr0.05": dict(optimizer="sgd", lr=0.05, optimizer_args={"momentum": 0.9}),
+            "adamw-lr0.01": dict(optimizer="adamw", lr=0.01)}
+    out = []
+    for eps in (1, 3, 8, None):
+        dp = None if eps is None else f"target_epsilon={eps},clip=1.0,delta=1e-5"
+        for label, o in opts.items():
+            out.append(Config(name=f"{'eps' + str(eps) if eps else 'nonprivate'}-{label}", dp=dp, **base, **o))
+    return out
+
+
+@registry.add("dp-clients", "digits CNN, Local SGD (H=10) over 16 and 64 workers, 300 steps: client-level DP "
+              "at epsilon 8 (delta 1e-3, participation 0.5) against non-private (BENCHMARKS.md; ~2 minutes)")
+def dp_clients() -> list[Config]:
+    out = []
+    for n in (16, 64):
+        base = dict(task="digits", task_args={"model": "cnn"}, strategy="localsgd", strategy_args={"sync_every": 10},
+                    workers=n, optimizer="sgd", lr=0.05, optimizer_args={"momentum": 0.9}, steps=300,
+                    batch_size=16, eval_every=50)
+        out.append(Config(name=f"n{n}-nonprivate", **base))
+        for clip in (0.1, 0.5):
+            out.append(Config(name=f"n{n}-eps8-clip{clip}", **base,
+                              dp=f"target_epsilon=8,clip={clip},delta=1e-3,unit=client,participation=0.5"))
+    return out
