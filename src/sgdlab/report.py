@@ -58,14 +58,17 @@ def plot(runs: list[dict[str, Any]], path: str | Path) -> Path:
     n = len(axes_spec) + int(extra)
     fig, axs = plt.subplots(1, n, figsize=(5.2 * n, 4.2), squeeze=False)
     axs = axs[0]
+    # one distinct (colour, marker, dash) per run: 10 colours up to 10 runs, else tab20's 20
+    palette = [f"C{k}" for k in range(10)] if len(runs) <= 10 else [plt.get_cmap("tab20")(k) for k in range(20)]
     for i, r in enumerate(runs):
-        color = f"C{i % 10}"
+        color, cycle = palette[i % len(palette)], i // len(palette)
+        style = ("-" if cycle % 2 == 0 else "--") + "osD^v"[cycle % 5]
         label = r["config"].get("name") or r["path"].name
         ms = r["metrics"]
         for ax, (key, xlabel, logx) in zip(axs, axes_spec, strict=False):
             ev = [m for m in ms if "val_loss" in m and (key in m or m["step"] == 0)]
             xs = [m.get(key, 0) for m in ev]
-            ax.plot(xs, [m["val_loss"] for m in ev], "-o", ms=3, color=color, label=f"{label} (val)")
+            ax.plot(xs, [m["val_loss"] for m in ev], style, ms=3, color=color, label=f"{label} (val)")
             tr = [m for m in ms if "train_loss" in m and key in m]
             ax.plot([m[key] for m in tr], [m["train_loss"] for m in tr], "-", lw=0.8, alpha=0.35, color=color)
             ax.set_xlabel(xlabel)
@@ -73,7 +76,7 @@ def plot(runs: list[dict[str, Any]], path: str | Path) -> Path:
                 ax.set_xscale("symlog", linthresh=max(1.0, min((m[key] for m in ms if m.get(key)), default=1.0)))
         if extra:
             ev = [m for m in ms if metric in m]
-            axs[-1].plot([m["step"] for m in ev], [m[metric] for m in ev], "-o", ms=3, color=color, label=label)
+            axs[-1].plot([m["step"] for m in ev], [m[metric] for m in ev], style, ms=3, color=color, label=label)
     for ax in axs[:len(axes_spec)]:
         ax.set_ylabel("loss (solid: validation, faint: train)")
         ax.grid(alpha=0.3)
