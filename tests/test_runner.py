@@ -144,3 +144,24 @@ def test_steps_can_be_extended_on_resume(digits_config):
     run(digits_config)
     res = run(digits_config.replace(steps=40), resume=True)
     assert res.summary["steps"] == 40 and res.summary["status"] == "completed"
+
+
+def test_io_adamw_puts_embeddings_and_first_and_last_layers_in_the_adamw_group(tmp_path):
+    from sgdlab.models import MLP, ByteTransformer, SmallCNN, io_parameters
+
+    lm = ByteTransformer(context=16, d_model=16, n_layers=2, n_heads=2)
+    assert [id(p) for p in io_parameters(lm)] == [id(lm.tok.weight), id(lm.pos.weight), id(lm.ln_f.weight),
+                                                  id(lm.ln_f.bias)]  # the output layer is tied to tok
+    mlp = MLP(4, 8, 3)
+    assert [id(p) for p in io_parameters(mlp)] == [id(p) for m in (mlp.net[1], mlp.net[5]) for p in m.parameters()]
+    cnn = SmallCNN(4)
+    assert [id(p) for p in io_parameters(cnn)] == [id(p) for m in (cnn.net[0], cnn.net[-1]) for p in m.parameters()]
+    cfg = Config(task="digits", optimizer="muon", steps=3, eval_every=3, device="cpu", io_adamw=True,
+                 out=str(tmp_path / "io"))
+    res = run(cfg)
+    assert res.summary["status"] == "completed"
+    ck = torch.load(tmp_path / "io" / "checkpoint.pt", weights_only=True)
+    groups = ck["workers"][0]["optimizer"]["param_groups"]
+    assert [g["use_adamw"] for g in groups] == [False, True] and len(groups[1]["params"]) == 4
+    with pytest.raises(ConfigError, match="io_adamw=true needs an optimizer with a use_adamw group option"):
+        Config(task="digits", optimizer="adamw", io_adamw=True).validate()

@@ -61,6 +61,7 @@ class Config:
     warmup_steps: int = 0              # linear warm-up from 0 over this many steps
     min_lr_ratio: float = 0.0
     grad_clip: float = 0.0             # max global gradient norm; 0 disables clipping
+    io_adamw: bool = False             # matrix optimizers: embedding/first/last layers in a use_adamw=True group
     dp: str | None = None              # DP-SGD: "noise=SIGMA,clip=C[,delta=D,...]" or "target_epsilon=E,clip=C,delta=D"
     strategy: str = "single"
     workers: int = 1                   # N, the number of workers (simulated, or torchrun processes)
@@ -161,6 +162,10 @@ class Config:
         check_range("warmup_steps", self.warmup_steps, low=0, high=self.steps, integer=True)
         check_range("min_lr_ratio", self.min_lr_ratio, low=0, high=1)
         check_range("grad_clip", self.grad_clip, low=0)
+        if self.io_adamw and "use_adamw" not in optim.hyperparameters(self.optimizer, self.optimizer_args.get("base")):
+            with_it = [n for n in optim.registry.names() if "use_adamw" in optim.hyperparameters(n)]
+            raise ConfigError(f"io_adamw=true needs an optimizer with a use_adamw group option ({', '.join(with_it)}"
+                              f"), not {self.optimizer!r}")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"device={self.device!r}; allowed: auto, cpu, cuda, cuda:N, mps")
         hp = optim.hyperparameters(self.optimizer, self.optimizer_args.get("base"))

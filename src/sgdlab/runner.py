@@ -30,6 +30,7 @@ from .distributed.group import Group, SimGroup, TorchGroup, torchrun_env
 from .distributed.network import NetworkModel
 from .errors import CheckpointError, ConfigError, DivergenceError
 from .metrics import MetricsLog, read_metrics, write_json
+from .models import io_parameters
 from .privacy import ClientDP, DPOptions, PoissonSampler, PrivateTraining
 from .strategies import Worker
 
@@ -182,7 +183,12 @@ class Trainer:
         for rank in group.local:
             torch.manual_seed(cfg.seed)  # identical initial replicas
             model = task.build_model()
-            opt = optim.create(cfg.optimizer, model.parameters(), lr=lr, **cfg.optimizer_args)
+            params: Any = list(model.parameters())
+            if cfg.io_adamw:  # embeddings and the first/last layer on the optimizer's AdamW side
+                io = {id(p) for p in io_parameters(model)}
+                params = [{"params": [p for p in params if id(p) not in io]},
+                          {"params": [p for p in params if id(p) in io], "use_adamw": True}]
+            opt = optim.create(cfg.optimizer, params, lr=lr, **cfg.optimizer_args)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, cfg))
             sampler = None if shards is None else tasks.EpochSampler(shards[rank], cfg.batch_size,
                                                                      cfg.seed + 7919 * rank)
