@@ -129,3 +129,19 @@ def dp_clients() -> list[Config]:
             out.append(Config(name=f"n{n}-eps8-clip{clip}", **base,
                               dp=f"target_epsilon=8,clip={clip},delta=1e-3,unit=client,participation=0.5"))
     return out
+
+
+@registry.add("optimizers-sweep", "charlm, one worker, 300 steps: learning-rate sweeps for the papers' claims "
+              "(AdamW, SGD-SaI, Sophia-G, Muon/SWAN/AuON with embeddings on AdamW) (BENCHMARKS.md; ~20 minutes)")
+def optimizers_sweep() -> list[Config]:
+    base = dict(task="charlm", steps=300, batch_size=32, eval_every=50, schedule="cosine", warmup_steps=20,
+                grad_clip=1.0)
+    sweep = {"adamw": (3e-4, 1e-3, 3e-3, 1e-2), "sgd-sai": (0.03, 0.1, 0.3, 1.0),
+             "sophia-g": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2), "muon": (0.01, 0.02, 0.05, 0.1),
+             "swan": (1e-3, 3e-3, 1e-2), "auon": (0.02, 0.08, 0.3)}
+    out = []
+    for name, lrs in sweep.items():
+        io = {"io_adamw": True} if name in ("muon", "swan", "auon") else {}
+        for lr in lrs:
+            out.append(Config(name=f"{name}{'-io' if io else ''}-lr{lr:g}", optimizer=name, lr=lr, **io, **base))
+    return out
