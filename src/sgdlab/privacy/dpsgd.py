@@ -7,9 +7,25 @@ CCS 2016 (arXiv:1607.00133), Algorithm 1, with Poisson sampling as the accountan
    ``q = L / N`` (``L`` the expected batch size, ``N`` the number of training examples). ``|B|`` varies
    and may be 0.
 2. **Per-example gradients** ``g_i = ∇θ ℓ(θ; x_i)`` for ``i ∈ B``, where ``ℓ(θ; x_i)`` is the task's
-   loss on a batch of that one example (for a language model, the mean over the example's tokens),
-   computed with ``torch.func`` (``vmap(grad(functional_call(...)))``), in physical micro-batches of at
-   most ``max_physical_batch`` examples so that a large logical batch fits in memory.
+   loss on a batch of that one example (for a language model, the mean over the example's tokens), in
+   physical micro-batches of at most ``max_physical_batch`` examples so that a large logical batch fits in
+   memory. Only their norms and the clipped sum are needed, and ``grad_sample`` says how they are found:
+
+   * ``ghost``: one forward and one backward of the micro-batch, with per-example norms and the clipped sum
+     formed from each layer's inputs and output gradients ("ghost norms" and "book-keeping", Li et al.
+     2021, Bu et al. 2022; :mod:`sgdlab.privacy.ghost`) — about the cost of a non-private step. Linear,
+     convolution (1-d, 2-d), embedding, LayerNorm, GroupNorm, a matrix product or broadcast sum/product
+     with a parameter (tied or sliced weights included) are supported; anything else is refused;
+   * ``vmap``: ``torch.func`` (``vmap(grad(functional_call(...)))``) materialises every ``g_i``; any
+     model, about 10 times slower;
+   * ``auto`` (the default): ``ghost`` where the model allows it, else ``vmap``, with a warning. The first
+     micro-batch of at least two examples is also checked against ``vmap`` (per-example norms of a few
+     examples, to 1e-6 relative in float64 and 1e-2 below), which catches a loss that is not the mean of
+     its examples' losses or a layer that does not keep the batch in dimension 0; on a mismatch ``auto``
+     switches to ``vmap`` and ``ghost`` raises.
+
+   MEASURED
+
 3. **Clip** each ``g_i`` to norm ``C``:
 
    * ``flat`` (the paper's): one L2 norm over all parameters, ``ḡ_i = g_i · min(1, C / (‖g_i‖ + 1e-6))``;
@@ -45,8 +61,12 @@ from torch.func import functional_call, grad_and_value, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import ConfigError, check_range
+from .ghost import GhostClipper, Unsupported
 
 CLIPPINGS = ("flat", "per_layer")
+GRAD_SAMPLES = ("auto", "ghost", "vmap")
+DEFAULT_GRAD_SAMPLE = "auto"
+_CHECK_EXAMPLES = 4  # examples of the first micro-batch whose norms are compared with torch.func's
 DEFAULT_MAX_PHYSICAL_BATCH = 256
 _NORM_EPS = 1e-6  # added to per-example norms before dividing (Opacus and TF Privacy do the same)
 
@@ -96,6 +116,11 @@ class _LossModule(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
+def _batch_size(batch: Any) -> int:
+    leaves, _ = tree_flatten(batch)
+    return int(leaves[0].shape[0]) if leaves else 0
+
+
 def _seed(seed: int, what: str) -> int:
     return int.from_bytes(hashlib.sha256(f"sgdlab-dp:{seed}:{what}".encode()).digest()[:8], "little") >> 1
 
@@ -112,13 +137,18 @@ class DPSGD:
         max_grad_norm: the clipping bound C (``inf`` only with σ = 0, for tests and ablations).
         expected_batch_size: L = qN, the divisor of the noisy sum.
         clipping: ``"flat"`` or ``"per_layer"`` (see the module docstring).
-        max_physical_batch: examples per vmap call (memory: about this many copies of the gradients).
+        max_physical_batch: examples per forward/backward (with ``vmap``, about this many copies of the
+            gradients are held).
         seed: seeds the engine's generators (sampling on the CPU, noise on the parameters' device).
+        grad_sample: ``"auto"``, ``"ghost"`` or ``"vmap"``: how per-example norms and the clipped sum are
+            computed (see the module docstring). ``ghost`` raises ``ConfigError`` for a model it cannot
+            handle; ``auto`` then uses ``vmap``. Both give the same gradients up to rounding.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], *,
                  noise_multiplier: float, max_grad_norm: float, expected_batch_size: float,
-                 clipping: str = "flat", max_physical_batch: int = DEFAULT_MAX_PHYSICAL_BATCH, seed: int = 0):
+                 clipping: str = "flat", max_physical_batch: int = DEFAULT_MAX_PHYSICAL_BATCH, seed: int = 0,
+                 grad_sample: str = DEFAULT_GRAD_SAMPLE):
         check_model(model)
         check_range("noise_multiplier", noise_multiplier, low=0)
         check_range("max_grad_norm", max_grad_norm, low=0, low_open=True)
@@ -128,6 +158,8 @@ class DPSGD:
         if clipping not in CLIPPINGS:
             raise ConfigError(f"clipping={clipping!r}; allowed: {', '.join(CLIPPINGS)}")
         check_range("max_physical_batch", max_physical_batch, low=1, integer=True)
+        if grad_sample not in GRAD_SAMPLES:
+            raise ConfigError(f"grad_sample={grad_sample!r}; allowed: {', '.join(GRAD_SAMPLES)}")
         self.model, self.loss_fn = model, loss_fn
         self.noise_multiplier, self.max_grad_norm = float(noise_multiplier), float(max_grad_norm)
         self.expected_batch_size, self.clipping = float(expected_batch_size), clipping
@@ -140,6 +172,27 @@ class DPSGD:
         self.sample_generator = torch.Generator().manual_seed(_seed(seed, "sample"))
         self.noise_generator = torch.Generator(device=device).manual_seed(_seed(seed, "noise"))
         self._per_example = vmap(grad_and_value(self._example_loss), in_dims=(None, None, 0))
+        self.grad_sample = grad_sample
+        self._ghost: GhostClipper | None = None
+        self._checked = False  # the fast path has been compared with torch.func on this model
+        if grad_sample != "vmap":
+            try:
+                self._ghost = GhostClipper(model, loss_fn, self.params)
+            except Unsupported as e:
+                self._refuse(str(e))
+
+    @property
+    def method(self) -> str:
+        """``"ghost"`` or ``"vmap"``: what the next step will use."""
+        return "vmap" if self._ghost is None else "ghost"
+
+    def _refuse(self, reason: str) -> None:
+        if self.grad_sample == "ghost":
+            raise ConfigError(f"DP-SGD grad_sample=ghost cannot handle this model: {reason}; "
+                              "use grad_sample=vmap (or auto)")
+        self._ghost = None
+        warnings.warn(f"DP-SGD grad_sample=auto uses per-example gradients from torch.func (slower): {reason}",
+                      UserWarning, stacklevel=4)
 
     def sampler(self, num_examples: int) -> PoissonSampler:
         """A Poisson sampler with rate ``expected_batch_size / num_examples`` on the engine's generator."""
@@ -165,31 +218,84 @@ class DPSGD:
 
     def clip_factors(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-example multipliers (shape (B,), one per parameter tensor) that bring norms to ≤ C."""
+        return self.factors({n: g.flatten(1).norm(dim=1) for n, g in grads.items()})
+
+    def factors(self, norms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """:meth:`clip_factors` from the per-example norms (B,) of every parameter tensor."""
         def factor(norm: torch.Tensor, bound: float) -> torch.Tensor:
             return (bound / (norm + _NORM_EPS)).clamp(max=1.0)
 
-        norms = {n: g.flatten(1).norm(dim=1) for n, g in grads.items()}
         if self.clipping == "flat":
             f = factor(torch.stack(list(norms.values())).norm(dim=0), self.max_grad_norm)
-            return {n: f for n in grads}
-        bound = self.max_grad_norm / math.sqrt(len(grads))
+            return {n: f for n in norms}
+        bound = self.max_grad_norm / math.sqrt(len(norms))
         return {n: factor(v, bound) for n, v in norms.items()}
 
+    def per_sample_norms(self, batch: Any) -> dict[str, torch.Tensor]:
+        """``{name: per-example gradient norms (B,)}`` of one micro-batch, by the engine's method."""
+        n = _batch_size(batch)
+        if self._ghost is not None and n:
+            try:
+                params, _ = self._ghost.run(batch, n)
+                return {k: params[k].norms(n) for k in self.params}
+            except Unsupported as e:
+                self._refuse(str(e))
+        grads, _ = self.per_sample_gradients(batch)
+        return {k: g.flatten(1).norm(dim=1) for k, g in grads.items()}
+
+    def _check(self, micro: Any, norms: dict[str, torch.Tensor]) -> None:
+        """Compare the fast path's norms of the first few examples with torch.func's (once per engine)."""
+        k = min(_CHECK_EXAMPLES, next(iter(norms.values())).shape[0])
+        try:
+            grads, _ = self.per_sample_gradients(tree_map(lambda t: t[:k], micro))
+        except Exception:  # torch.func cannot run this model (e.g. random layers): nothing to compare with
+            self._checked = True
+            return
+        ref = torch.stack([grads[n].flatten(1).norm(dim=1) for n in self.params]).double()
+        got = torch.stack([norms[n][:k] for n in self.params]).double()
+        rtol = 1e-6 if all(g.dtype == torch.float64 for g in grads.values()) else 1e-2
+        bad = ((got - ref).abs() > rtol * ref + rtol * 1e-2 * ref.max()).any(dim=1)
+        if bad.any():
+            name = list(self.params)[int(bad.nonzero()[0])]
+            raise Unsupported(f"per-example gradient norms of {name!r} differ from torch.func's (a loss that is "
+                              "not the mean of its examples' losses, or a layer that does not keep the batch in "
+                              "dimension 0?)")
+        self._checked = True
+
+    def _micro_clipped_sum(self, micro: Any, n: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        if self._ghost is not None:
+            try:
+                params, loss_sum = self._ghost.run(micro, n)
+                norms = {k: params[k].norms(n) for k in self.params}
+                if not self._checked and n >= 2:
+                    self._check(micro, norms)
+                factors = self.factors(norms)
+                return {k: params[k].clipped_sum(factors[k]) for k in self.params}, loss_sum
+            except Unsupported as e:
+                self._refuse(str(e))
+        grads, losses = self.per_sample_gradients(micro)
+        factors = self.clip_factors(grads)
+        return ({k: torch.einsum("b,b...->...", factors[k].to(g.dtype), g) for k, g in grads.items()},
+                losses.sum())
+
     # ---- the step ---------------------------------------------------------------------------
-    def backward(self, batch: Any) -> torch.Tensor:
-        """Write the private gradient of ``batch`` into ``p.grad`` and return the batch's summed loss
-        divided by the expected batch size (an unbiased estimate of the mean loss; 0 for an empty batch)."""
-        leaves, _ = tree_flatten(batch)
-        n = int(leaves[0].shape[0]) if leaves else 0
+    def clipped_sum(self, batch: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """``({name: Σ_i ḡ_i}, Σ_i ℓ_i)`` over ``batch`` in micro-batches: the step before noise and division."""
+        n = _batch_size(batch)
         sums = {k: torch.zeros_like(p) for k, p in self.params.items()}
         loss_sum = torch.zeros((), device=next(iter(self.params.values())).device)
         for start in range(0, n, self.max_physical_batch):
             micro = tree_map(lambda t, s=start: t[s:s + self.max_physical_batch], batch)
-            grads, losses = self.per_sample_gradients(micro)
-            factors = self.clip_factors(grads)
-            for k, g in grads.items():
-                sums[k] += torch.einsum("b,b...->...", factors[k].to(g.dtype), g)
-            loss_sum += losses.sum()
+            part, losses = self._micro_clipped_sum(micro, min(self.max_physical_batch, n - start))
+            for k, g in part.items():
+                sums[k] += g
+            loss_sum += losses
+        return sums, loss_sum
+
+    def backward(self, batch: Any) -> torch.Tensor:
+        """Write the private gradient of ``batch`` into ``p.grad`` and return the batch's summed loss
+        divided by the expected batch size (an unbiased estimate of the mean loss; 0 for an empty batch)."""
+        sums, loss_sum = self.clipped_sum(batch)
         std = self.noise_multiplier * self.max_grad_norm
         for k, p in self.params.items():
             g = sums[k]
