@@ -89,7 +89,12 @@ def plot(runs: list[dict[str, Any]], path: str | Path) -> Path:
             ax.set_yscale("log")
     task = runs[0]["config"].get("task", "")
     axs[0].set_title(f"{task}: validation loss vs step")
-    axs[0].legend(fontsize=8)
+    if len(runs) <= 8:
+        axs[0].legend(fontsize=8)
+    else:  # many runs: one legend beside the panels instead of over the curves
+        handles, labels = axs[0].get_legend_handles_labels()
+        fig.legend(handles, [lb.removesuffix(" (val)") for lb in labels], loc="center left",
+                   bbox_to_anchor=(1.0, 0.5), fontsize=7, ncol=1 + len(runs) // 25, frameon=False)
     titles = {"wall_time_s": "vs wall-clock time", "bytes_sent": "vs bytes sent (log)",
               "sim_time_s": "vs simulated time"}
     for ax, (key, _, _) in zip(axs, axes_spec, strict=False):
@@ -97,7 +102,7 @@ def plot(runs: list[dict[str, Any]], path: str | Path) -> Path:
             ax.set_title(f"validation loss {titles[key]}")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
