@@ -274,7 +274,8 @@ def test_example_level_dp_with_distributed_strategies_is_refused():
 
 def test_dp_settings_are_canonical_in_the_resolved_config():
     cfg = Config(task="digits", device="cpu").set("dp=noise=1,clip=0.5").resolve()
-    assert cfg.dp == "noise=1.0,clip=0.5,delta=1e-05,accountant=rdp,clipping=flat,max_physical_batch=256"
+    assert cfg.dp == ("noise=1.0,clip=0.5,delta=1e-05,accountant=rdp,clipping=flat,max_physical_batch=256,"
+                      "grad_sample=auto")
     assert DPOptions.parse(cfg.dp) == DPOptions(noise=1.0, clip=0.5)
 
 

@@ -1,11 +1,16 @@
 """The ``--dp`` setting: ``noise=SIGMA,clip=C[,delta=D][,accountant=rdp|pld][,clipping=flat|per_layer]
-[,max_physical_batch=B]`` or ``target_epsilon=E,clip=C,delta=D[,...]``.
+[,max_physical_batch=B][,grad_sample=auto|ghost|vmap]`` or ``target_epsilon=E,clip=C,delta=D[,...]``.
+
+``grad_sample`` says how DP-SGD finds per-example gradient norms and the clipped sum (see
+:mod:`sgdlab.privacy.dpsgd`): ``ghost`` from each layer's inputs and output gradients at about the cost of a
+non-private step, ``vmap`` with ``torch.func`` for any model, ``auto`` (the default) ``ghost`` where the
+model allows it.
 
 ``unit`` says what is protected: ``example`` (the default) is DP-SGD, one training example at a time, on
 one worker; ``client`` is client-level DP for ``localsgd`` and ``diloco`` (a worker's whole update per
 round, :mod:`sgdlab.privacy.client`), with ``participation=P``, the probability that a worker takes part
-in a round (default 1). ``clipping`` and ``max_physical_batch`` belong to ``example``; ``participation``
-to ``client``."""
+in a round (default 1). ``clipping``, ``max_physical_batch`` and ``grad_sample`` belong to ``example``;
+``participation`` to ``client``."""
 
 from __future__ import annotations
 
@@ -14,12 +19,12 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError, UnknownNameError, check_range
 from .accounting import ACCOUNTANTS, DEFAULT_ACCOUNTANT
-from .dpsgd import CLIPPINGS, DEFAULT_MAX_PHYSICAL_BATCH
+from .dpsgd import CLIPPINGS, DEFAULT_GRAD_SAMPLE, DEFAULT_MAX_PHYSICAL_BATCH, GRAD_SAMPLES
 
 DEFAULT_DELTA = 1e-5
 _FLOATS = ("noise", "target_epsilon", "clip", "delta", "participation")
 UNITS = ("example", "client")
-_EXAMPLE_ONLY = ("clipping", "max_physical_batch")
+_EXAMPLE_ONLY = ("clipping", "max_physical_batch", "grad_sample")
 
 
 @dataclass
@@ -33,6 +38,7 @@ class DPOptions:
     accountant: str = DEFAULT_ACCOUNTANT
     clipping: str = "flat"
     max_physical_batch: int = DEFAULT_MAX_PHYSICAL_BATCH
+    grad_sample: str = DEFAULT_GRAD_SAMPLE
     unit: str = "example"
     participation: float = 1.0
 
@@ -102,6 +108,8 @@ class DPOptions:
             raise UnknownNameError("dp accountant", self.accountant, ACCOUNTANTS)
         if self.clipping not in CLIPPINGS:
             raise UnknownNameError("dp clipping", self.clipping, CLIPPINGS)
+        if self.grad_sample not in GRAD_SAMPLES:
+            raise UnknownNameError("dp grad_sample", self.grad_sample, GRAD_SAMPLES)
         check_range("dp max_physical_batch", self.max_physical_batch, low=1, integer=True)
 
     def canonical(self) -> str:
@@ -111,4 +119,5 @@ class DPOptions:
             return (f"{head},clip={self.clip!r},delta={self.delta!r},accountant={self.accountant},unit=client,"
                     f"participation={self.participation!r}")
         return (f"{head},clip={self.clip!r},delta={self.delta!r},accountant={self.accountant},"
-                f"clipping={self.clipping},max_physical_batch={self.max_physical_batch}")
+                f"clipping={self.clipping},max_physical_batch={self.max_physical_batch},"
+                f"grad_sample={self.grad_sample}")

@@ -42,7 +42,7 @@ class PrivateTraining:
                                                 opts.accountant)
         self.engine = DPSGD(model, task.loss, noise_multiplier=sigma, max_grad_norm=opts.clip,
                             expected_batch_size=batch_size, clipping=opts.clipping,
-                            max_physical_batch=opts.max_physical_batch, seed=seed)
+                            max_physical_batch=opts.max_physical_batch, seed=seed, grad_sample=opts.grad_sample)
         self.sampler = self.engine.sampler(n)
         self._eps: dict[int, float] = {}
 
