@@ -4,6 +4,7 @@ usage: torchrun --standalone --nproc-per-node N tests/dist_script.py OUT_DIR JSO
 """
 
 import json
+import os
 import sys
 from datetime import timedelta
 
@@ -23,3 +24,5 @@ for name, kw in configs.items():
         run(cfg)
 dist.barrier()  # leave together: a rank exiting while a peer still talks can abort the peer
 dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)  # skip finalisation: gloo's threads can abort it (see sgdlab.cli.main)

@@ -1,12 +1,13 @@
 """Run under torchrun by tests: a user's loop wrapped with Distributed(..., "localsgd", dp=client-level)."""
 
+import os
 import sys
 
 import torch
 
 from sgdlab.distributed import Distributed
 
-rank = int(__import__("os").environ["RANK"])
+rank = int(os.environ["RANK"])
 torch.manual_seed(0)
 model = torch.nn.Linear(4, 1, bias=False)
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -21,3 +22,4 @@ for _ in range(6):
 if rank == 0:
     torch.save({"weight": model.weight.detach(), "epsilon": dd.epsilon()}, sys.argv[1])
 dd.close()
+os._exit(0)  # skip finalisation: gloo's threads can abort it (see sgdlab.cli.main)

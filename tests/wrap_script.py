@@ -1,12 +1,13 @@
 """Run under torchrun by tests: a user's own loop wrapped with sgdlab.distributed.Distributed (ddp)."""
 
+import os
 import sys
 
 import torch
 
 from sgdlab.distributed import Distributed
 
-rank = int(__import__("os").environ["RANK"])
+rank = int(os.environ["RANK"])
 torch.manual_seed(100 + rank)  # different init per rank: the wrapper must broadcast rank 0's
 model = torch.nn.Linear(4, 1, bias=False)
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -21,3 +22,4 @@ for _ in range(5):
 if rank == 0:
     torch.save({"weight": model.weight.detach(), "bytes": dd.bytes_sent}, sys.argv[1])
 dd.close()
+os._exit(0)  # skip finalisation: gloo's threads can abort it (see sgdlab.cli.main)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .distributed.group import WorkerLostError
+from .distributed.group import WorkerLostError, torchrun_env
 from .errors import DivergenceError, SgdlabError
 
 # Flag → Config field, for flags that map one to one.
@@ -350,6 +351,17 @@ def _num(v: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    if argv is None and torchrun_env() is not None:
+        # A torchrun worker whose work is done and saved: leave without interpreter finalisation, where gloo's
+        # worker threads can still abort the process (SIGABRT) and make torchrun report a failed run.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:

@@ -164,7 +164,11 @@ class Trainer:
         out = Path(cfg.out) if cfg.out else default_out(cfg)
         if isinstance(group, TorchGroup) and not cfg.out:
             raise ConfigError("--backend torch needs --out DIR (the same directory on every rank)")
-        prepare_out(out, resume, overwrite, create=lead)
+        prepare_out(out, resume, overwrite, create=False)
+        if isinstance(group, TorchGroup):
+            group.barrier()  # every rank has checked --out before rank 0 writes into it
+        if lead:
+            prepare_out(out, resume, overwrite, create=True)
         if resume:
             saved = Config.from_dict(_read_json(out / "config.json"), source=f"key in {out / 'config.json'}:")
             check_resume_config(saved, cfg)
