@@ -28,9 +28,10 @@ RUN_FLAGS: list[tuple[str, str, type, str]] = [
     ("--warmup-steps", "warmup_steps", int, "linear LR warm-up steps; default 0"),
     ("--grad-clip", "grad_clip", float, "clip the global gradient norm to this (0: off); default 0"),
     ("--dp", "dp", str, "train with DP-SGD: noise=SIGMA,clip=C[,delta=D][,accountant=rdp|pld]"
-                        "[,clipping=flat|per_layer][,max_physical_batch=B], or target_epsilon=E,clip=C,delta=D "
-                        "(calibrates SIGMA); --batch-size is then the expected Poisson batch; defaults "
-                        "delta=1e-5, accountant=rdp, clipping=flat, max_physical_batch=256. Add "
+                        "[,clipping=flat|per_layer][,max_physical_batch=B][,grad_sample=auto|ghost|vmap], or "
+                        "target_epsilon=E,clip=C,delta=D (calibrates SIGMA); --batch-size is then the expected "
+                        "Poisson batch; defaults delta=1e-5, accountant=rdp, clipping=flat, "
+                        "max_physical_batch=256, grad_sample=auto. Add "
                         "unit=client[,participation=P] for client-level DP of localsgd/diloco (each worker's "
                         "round update clipped to C)"),
     ("--strategy", "strategy", str, "training strategy (see `sgdlab list strategies`); default single"),
