@@ -145,3 +145,14 @@ def optimizers_sweep() -> list[Config]:
         for lr in lrs:
             out.append(Config(name=f"{name}{'-io' if io else ''}-lr{lr:g}", optimizer=name, lr=lr, **io, **base))
     return out
+
+
+@registry.add("dp-charlm", "charlm, one worker, 300 steps of batch 128: DP-SGD at epsilon 8 (delta 1e-7 < 1/N) "
+              "at two learning rates against non-private, AdamW (BENCHMARKS.md; ~8 minutes)")
+def dp_charlm() -> list[Config]:
+    base = dict(task="charlm", optimizer="adamw", steps=300, batch_size=128, eval_every=50, schedule="cosine",
+                warmup_steps=20)
+    dp = "target_epsilon=8,clip=1.0,delta=1e-7"
+    return [Config(name="nonprivate", lr=3e-3, grad_clip=1.0, **base),
+            Config(name="eps8-lr3e-3", lr=3e-3, dp=dp, **base),
+            Config(name="eps8-lr1e-2", lr=1e-2, dp=dp, **base)]
