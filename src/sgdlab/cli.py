@@ -149,12 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="task option or optimizer hyperparameter, as for `sgdlab run`")
     from .bench import ddp as bench_ddp
+    from .bench import dp as bench_dp
     from .bench import optim as bench_optim
 
     bench_optim.add_arguments(bsub.add_parser(
         "optim", help="optimizer step time, state bytes/param and bandwidth vs fused AdamW and pytorch_optimizer"))
 
     bench_ddp.add_arguments(bsub.add_parser("ddp", help="torch-backend ddp vs DistributedDataParallel (torchrun)"))
+    bench_dp.add_arguments(bsub.add_parser(
+        "dp", help="DP-SGD step time: non-private vs sgdlab vs Opacus 1.6's modes (digits CNN, charlm)"))
 
     acc_help = "rdp (Renyi DP, dp-accounting's default orders; the default) or pld (privacy-loss distributions)"
     p = sub.add_parser("dp-epsilon", help="privacy spent (epsilon) by DP-SGD with a given noise multiplier",
@@ -319,7 +322,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench.optim import main as bench_optim
 
         return bench_optim(args)
-    raise SgdlabError("bench needs a benchmark name; available: loop, ddp, optim")
+    if args.bench == "dp":
+        from .bench.dp import main as bench_dp
+
+        return bench_dp(args)
+    raise SgdlabError("bench needs a benchmark name; available: loop, ddp, optim, dp")
 
 
 def cmd_dp_epsilon(args: argparse.Namespace) -> int:
