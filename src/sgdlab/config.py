@@ -39,6 +39,7 @@ from .distributed.network import NetworkModel
 from .errors import ConfigError, UnknownNameError, check_range
 from .options import build_options, check_types
 from .privacy.options import DPOptions
+from .strategies.base import check_client_dp
 
 SCHEDULES = ("constant", "cosine", "linear")
 BACKENDS = ("sim", "torch")
@@ -202,14 +203,8 @@ class Config:
                                   f"strategy={self.strategy!r}, workers={self.workers}); for client-level DP of "
                                   "localsgd or diloco add unit=client to dp")
             if dp.unit == "client":
-                strategy_cls = strategies.registry.get(self.strategy)
-                if not strategy_cls.supports_client_dp:
-                    raise ConfigError(f"dp unit=client (client-level DP) works with strategies localsgd and "
-                                      f"diloco, not {self.strategy!r}")
                 sopts = strategies.options(self.strategy, self.strategy_args)
-                if sopts.precision != "fp32":
-                    raise ConfigError(f"dp unit=client needs precision=fp32 (got {sopts.precision!r}): "
-                                      "quantising a clipped update could raise its norm above clip")
+                check_client_dp(strategies.registry.get(self.strategy), sopts)
                 if self.steps < sopts.sync_every:
                     raise ConfigError(f"dp unit=client: steps={self.steps} < sync_every={sopts.sync_every}, so "
                                       "no round ends and nothing is released; allowed: steps >= sync_every")

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..distributed.compress import PRECISIONS, Codec
 from ..distributed.group import Group
-from ..errors import UnknownNameError
+from ..errors import ConfigError, UnknownNameError
 
 
 @dataclass
@@ -40,6 +40,17 @@ class Worker:
 @dataclass
 class NoOptions:
     pass
+
+
+def check_client_dp(cls: type[Strategy], options: Any) -> None:
+    """Raise ``ConfigError`` unless strategy ``cls`` with ``options`` can run client-level DP."""
+    if not cls.supports_client_dp:
+        raise ConfigError(f"dp unit=client (client-level DP) works with strategies localsgd and diloco, not "
+                          f"{cls.name!r}")
+    precision = getattr(options, "precision", "fp32")
+    if precision != "fp32":
+        raise ConfigError(f"dp unit=client needs precision=fp32 (got {precision!r}): quantising a clipped update "
+                          "could raise its norm above clip")
 
 
 def check_precision(precision: str) -> None:
@@ -61,14 +72,7 @@ class Strategy:
 
     def enable_client_dp(self, client_dp: Any) -> None:
         """Clip and noise every round's updates with ``client_dp`` (:mod:`sgdlab.privacy.client`)."""
-        from ..errors import ConfigError
-
-        if not self.supports_client_dp:
-            raise ConfigError(f"client-level DP (dp unit=client) works with strategies localsgd and diloco, "
-                              f"not {self.name!r}")
-        if self.codec.precision != "fp32":
-            raise ConfigError(f"client-level DP needs precision=fp32 (got {self.codec.precision!r}): quantising a "
-                              "clipped update could raise its norm above clip")
+        check_client_dp(type(self), self.options)
         self.client_dp = client_dp
 
     def average_updates(self, updates: list[list[torch.Tensor]], step: int) -> list[torch.Tensor]:
