@@ -72,3 +72,44 @@ def test_sophia_h_through_attention(tmp_path):
                  task_args={"d_model": 16, "n_layers": 1, "n_heads": 2, "context": 16, "max_bytes": 20000,
                             "eval_windows": 2}, optimizer_args={"k": 2}, out=str(tmp_path / "r"))
     assert run(cfg).summary["status"] == "completed"
+
+
+# ---- compiled kernels (sgdlab.optim._compiled) ----------------------------------------------------------
+
+def test_compiled_falls_back_to_the_same_update_when_compilation_fails(monkeypatch):
+    from sgdlab.optim import _compiled
+    from sgdlab.optim.diffgrad import DiffGrad, _diffgrad_kernel
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(_compiled.torch, "compile", broken)
+    kernel = _compiled.Kernel(_diffgrad_kernel, "DiffGrad")
+    monkeypatch.setattr("sgdlab.optim.diffgrad._DIFFGRAD_KERNEL", kernel)
+    torch.manual_seed(0)
+    a = [torch.randn(5, 4, dtype=torch.float64, requires_grad=True)]
+    b = [a[0].detach().clone().requires_grad_()]
+    oa, ob = DiffGrad(a, lr=0.1, compiled=True), DiffGrad(b, lr=0.1, compiled=False)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed .*no C\\+\\+ compiler.*eagerly"):
+        for _ in range(3):
+            g = torch.randn(5, 4, dtype=torch.float64)
+            a[0].grad, b[0].grad = g.clone(), g.clone()
+            oa.step()
+            ob.step()
+    assert kernel.error is not None
+    torch.testing.assert_close(a[0], b[0], rtol=1e-12, atol=1e-14)
+
+
+def test_compiled_is_chosen_by_size_and_validated():
+    from sgdlab.optim._compiled import AUTO_MIN_NUMEL, use_compiled
+    from sgdlab.optim.grams import Grams
+
+    small, big = [torch.zeros(10)], [torch.zeros(AUTO_MIN_NUMEL)]
+    assert not use_compiled(None, small) and use_compiled(None, big)
+    assert use_compiled(True, small) and not use_compiled(False, big)
+    assert not use_compiled(True, [torch.zeros(4, 4).t()])  # non-contiguous: the eager paths
+    with pytest.raises(ValueError, match="compiled must be None"):
+        Grams([torch.zeros(2, requires_grad=True)], compiled="yes")
+    with pytest.raises(ValueError, match="compiled must be None"):
+        Grams([torch.zeros(2, requires_grad=True)]).add_param_group(
+            {"params": [torch.zeros(2, requires_grad=True)], "compiled": 1})

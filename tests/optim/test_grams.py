@@ -46,9 +46,10 @@ def _random_grads(steps, shapes, seed=0, away_from_zero=False):
     return out
 
 
-@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("path", ["foreach", "eager", "compiled"])
 @pytest.mark.parametrize("maximize", [False, True])
-def test_matches_reference(foreach, maximize):
+def test_matches_reference(path, maximize):
+    foreach, compiled = {"foreach": (True, False), "eager": (False, False), "compiled": (None, True)}[path]
     gen = torch.Generator().manual_seed(1)
     init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
     frozen0 = torch.randn(3, generator=gen, dtype=torch.float64)
@@ -67,7 +68,7 @@ def test_matches_reference(foreach, maximize):
     hp_b = dict(lr=lr_b, betas=(0.8, 0.999), eps=1e-6, weight_decay=0.1)
     opt = Grams([{"params": [params[0], frozen], "lr": 0.01, "betas": (0.9, 0.99)},
                     {"params": params[1:], "lr": 0.03, "eps": 1e-6, "weight_decay": 0.1}],
-                   betas=(0.8, 0.999), foreach=foreach, maximize=maximize)
+                   betas=(0.8, 0.999), foreach=foreach, compiled=compiled, maximize=maximize)
     for t, gs in enumerate(grads, start=1):
         opt.param_groups[0]["lr"] = lr_a(t)
         for p, g in zip(params, gs, strict=True):

@@ -306,7 +306,9 @@ def run_row(name: str, set_name: str, params: list[torch.nn.Parameter], args,
     fe = has_foreach(name)
     main = ours(name, params, True if fe else None)
     contenders = [main]
-    eager = ours(name, params, False) if fe else None
+    # "eager": the per-parameter loop, never the compiled kernel (which the fast path picks at >= 4M elements)
+    no_compile = {"compiled": False} if "compiled" in optim.hyperparameters(name) else {}
+    eager = ours(name, params, False, **no_compile) if fe else None
     if eager:
         contenders.append(eager)
     ref, _ = fused_adamw(params)

@@ -1,4 +1,5 @@
-"""Shared hyperparameter checks for the Adam-family optimizers (lr, betas, eps, weight_decay, foreach)."""
+"""Shared hyperparameter checks for the Adam-family optimizers (lr, betas, eps, weight_decay, foreach,
+compiled)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 import torch
 
 from ..errors import check_range
+from ._compiled import check_compiled
 
 
 def check_betas(betas: Any) -> tuple[float, float]:
@@ -18,7 +20,7 @@ def check_betas(betas: Any) -> tuple[float, float]:
 
 
 class AdamFamilyOptimizer(torch.optim.Optimizer):
-    """Validates every group's (lr, betas, eps, weight_decay, foreach), added groups included."""
+    """Validates every group's (lr, betas, eps, weight_decay, foreach, compiled), added groups included."""
 
     @staticmethod
     def _validate(group: dict[str, Any]) -> None:
@@ -28,6 +30,7 @@ class AdamFamilyOptimizer(torch.optim.Optimizer):
         check_range("weight_decay", group["weight_decay"], low=0.0)
         if group["foreach"] not in (None, True, False):
             raise ValueError(f"foreach must be None, True or False, got {group['foreach']!r}")
+        check_compiled(group.get("compiled"))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # Check per-group overrides too, before the group is added.

@@ -35,6 +35,7 @@ import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from ._adam_base import AdamFamilyOptimizer
+from ._compiled import Kernel, scalars, use_compiled
 
 __all__ = ["DiffGrad"]
 
@@ -49,14 +50,16 @@ class DiffGrad(AdamFamilyOptimizer):
         eps: added to sqrt of the bias-corrected second moment (paper: 1e-8).
         weight_decay: decoupled weight decay coefficient; theta <- theta (1 - lr * weight_decay) each step.
         foreach: use the multi-tensor path; None picks it when all parameters share one device type.
+        compiled: use the ``torch.compile``d kernel (one fused loop per tensor); None picks it for groups of
+            at least 4M elements (:mod:`sgdlab.optim._compiled`), else ``foreach`` decides.
         maximize: ascend the objective instead of descending it.
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, *, foreach: bool | None = None,
-                 maximize: bool = False):
+                 compiled: bool | None = None, maximize: bool = False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach,
-                        maximize=maximize)
+                        compiled=compiled, maximize=maximize)
         self._validate(defaults)
         super().__init__(params, defaults)
 
@@ -92,6 +95,9 @@ class DiffGrad(AdamFamilyOptimizer):
         for group in self.param_groups:
             tensors = self._init_group(group)
             if not tensors[0]:
+                continue
+            if use_compiled(group.get("compiled"), [t for ts in tensors[:5] for t in ts]):
+                _compiled_diffgrad(*tensors, group)
                 continue
             foreach = group["foreach"]
             if foreach is None:
@@ -139,3 +145,26 @@ def _foreach_diffgrad(params, grads, exp_avgs, exp_avg_sqs, prev_grads, steps, g
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(p_, xi, denom, [-lr / (1 - beta1 ** t) for t in ts])
         torch._foreach_copy_(prev_, g_)
+
+
+def _diffgrad_kernel(p, g, m, v, prev, step_size, bc2_sqrt, decay, beta1: float, beta2: float, eps: float):
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    xi = (prev - g).abs().sigmoid()
+    p.copy_(p * decay - step_size * xi * m / (v.sqrt() / bc2_sqrt + eps))
+    prev.copy_(g)
+
+
+_DIFFGRAD_KERNEL = Kernel(_diffgrad_kernel, "DiffGrad")
+
+
+def _compiled_diffgrad(params, grads, exp_avgs, exp_avg_sqs, prev_grads, steps, group) -> None:
+    lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    for p, g, m, v, prev, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, prev_grads, steps, strict=True):
+        if group["maximize"]:
+            g = -g
+        step_t += 1
+        t = step_t.item()
+        step_size, bc2_sqrt, decay = scalars([lr / (1 - beta1 ** t), math.sqrt(1 - beta2 ** t), 1 - lr * wd], p)
+        _DIFFGRAD_KERNEL(p.view(-1), g.reshape(-1), m.view(-1), v.view(-1), prev.view(-1), step_size, bc2_sqrt,
+                         decay, beta1, beta2, eps)

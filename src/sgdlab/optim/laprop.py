@@ -40,6 +40,7 @@ import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from ._adam_base import AdamFamilyOptimizer
+from ._compiled import Kernel, scalars, use_compiled
 
 __all__ = ["LaProp"]
 
@@ -54,14 +55,16 @@ class LaProp(AdamFamilyOptimizer):
         eps: added to sqrt of the bias-corrected second moment (authors' default: 1e-15).
         weight_decay: decoupled weight decay coefficient; theta <- theta (1 - lr * weight_decay) each step.
         foreach: use the multi-tensor path; None picks it when all parameters share one device type.
+        compiled: use the ``torch.compile``d kernel (one fused loop per tensor); None picks it for groups of
+            at least 4M elements (:mod:`sgdlab.optim._compiled`), else ``foreach`` decides.
         maximize: ascend the objective instead of descending it.
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 4e-4, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-15, weight_decay: float = 0.0, *, foreach: bool | None = None,
-                 maximize: bool = False):
+                 compiled: bool | None = None, maximize: bool = False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach,
-                        maximize=maximize)
+                        compiled=compiled, maximize=maximize)
         self._validate(defaults)
         super().__init__(params, defaults)
 
@@ -95,6 +98,9 @@ class LaProp(AdamFamilyOptimizer):
         for group in self.param_groups:
             tensors = self._init_group(group)
             if not tensors[0]:
+                continue
+            if use_compiled(group.get("compiled"), [t for ts in tensors[:4] for t in ts]):
+                _compiled_laprop(*tensors, group)
                 continue
             foreach = group["foreach"]
             if foreach is None:
@@ -136,3 +142,24 @@ def _foreach_laprop(params, grads, exp_avgs, exp_avg_sqs, steps, group) -> None:
         torch._foreach_mul_(m_, beta1)
         torch._foreach_addcdiv_(m_, g_, denom, value=1 - beta1)
         torch._foreach_add_(p_, torch._foreach_mul(m_, [-lr / (1 - beta1 ** t) for t in ts]))
+
+
+def _laprop_kernel(p, g, m, v, step_size, bc2_sqrt, decay, beta1: float, beta2: float, eps: float):
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    m.mul_(beta1).add_((1 - beta1) * g / (v.sqrt() / bc2_sqrt + eps))
+    p.copy_(p * decay - step_size * m)
+
+
+_LAPROP_KERNEL = Kernel(_laprop_kernel, "LaProp")
+
+
+def _compiled_laprop(params, grads, exp_avgs, exp_avg_sqs, steps, group) -> None:
+    lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    for p, g, m, v, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
+        if group["maximize"]:
+            g = -g
+        step_t += 1
+        t = step_t.item()
+        step_size, bc2_sqrt, decay = scalars([lr / (1 - beta1 ** t), math.sqrt(1 - beta2 ** t), 1 - lr * wd], p)
+        _LAPROP_KERNEL(p.view(-1), g.reshape(-1), m.view(-1), v.view(-1), step_size, bc2_sqrt, decay,
+                         beta1, beta2, eps)
