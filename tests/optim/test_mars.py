@@ -49,8 +49,9 @@ GROUP_HP = [dict(lr=0.01, betas=(0.95, 0.99), gamma=0.025, eps=1e-8, weight_deca
 
 
 @pytest.mark.parametrize("maximize", [False, True])
-@pytest.mark.parametrize("foreach", [True, False])
-def test_matches_reference(foreach, maximize):
+@pytest.mark.parametrize("path", ["foreach", "eager", "compiled"])
+def test_matches_reference(path, maximize):
+    foreach, compiled = {"foreach": (True, False), "eager": (False, False), "compiled": (None, True)}[path]
     gen = torch.Generator().manual_seed(0)
     init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
     frozen = torch.nn.Parameter(torch.randn(6, dtype=torch.float64, generator=gen))
@@ -59,7 +60,7 @@ def test_matches_reference(foreach, maximize):
     ref = [x.clone() for x in init]
     ref_states = [{} for _ in SHAPES]
     opt = MARS([dict(params=params[:2], **GROUP_HP[0]), dict(params=[params[2], frozen], **GROUP_HP[1])],
-               foreach=foreach, maximize=maximize)
+               foreach=foreach, compiled=compiled, maximize=maximize)
     for step in range(1, 26):
         gs = _grads(gen, step)
         for p, g in zip(params, gs, strict=True):

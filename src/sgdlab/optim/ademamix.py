@@ -44,6 +44,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import ConfigError, check_range
+from ._compiled import Kernel, check_compiled, scalars, use_compiled
 
 __all__ = ["AdEMAMix"]
 
@@ -74,14 +75,17 @@ class AdEMAMix(torch.optim.Optimizer):
         weight_decay: decoupled weight decay ``lambda`` (>= 0), multiplied by ``lr``.
         foreach: True: multi-tensor ``torch._foreach_*`` path; False: per-parameter loop; None: foreach
             when all of a group's parameters are on one device type.
+        compiled: use the ``torch.compile``d kernel (one fused loop per tensor); None picks it for groups of
+            at least 4M elements (:mod:`sgdlab.optim._compiled`), else ``foreach`` decides.
         maximize: maximize the objective instead of minimizing it.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
                  alpha: float = 5.0, t_alpha_beta3: int | None = None, eps: float = 1e-8,
-                 weight_decay: float = 0.0, *, foreach: bool | None = None, maximize: bool = False):
+                 weight_decay: float = 0.0, *, foreach: bool | None = None, compiled: bool | None = None,
+                 maximize: bool = False):
         defaults = dict(lr=lr, betas=betas, alpha=alpha, t_alpha_beta3=t_alpha_beta3, eps=eps,
-                        weight_decay=weight_decay, foreach=foreach, maximize=maximize)
+                        weight_decay=weight_decay, foreach=foreach, compiled=compiled, maximize=maximize)
         self._validate(defaults)
         super().__init__(params, defaults)
 
@@ -103,6 +107,7 @@ class AdEMAMix(torch.optim.Optimizer):
         check_range("weight_decay", group["weight_decay"], low=0.0)
         if group["foreach"] not in (None, True, False):
             raise ConfigError(f"foreach must be True, False or None, got {group['foreach']!r}")
+        check_compiled(group.get("compiled"))
         if group["maximize"] not in (True, False):
             raise ConfigError(f"maximize must be True or False, got {group['maximize']!r}")
 
@@ -143,6 +148,9 @@ class AdEMAMix(torch.optim.Optimizer):
         for group in self.param_groups:
             params, grads, m1s, m2s, vs, steps = self._init_group(group)
             if not params:
+                continue
+            if use_compiled(group.get("compiled"), [*params, *grads, *m1s, *m2s, *vs]):
+                _compiled(params, grads, m1s, m2s, vs, steps, group)
                 continue
             foreach = group["foreach"]
             if foreach is None:
@@ -202,3 +210,26 @@ def _multi_tensor(params, grads, m1s, m2s, vs, steps, group) -> None:
         if wd != 0.0:
             torch._foreach_mul_(ps, 1.0 - lr * wd)
         torch._foreach_addcdiv_(ps, num, denom, value=-lr)
+
+
+def _ademamix_kernel(p, g, m1, m2, v, inv_bc1, bc2_sqrt, alpha_t, one_minus_beta3, lr, decay, beta1: float,
+                     beta2: float, eps: float):
+    m1.lerp_(g, 1.0 - beta1)
+    m2.lerp_(g, one_minus_beta3)
+    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    p.copy_(p * decay - lr * (m1 * inv_bc1 + alpha_t * m2) / (v.sqrt() / bc2_sqrt + eps))
+
+
+_KERNEL = Kernel(_ademamix_kernel, "AdEMAMix")
+
+
+def _compiled(params, grads, m1s, m2s, vs, steps, group) -> None:
+    beta1, beta2, _ = group["betas"]
+    lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+    for p, g, m1, m2, v, st in zip(params, grads, m1s, m2s, vs, steps, strict=True):
+        if group["maximize"]:
+            g = -g
+        st += 1
+        bc1, bc2_sqrt, alpha_t, beta3_t = _coefficients(int(st.item()), group)
+        coef = scalars([1.0 / bc1, bc2_sqrt, alpha_t, 1.0 - beta3_t, lr, 1.0 - lr * wd], p)
+        _KERNEL(p.view(-1), g.reshape(-1), m1.view(-1), m2.view(-1), v.view(-1), *coef, beta1, beta2, eps)

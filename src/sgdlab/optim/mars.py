@@ -48,6 +48,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import ConfigError, check_range
+from ._compiled import Kernel, check_compiled, scalars, use_compiled
 
 __all__ = ["MARS"]
 
@@ -66,14 +67,16 @@ class MARS(torch.optim.Optimizer):
         weight_decay: decoupled weight decay ``lambda`` (>= 0), multiplied by ``lr``.
         foreach: True: multi-tensor ``torch._foreach_*`` path; False: per-parameter loop; None: foreach
             when all of a group's parameters are on one device type.
+        compiled: use the ``torch.compile``d kernel (one fused function per tensor); None picks it for groups
+            of at least 4M elements (:mod:`sgdlab.optim._compiled`), else ``foreach`` decides.
         maximize: maximize the objective instead of minimizing it.
     """
 
     def __init__(self, params, lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.99),
                  gamma: float = 0.025, eps: float = 1e-8, weight_decay: float = 0.0, *,
-                 foreach: bool | None = None, maximize: bool = False):
+                 foreach: bool | None = None, compiled: bool | None = None, maximize: bool = False):
         defaults = dict(lr=lr, betas=betas, gamma=gamma, eps=eps, weight_decay=weight_decay,
-                        foreach=foreach, maximize=maximize)
+                        foreach=foreach, compiled=compiled, maximize=maximize)
         self._validate(defaults)
         super().__init__(params, defaults)
 
@@ -90,6 +93,7 @@ class MARS(torch.optim.Optimizer):
         check_range("weight_decay", group["weight_decay"], low=0.0)
         if group["foreach"] not in (None, True, False):
             raise ConfigError(f"foreach must be True, False or None, got {group['foreach']!r}")
+        check_compiled(group.get("compiled"))
         if group["maximize"] not in (True, False):
             raise ConfigError(f"maximize must be True or False, got {group['maximize']!r}")
 
@@ -130,6 +134,9 @@ class MARS(torch.optim.Optimizer):
         for group in self.param_groups:
             params, grads, ms, vs, lasts, steps = self._init_group(group)
             if not params:
+                continue
+            if use_compiled(group.get("compiled"), [*params, *grads, *ms, *vs, *lasts]):
+                _compiled(params, grads, ms, vs, lasts, steps, group)
                 continue
             foreach = group["foreach"]
             if foreach is None:
@@ -188,3 +195,29 @@ def _multi_tensor(params, grads, ms, vs, lasts, steps, group) -> None:
             torch._foreach_mul_(ps, 1.0 - lr * wd)
         torch._foreach_addcdiv_(ps, m, denom, value=-lr / (1.0 - beta1 ** step))
         torch._foreach_copy_(last, g)
+
+
+def _mars_kernel(p, g, m, v, last, step_size, bc2_sqrt, decay, scale: float, beta1: float, beta2: float,
+                 eps: float):
+    c = (g - last) * scale + g
+    c = c / torch.linalg.vector_norm(c).clamp_min(1.0)
+    m.lerp_(c, 1.0 - beta1)
+    v.mul_(beta2).addcmul_(c, c, value=1.0 - beta2)
+    p.copy_(p * decay - step_size * m / (v.sqrt() / bc2_sqrt + eps))
+    last.copy_(g)
+
+
+_KERNEL = Kernel(_mars_kernel, "MARS")
+
+
+def _compiled(params, grads, ms, vs, lasts, steps, group) -> None:
+    beta1, beta2 = group["betas"]
+    lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+    scale = group["gamma"] * beta1 / (1.0 - beta1)
+    for p, g, m, v, last, st in zip(params, grads, ms, vs, lasts, steps, strict=True):
+        if group["maximize"]:
+            g = -g
+        st += 1
+        step = int(st.item())
+        coef = scalars([lr / (1.0 - beta1 ** step), math.sqrt(1.0 - beta2 ** step), 1.0 - lr * wd], p)
+        _KERNEL(p.view(-1), g.reshape(-1), m.view(-1), v.view(-1), last.view(-1), *coef, scale, beta1, beta2, eps)
