@@ -56,15 +56,17 @@ class ReferenceSGDSaI:
             theta.copy_(new)
 
 
-@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("path", ["foreach", "eager", "compiled"])
 @pytest.mark.parametrize("maximize", [False, True])
-def test_matches_reference(foreach, maximize):
+def test_matches_reference(path, maximize):
+    foreach, compiled = {"foreach": (True, False), "eager": (False, False), "compiled": (None, True)}[path]
     ps, frozen = make_params()
     frozen0 = frozen.clone()
     ref_ps = [p.clone() for p in ps]
     hp1 = dict(lr=0.05, momentum=0.9, weight_decay=0.01, eps=1e-8)
     hp2 = dict(lr=0.02, momentum=0.5, weight_decay=0.1, eps=1e-3)
-    opt = SGDSaI([{"params": [ps[0], frozen], **hp1}, {"params": ps[1:], **hp2}], foreach=foreach, maximize=maximize)
+    opt = SGDSaI([{"params": [ps[0], frozen], **hp1}, {"params": ps[1:], **hp2}], foreach=foreach,
+                 compiled=compiled, maximize=maximize)
     ref = ReferenceSGDSaI([(ref_ps[0], hp1), (ref_ps[1], hp2), (ref_ps[2], hp2)], None, maximize=maximize)
     for t in range(STEPS):
         gs = grads_for(t, SHAPES)

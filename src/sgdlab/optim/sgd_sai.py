@@ -45,6 +45,7 @@ import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from ..errors import check_range
+from ._compiled import Kernel, check_compiled, scalars, use_compiled
 
 __all__ = ["SGDSaI"]
 
@@ -67,6 +68,8 @@ class SGDSaI(torch.optim.Optimizer):
             (not scaled by the g-SNR; default 1e-2).
         eps: ``epsilon`` > 0 added to the gradient std (default 1e-8).
         foreach: multi-tensor path; ``None`` picks it when all params of a group share a device type.
+        compiled: use the ``torch.compile``d kernel (one fused loop per tensor); None picks it for groups of
+            at least 4M elements (:mod:`sgdlab.optim._compiled`), else ``foreach`` decides.
         maximize: maximise the objective (the gradient is negated, Alg. 1 lines 3-4).
 
     Example::
@@ -78,19 +81,21 @@ class SGDSaI(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-2, momentum: float = 0.9,
                  weight_decay: float = 1e-2, eps: float = 1e-8, *, foreach: bool | None = None,
-                 maximize: bool = False):
+                 compiled: bool | None = None, maximize: bool = False):
         check_range("lr", lr, low=0.0)
         check_range("momentum", momentum, low=0.0, high=1.0, high_open=True)
         check_range("weight_decay", weight_decay, low=0.0)
         check_range("eps", eps, low=0.0, low_open=True)
+        check_compiled(compiled)
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps, foreach=foreach,
-                        maximize=maximize)
+                        compiled=compiled, maximize=maximize)
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("foreach", None)
+            group.setdefault("compiled", None)
             group.setdefault("maximize", False)
 
     def _params_with_grad(self, group: dict[str, Any]) -> list[torch.Tensor]:
@@ -135,6 +140,10 @@ class SGDSaI(torch.optim.Optimizer):
         for group, params in groups:
             if not params:
                 continue
+            check_compiled(group.get("compiled"))
+            if use_compiled(group.get("compiled"), [t for p in params for t in (p, p.grad)]):
+                self._step_compiled(group, params, fresh)
+                continue
             foreach = group["foreach"]
             if foreach is None:
                 foreach = len({p.device.type for p in params}) == 1
@@ -156,6 +165,15 @@ class SGDSaI(torch.optim.Optimizer):
                 p.mul_(1.0 - lr * wd)  # line 17
             p.add_(buf * state["gsnr"], alpha=-lr)  # line 19
 
+    def _step_compiled(self, group: dict[str, Any], params: list[torch.Tensor], fresh: set[int]) -> None:
+        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+        for p in params:
+            state = self.state[p]
+            grad = -p.grad if group["maximize"] else p.grad
+            lr_t, decay = scalars([lr, 1.0 - lr * wd], p)
+            _KERNEL(p.view(-1), grad.reshape(-1), state["momentum_buffer"].view(-1), state["gsnr"], lr_t, decay,
+                    mu, id(p) not in fresh)
+
     def _step_foreach(self, group: dict[str, Any], params: list[torch.Tensor], fresh: set[int]) -> None:
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
         grads = [p.grad for p in params]
@@ -174,3 +192,12 @@ class SGDSaI(torch.optim.Optimizer):
             if wd != 0:
                 torch._foreach_mul_(ps, 1.0 - lr * wd)
             torch._foreach_add_(ps, torch._foreach_mul(ms, ss), alpha=-lr)
+
+
+def _sgd_sai_kernel(p, g, m, scale, lr, decay, momentum: float, update_momentum: bool):
+    if update_momentum:  # line 8 (on the first step m = g was set by _initialize)
+        m.mul_(momentum).add_(g, alpha=1.0 - momentum)
+    p.copy_(p * decay - lr * (m * scale))
+
+
+_KERNEL = Kernel(_sgd_sai_kernel, "SGDSaI")
