@@ -8,9 +8,11 @@ Per optimizer and parameter set it reports:
 
 * **ms/step**: median over ``--repeats`` timed blocks, after ``--warmup`` untimed steps. A block is as many
   consecutive steps as fill ``--block-ms`` (at least one), so tiny steps are not lost in timer noise. The
-  optimizer runs its fast path: ``foreach=True`` where it has a ``foreach`` switch (what sgdlab's
-  ``foreach=None`` picks on one device; torch.optim's own default on CPU is the for-loop).
-* **eager ms**: the same with ``foreach=False`` (per-parameter loop), and the fast path's speed-up over it.
+  optimizer runs its default path (``foreach=None``, ``compiled=None``): the compiled kernel where it has one
+  and the group holds >= 4M elements, else the multi-tensor path on one device type (AdamP/SGDP: the
+  per-parameter path on CPU); torch.optim's own default on CPU is the for-loop.
+* **eager ms**: the same with ``foreach=False`` (and ``compiled=False``), the per-parameter loop, and the
+  default path's speed-up over it.
 * **state B/param**: ``state_bytes(opt) / numel`` after the warm-up.
 * **eff. GB/s**: bytes moved per step under a simple traffic model, divided by the step time. The model:
   every step reads each parameter, its gradient and each optimizer-state tensor once and writes the
@@ -96,7 +98,7 @@ SHAPES_10M: list[tuple[str, tuple[int, ...]]] = [
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-COLUMNS = ["params", "optimizer", "ms/step", "eager ms", "foreach speed-up", "state B/param", "eff. GB/s",
+COLUMNS = ["params", "optimizer", "ms/step", "eager ms", "fast-path speed-up", "state B/param", "eff. GB/s",
            "% of copy BW", "BW / AdamW BW", "x AdamW time", "pytorch_optimizer ms", "speed-up vs p_o", "notes"]
 
 
@@ -304,7 +306,7 @@ def run_row(name: str, set_name: str, params: list[torch.nn.Parameter], args,
     numel = sum(p.numel() for p in params)
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     fe = has_foreach(name)
-    main = ours(name, params, True if fe else None)
+    main = ours(name, params, None)  # the default path (foreach / compiled / eager, as the optimizer picks)
     contenders = [main]
     # "eager": the per-parameter loop, never the compiled kernel (which the fast path picks at >= 4M elements)
     no_compile = {"compiled": False} if "compiled" in optim.hyperparameters(name) else {}
