@@ -113,3 +113,28 @@ def test_compiled_is_chosen_by_size_and_validated():
     with pytest.raises(ValueError, match="compiled must be None"):
         Grams([torch.zeros(2, requires_grad=True)]).add_param_group(
             {"params": [torch.zeros(2, requires_grad=True)], "compiled": 1})
+
+
+def test_adam_and_adamw_are_built_fused_unless_told_otherwise():
+    from sgdlab.optim import create
+
+    torch.manual_seed(0)
+    m = torch.nn.Linear(6, 3)
+    fused = create("adamw", [{"params": m.parameters()}], lr=0.01, weight_decay=0.1)  # a generator in a group
+    assert fused.defaults["fused"] is True and len(fused.param_groups[0]["params"]) == 2
+    assert create("adam", m.parameters()).defaults["fused"] is True
+    assert create("adamw", m.parameters(), foreach=True).defaults["fused"] is None
+    assert create("adamw", m.parameters(), fused=False).defaults["fused"] is False
+    # same algorithm as torch's for-loop AdamW, to rounding
+    a = [p.detach().clone().requires_grad_() for p in m.parameters()]
+    b = [p.detach().clone().requires_grad_() for p in m.parameters()]
+    oa, ob = create("adamw", a, lr=0.01, weight_decay=0.1), torch.optim.AdamW(b, lr=0.01, weight_decay=0.1,
+                                                                              foreach=False)
+    for _ in range(10):
+        for x, y in zip(a, b, strict=True):
+            g = torch.randn_like(x)
+            x.grad, y.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)

@@ -58,13 +58,14 @@ def _refs(ps):
             for p, h in zip(ps, hp, strict=True)]
 
 
-@pytest.mark.parametrize("foreach", [True, False])
-def test_gnb_path_matches_reference(foreach):
+@pytest.mark.parametrize("path", ["foreach", "eager", "compiled"])
+def test_gnb_path_matches_reference(path):
+    foreach, compiled = {"foreach": (True, False), "eager": (False, False), "compiled": (None, True)}[path]
     """Fixed random gradients and fixed sampled-label gradients; k = 3; 24 steps; float64."""
     k, steps, B = 3, 24, 6
     ps, frozen = _make_params()
     frozen0 = frozen.detach().clone()
-    opt = Sophia(_groups(ps, frozen), **COMMON, estimator="gnb", k=k, foreach=foreach)
+    opt = Sophia(_groups(ps, frozen), **COMMON, estimator="gnb", k=k, foreach=foreach, compiled=compiled)
     refs = _refs(ps)
     gen = torch.Generator().manual_seed(1)
     for t in range(1, steps + 1):

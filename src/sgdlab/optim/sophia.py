@@ -81,6 +81,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.optim import Optimizer
 
 from ..errors import ConfigError, check_range
+from ._compiled import Kernel, check_compiled, scalars, use_compiled
 
 __all__ = ["Sophia", "SophiaG", "SophiaH", "gnb_loss"]
 
@@ -122,6 +123,7 @@ def _check_group(g: dict) -> None:
     check_range("weight_decay", g["weight_decay"], low=0.0)
     if g["foreach"] not in (None, True, False):
         raise ConfigError(f"foreach must be True, False or None, got {g['foreach']!r}")
+    check_compiled(g.get("compiled"))
 
 
 class Sophia(Optimizer):
@@ -140,11 +142,13 @@ class Sophia(Optimizer):
         probe: Hutchinson probe distribution, ``"gaussian"`` (paper) or ``"rademacher"``.
         seed: seed of the optimizer's own probe generator (saved in ``state_dict``).
         foreach: multi-tensor fast path; ``None`` picks it when a group's parameters share one device type.
+        compiled: use the ``torch.compile``d kernel for the update (one fused loop per tensor); None picks it
+            for groups of at least 4M elements (:mod:`sgdlab.optim._compiled`), else ``foreach`` decides.
     """
 
     def __init__(self, params, lr: float = 3e-4, betas: tuple[float, float] = (0.96, 0.99), gamma: float = 0.01,
                  eps: float = 1e-12, weight_decay: float = 0.2, *, estimator: str = "gnb", k: int = 10,
-                 probe: str = "gaussian", seed: int = 0, foreach: bool | None = None):
+                 probe: str = "gaussian", seed: int = 0, foreach: bool | None = None, compiled: bool | None = None):
         if estimator not in _ESTIMATORS:
             raise ConfigError(f"estimator={estimator!r} is not allowed; allowed: {', '.join(_ESTIMATORS)}")
         if probe not in _PROBES:
@@ -155,7 +159,7 @@ class Sophia(Optimizer):
         self._sophia_step = 0          # number of step() calls; drives the Hessian schedule
         self._rng_states: dict[str, torch.Tensor] = {}   # probe generator state per device
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, gamma=gamma, eps=eps,
-                        weight_decay=weight_decay, foreach=foreach)
+                        weight_decay=weight_decay, foreach=foreach, compiled=compiled)
         _check_group(defaults)
         super().__init__(params, defaults)
 
@@ -332,7 +336,12 @@ class Sophia(Optimizer):
             states = [self.state[p] for p in ps]
             grads, ms, hs = [p.grad for p in ps], [s["exp_avg"] for s in states], [s["hessian"] for s in states]
             steps = [s["step"] for s in states]
-            if self._use_foreach(group, ps):
+            if use_compiled(group.get("compiled"), [*ps, *grads, *ms, *hs]):
+                for p, g, m, h, st in zip(ps, grads, ms, hs, steps, strict=True):
+                    st.add_(1.0)
+                    lr_t, decay = scalars([lr, 1.0 - lr * wd], p)
+                    _KERNEL(p.view(-1), g.reshape(-1), m.view(-1), h.view(-1), lr_t, decay, beta1, gamma, eps)
+            elif self._use_foreach(group, ps):
                 torch._foreach_add_(steps, 1.0)
                 for p_l, g_l, m_l, h_l in self._by_device_dtype([ps, grads, ms, hs]):
                     if wd != 0:
@@ -359,8 +368,10 @@ class SophiaG(Sophia):
     """Sophia-G: :class:`Sophia` with the Gauss-Newton-Bartlett estimator (feed it via ``update_hessian``)."""
 
     def __init__(self, params, lr: float = 3e-4, betas: tuple[float, float] = (0.96, 0.99), gamma: float = 0.01,
-                 eps: float = 1e-12, weight_decay: float = 0.2, *, k: int = 10, foreach: bool | None = None):
-        super().__init__(params, lr, betas, gamma, eps, weight_decay, estimator="gnb", k=k, foreach=foreach)
+                 eps: float = 1e-12, weight_decay: float = 0.2, *, k: int = 10, foreach: bool | None = None,
+                 compiled: bool | None = None):
+        super().__init__(params, lr, betas, gamma, eps, weight_decay, estimator="gnb", k=k, foreach=foreach,
+                         compiled=compiled)
 
 
 class SophiaH(Sophia):
@@ -368,7 +379,15 @@ class SophiaH(Sophia):
 
     def __init__(self, params, lr: float = 3e-4, betas: tuple[float, float] = (0.96, 0.99), gamma: float = 0.01,
                  eps: float = 1e-12, weight_decay: float = 0.2, *, k: int = 10, probe: str = "gaussian",
-                 seed: int = 0, foreach: bool | None = None):
+                 seed: int = 0, foreach: bool | None = None, compiled: bool | None = None):
         super().__init__(params, lr, betas, gamma, eps, weight_decay, estimator="hutchinson", k=k, probe=probe,
-                         seed=seed, foreach=foreach)
+                         seed=seed, foreach=foreach, compiled=compiled)
 
+
+
+def _sophia_kernel(p, g, m, h, lr, decay, beta1: float, gamma: float, eps: float):
+    m.lerp_(g, 1.0 - beta1)
+    p.copy_(p * decay - lr * (m / (h * gamma).clamp_min(eps)).clamp(-1.0, 1.0))
+
+
+_KERNEL = Kernel(_sophia_kernel, "Sophia")
