@@ -3,12 +3,13 @@ compiled)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from ..errors import check_range
-from ._compiled import check_compiled
+from ._compiled import Kernel, check_compiled, scalars
 
 
 def check_betas(betas: Any) -> tuple[float, float]:
@@ -39,3 +40,18 @@ class AdamFamilyOptimizer(torch.optim.Optimizer):
         if "betas" in param_group:
             param_group["betas"] = merged["betas"]
         super().add_param_group(param_group)
+
+
+def compiled_adam_step(kernel: Kernel, params: list[torch.Tensor], grads: list[torch.Tensor],
+                       steps: list[torch.Tensor], group: dict[str, Any], *states: list[torch.Tensor]) -> None:
+    """One step of an Adam-family ``kernel(p, g, *states, step_size, bc2_sqrt, decay, beta1, beta2, eps)``
+    per tensor (flattened), with ``step_size = lr / (1 - beta1^t)``, ``bc2_sqrt = sqrt(1 - beta2^t)`` and
+    ``decay = 1 - lr * weight_decay`` as 0-d tensors (see :mod:`sgdlab.optim._compiled`)."""
+    lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    for p, g, step_t, *state in zip(params, grads, steps, *states, strict=True):
+        if group["maximize"]:
+            g = -g
+        step_t += 1
+        t = step_t.item()
+        coef = scalars([lr / (1 - beta1 ** t), math.sqrt(1 - beta2 ** t), 1 - lr * wd], p)
+        kernel(p.view(-1), g.reshape(-1), *(x.view(-1) for x in state), *coef, beta1, beta2, eps)

@@ -39,8 +39,8 @@ from typing import Any
 import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from ._adam_base import AdamFamilyOptimizer
-from ._compiled import Kernel, scalars, use_compiled
+from ._adam_base import AdamFamilyOptimizer, compiled_adam_step
+from ._compiled import Kernel, use_compiled
 
 __all__ = ["LaProp"]
 
@@ -100,7 +100,8 @@ class LaProp(AdamFamilyOptimizer):
             if not tensors[0]:
                 continue
             if use_compiled(group.get("compiled"), [t for ts in tensors[:4] for t in ts]):
-                _compiled_laprop(*tensors, group)
+                params, grads, *states, steps = tensors
+                compiled_adam_step(_LAPROP_KERNEL, params, grads, steps, group, *states)
                 continue
             foreach = group["foreach"]
             if foreach is None:
@@ -152,14 +153,3 @@ def _laprop_kernel(p, g, m, v, step_size, bc2_sqrt, decay, beta1: float, beta2: 
 
 _LAPROP_KERNEL = Kernel(_laprop_kernel, "LaProp")
 
-
-def _compiled_laprop(params, grads, exp_avgs, exp_avg_sqs, steps, group) -> None:
-    lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-    for p, g, m, v, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
-        if group["maximize"]:
-            g = -g
-        step_t += 1
-        t = step_t.item()
-        step_size, bc2_sqrt, decay = scalars([lr / (1 - beta1 ** t), math.sqrt(1 - beta2 ** t), 1 - lr * wd], p)
-        _LAPROP_KERNEL(p.view(-1), g.reshape(-1), m.view(-1), v.view(-1), step_size, bc2_sqrt, decay,
-                         beta1, beta2, eps)
