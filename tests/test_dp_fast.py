@@ -93,6 +93,9 @@ class _Zoo(nn.Module):
         self.one = nn.Embedding(11, 6)  # one position per example
         self.conv1 = nn.Conv1d(6, 6, 4, padding="same")  # even kernel: padded one more on the right
         self.conv2 = nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2)
+        # as many channels per group as output columns or more: patches gathered channels-last
+        self.conv3 = nn.Conv2d(4, 6, 2, stride=3, padding=(1, 0), dilation=2, groups=2)
+        self.conv4 = nn.Conv1d(6, 6, 3, stride=4)
         self.gn = nn.GroupNorm(3, 6)
         self.shared = nn.Linear(6, 6)  # called twice: its weight is tied to itself
         self.scale = nn.Parameter(torch.randn(6))
@@ -112,6 +115,7 @@ class _Zoo(nn.Module):
         e = e + self.wide(tokens[:, :3] * 9).sum(1, keepdim=True)
         c1 = self.conv1(e.transpose(1, 2)).mean(2)  # (B, 6)
         c2 = self.gn(self.conv2(img)).flatten(2).mean(2)  # (B, 6)
+        c2 = c2 + self.conv3(img).flatten(2).mean(2) + self.conv4(e.transpose(1, 2)).mean(2)
         z = torch.relu_(self.shared(c1 + c2))  # in place on a recorded output
         z = self.shared(z) * self.scale - self.shift
         z = self.ln(z.view(-1, 2, 3)).view(-1, 6) @ self.proj_z

@@ -187,33 +187,56 @@ class _Conv(_Use):
         return x, kernel, stride, dilation, padding
 
     def scratch_size(self) -> int:
-        """Elements of scratch :meth:`per_example_into` uses: the padded input and the patches."""
+        """Elements of scratch :meth:`per_example_into` uses, at most: a padded or channels-last copy of the
+        input, and the patches."""
         x, kernel, _, _, padding = self._as_2d()
         b, c = x.shape[:2]
         padded = b * c * math.prod(n + lo + hi for n, (lo, hi) in zip(x.shape[2:], padding, strict=True))
         patches = b * c * math.prod(kernel) * math.prod(self.g.shape[2:])
-        return (padded if any(lo or hi for lo, hi in padding) else 0) + patches
+        return padded + patches
 
-    def per_example_into(self, workspace: _Workspace) -> torch.Tensor:
-        """(B, *weight shape) per-example weight gradients: ``G_i = g_i P_iᵀ`` with ``P_i`` the patches."""
+    def per_example_into(self, workspace: _Workspace) -> tuple[torch.Tensor, tuple, tuple]:
+        """Per-example weight gradients ``G_i = g_i P_iᵀ`` (``P_i`` the patches) as ``(grads, shape, perm)``:
+        ``grads`` is (B, *shape) and ``perm`` takes one example's ``shape`` to the weight's (c_out, c_in/groups,
+        kh, kw). The patches are gathered by one copy whose innermost runs are as long as possible: runs of
+        channels from a channels-last copy of the input when a group has at least as many channels as the
+        output has columns (then ``shape`` is (c_out, kh, kw, c_in/groups)), else runs of output columns."""
         x, kernel, stride, dilation, padding = self._as_2d()
-        b, c = x.shape[:2]
-        used = 0
-        if any(lo or hi for lo, hi in padding):
-            xp = workspace.scratch((b, c, *(n + lo + hi for n, (lo, hi) in zip(x.shape[2:], padding, strict=True))), x)
-            xp.zero_()[(slice(None), slice(None), *(slice(lo, lo + n) for n, (lo, _) in
-                                                    zip(x.shape[2:], padding, strict=True)))] = x
-            x, used = xp, xp.numel()
-        spans = [d * (k - 1) + 1 for d, k in zip(dilation, kernel, strict=True)]
-        windows = x.unfold(2, spans[0], stride[0]).unfold(3, spans[1], stride[1])[..., ::dilation[0], ::dilation[1]]
-        oh, ow = windows.shape[2:4]
-        patches = workspace.scratch((b, c, *kernel, oh, ow), x, offset=used)
-        patches.copy_(windows.permute(0, 1, 4, 5, 2, 3))
+        b, c, h, w = x.shape
         groups, c_out = self.groups, self.weight_shape[0]
-        out = workspace.take((b, groups, c_out // groups, math.prod(self.weight_shape[1:])), x)
-        torch.matmul(self.g.reshape(b, groups, c_out // groups, oh * ow),
-                     patches.view(b, groups, -1, oh * ow).transpose(-1, -2), out=out)
-        return out.view(b, *self.weight_shape)
+        cg, (oh, ow) = c // groups, self.g.shape[-2:] if self.g.dim() == 4 else (1, self.g.shape[-1])
+        last = cg >= ow  # channels-last patches
+        padded = any(lo or hi for lo, hi in padding)
+        if last or padded:
+            xp = workspace.scratch((b, h + sum(padding[0]), w + sum(padding[1]), c) if last else
+                                   (b, c, h + sum(padding[0]), w + sum(padding[1])), x)
+            if padded:
+                xp.zero_()
+            inner = (slice(padding[0][0], padding[0][0] + h), slice(padding[1][0], padding[1][0] + w))
+            if last:
+                xp[:, inner[0], inner[1], :] = x.permute(0, 2, 3, 1)
+            else:
+                xp[:, :, inner[0], inner[1]] = x
+        else:
+            xp = x
+        spans = [d * (k - 1) + 1 for d, k in zip(dilation, kernel, strict=True)]
+        hw = (1, 2) if last else (2, 3)
+        windows = xp.unfold(hw[0], spans[0], stride[0]).unfold(hw[1], spans[1], stride[1])
+        windows = windows[..., ::dilation[0], ::dilation[1]]  # (b, oh, ow, c, kh, kw) or (b, c, oh, ow, kh, kw)
+        k = math.prod(kernel) * cg
+        if last:
+            patches = workspace.scratch((b, groups, oh, ow, *kernel, cg), x, offset=xp.numel())
+            patches.copy_(windows.unflatten(3, (groups, cg)).permute(0, 3, 1, 2, 5, 6, 4))
+            right = patches.view(b, groups, oh * ow, k)
+        else:
+            patches = workspace.scratch((b, c, *kernel, oh, ow), x, offset=xp.numel() if padded else 0)
+            patches.copy_(windows.permute(0, 1, 4, 5, 2, 3))
+            right = patches.view(b, groups, k, oh * ow).transpose(-1, -2)
+        out = workspace.take((b, groups, c_out // groups, k), x)
+        torch.matmul(self.g.reshape(b, groups, c_out // groups, oh * ow), right, out=out)
+        if last:
+            return out.view(b, -1), (c_out, *kernel, cg), (0, 3, 1, 2)
+        return out.view(b, -1), (c_out, cg, *kernel), (0, 1, 2, 3)
 
     def per_example(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """(b, *weight shape) weight gradients of each of ``x``'s ``b`` examples: the batch folded into the
@@ -553,6 +576,8 @@ class _Param:
         self.param = param
         self.dense: torch.Tensor | None = None  # Σ over materialised uses, (B, *shape)
         self._owned = False  # ``dense`` may be added to in place
+        # ``dense`` in another layout (a convolution's): (B, *shape) with ``shape[perm]`` the parameter's
+        self.stored: tuple[tuple, tuple] | None = None
         self.sq: torch.Tensor | None = None  # per-example squared norm when not materialised
         self.products: list[tuple[torch.Tensor, torch.Tensor, str]] = []  # (a, g, layout) for (c ⊙ g)ᵀ a
         self.scatters: list[_Embedding] = []  # embeddings whose clipped sum is a scatter
@@ -563,7 +588,14 @@ class _Param:
         self.dense, self._owned = region.zero_(), True
         return region
 
+    def set_stored(self, g: torch.Tensor, shape: tuple, perm: tuple) -> None:
+        """``dense`` = ``g`` of shape (B, *shape), whose examples become the parameter's layout by ``perm``
+        (the parameter's only materialised use)."""
+        assert self.dense is None, "a permuted layout is only kept for a parameter's only use"
+        self.dense, self._owned, self.stored = g, True, (shape, perm)
+
     def add_dense(self, g: torch.Tensor) -> None:
+        assert self.stored is None
         if self.dense is None:
             self.dense, self._owned = g, False  # g may be autograd's: never written to
         elif self._owned:
@@ -580,7 +612,11 @@ class _Param:
     def clipped_sum(self, c: torch.Tensor) -> torch.Tensor:
         total = torch.zeros_like(self.param)
         if self.dense is not None:  # Σ_b c_b G_b as one matrix-vector product
-            total += (c.to(self.dense.dtype) @ self.dense.reshape(c.shape[0], -1)).view(total.shape)
+            s = c.to(self.dense.dtype) @ self.dense.reshape(c.shape[0], -1)
+            if self.stored is not None:
+                shape, perm = self.stored
+                s = s.view(shape).permute(perm)
+            total += s.reshape(total.shape)
         for a, g, layout in self.products:
             cg = g * c.to(g.dtype).view(-1, 1, 1)
             total += _layout(cg.flatten(0, 1).t() @ a.flatten(0, 1), layout, total.shape)
@@ -748,7 +784,7 @@ class GhostClipper:
             return
         p = out[u.weight]
         if plan == "keep":
-            p.add_dense(u.per_example_into(self.workspace))
+            p.set_stored(*u.per_example_into(self.workspace))
             return
         if plan == "tied":
             p.add_dense(u.per_example(u.x, u.g))
