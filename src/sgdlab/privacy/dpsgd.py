@@ -26,13 +26,10 @@ CCS 2016 (arXiv:1607.00133), Algorithm 1, with Poisson sampling as the accountan
    that is not the mean of its examples' losses or a layer that does not keep the batch in dimension 0.
    On a mismatch ``auto`` switches to ``vmap`` and ``ghost`` raises.
 
-   Measured (2-core shared CPU VM, one thread, batch 256 in one micro-batch, medians of alternated blocks
-   of steps; non-private = ``loss.backward()``): digits CNN 11.7 ms non-private, ``ghost`` 16.4 ms (1.4x),
-   ``vmap`` 17–28 ms (1.45–2.5x: it allocates all ``g_i`` afresh, and page faults cost as much as the
-   arithmetic on this machine), Opacus 1.6's fastest mode (expanded weights) 20.8 ms (1.8x); charlm
-   (context 128, d 128, 2 layers) 1.54 s non-private, ``ghost`` 1.81 s (1.17x), ``vmap`` 1.86–2.11 s
-   (1.2–1.4x). Ghost clipping proper (norms as here, then a second backward of the reweighted loss) took
-   1.9x and 1.9–2.4x. ``ghost`` also bounds memory (:data:`sgdlab.privacy.ghost.MATERIALISE_BUDGET`).
+   Measured (``sgdlab bench dp``, 2-core CPU, two threads, batch 256 in one micro-batch; BENCHMARKS.md):
+   ``ghost`` costs 1.24x the non-private step on the digits CNN, 1.16x on charlm and 1.08x on charlm with
+   an untied head, against 1.5–1.7x for ``vmap`` and 1.15–2.4x for Opacus 1.6's modes (whose fastest,
+   expanded weights, is 1.39x and 1.06x slower than ``ghost``). ``ghost`` also bounds memory (:data:`sgdlab.privacy.ghost.MATERIALISE_BUDGET`).
 
 3. **Clip** each ``g_i`` to norm ``C``:
 
@@ -307,6 +304,8 @@ class DPSGD:
     def clipped_sum(self, batch: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """``({name: Σ_i ḡ_i}, Σ_i ℓ_i)`` over ``batch`` in micro-batches: the step before noise and division."""
         n = _batch_size(batch)
+        if 0 < n <= self.max_physical_batch:
+            return self._micro_clipped_sum(batch, n)
         sums = {k: torch.zeros_like(p) for k, p in self.params.items()}
         loss_sum = torch.zeros((), device=next(iter(self.params.values())).device)
         for start in range(0, n, self.max_physical_batch):
@@ -321,12 +320,20 @@ class DPSGD:
         """Write the private gradient of ``batch`` into ``p.grad`` and return the batch's summed loss
         divided by the expected batch size (an unbiased estimate of the mean loss; 0 for an empty batch)."""
         sums, loss_sum = self.clipped_sum(batch)
+        grads = [sums[k] for k in self.params]  # new tensors, owned here
         std = self.noise_multiplier * self.max_grad_norm
-        for k, p in self.params.items():
-            g = sums[k]
-            if std > 0:
-                g += std * torch.randn(g.shape, generator=self.noise_generator, device=g.device, dtype=g.dtype)
-            p.grad = g / self.expected_batch_size
+        if std > 0:
+            by_kind: dict[tuple, list[torch.Tensor]] = {}
+            for g in grads:
+                by_kind.setdefault((g.dtype, g.device), []).append(g)
+            for (dtype, device), gs in by_kind.items():  # one draw per dtype and device
+                z = torch.randn(sum(g.numel() for g in gs), generator=self.noise_generator, device=device,
+                                dtype=dtype)
+                torch._foreach_add_(gs, [v.view(g.shape) for v, g in zip(z.split([g.numel() for g in gs]), gs,
+                                                                        strict=True)], alpha=std)
+        torch._foreach_div_(grads, self.expected_batch_size)
+        for p, g in zip(self.params.values(), grads, strict=True):
+            p.grad = g
         return loss_sum / self.expected_batch_size
 
     def state_dict(self) -> dict[str, Any]:

@@ -479,12 +479,17 @@ class _Recorder(TorchFunctionMode):
         return out
 
 
-def _tensors(args: tuple, kwargs: dict):
-    for a in (*args, *kwargs.values()):
+def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors among a call's arguments (one level of lists and tuples, nested containers flattened)."""
+    out = []
+    for a in (*args, *kwargs.values()) if kwargs else args:
         if isinstance(a, torch.Tensor):
-            yield a
-        elif isinstance(a, (list, tuple, dict)):
-            yield from (t for t in tree_flatten(a)[0] if isinstance(t, torch.Tensor))
+            out.append(a)
+        elif isinstance(a, (list, tuple)) and not all(isinstance(v, (int, float, bool)) for v in a):
+            out.extend(t for t in tree_flatten(a)[0] if isinstance(t, torch.Tensor))
+        elif isinstance(a, dict):
+            out.extend(t for t in tree_flatten(a)[0] if isinstance(t, torch.Tensor))
+    return out
 
 
 # ---- per-example quantities ---------------------------------------------------------------------------
@@ -610,18 +615,22 @@ class _Param:
         return norm if self.sq is None else (self.sq + norm.square()).sqrt()
 
     def clipped_sum(self, c: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros_like(self.param)
-        if self.dense is not None:  # Σ_b c_b G_b as one matrix-vector product
+        """``Σ_b c_b G_b`` as a new contiguous tensor of the parameter's shape."""
+        parts = []
+        if self.dense is not None:  # one matrix-vector product
             s = c.to(self.dense.dtype) @ self.dense.reshape(c.shape[0], -1)
             if self.stored is not None:
                 shape, perm = self.stored
                 s = s.view(shape).permute(perm)
-            total += s.reshape(total.shape)
+            parts.append(s.reshape(self.param.shape))
         for a, g, layout in self.products:
             cg = g * c.to(g.dtype).view(-1, 1, 1)
-            total += _layout(cg.flatten(0, 1).t() @ a.flatten(0, 1), layout, total.shape)
+            parts.append(_layout(cg.flatten(0, 1).t() @ a.flatten(0, 1), layout, self.param.shape))
         for use in self.convs:
-            total += use.weight_grad(use.x, use.g * c.to(use.g.dtype).view(-1, *[1] * (use.g.dim() - 1)))
+            parts.append(use.weight_grad(use.x, use.g * c.to(use.g.dtype).view(-1, *[1] * (use.g.dim() - 1))))
+        total = parts[0].contiguous() if parts else torch.zeros_like(self.param)
+        for part in parts[1:]:
+            total += part
         for use in self.scatters:
             d = use.g.shape[-1]
             g = (use.g.reshape(c.shape[0], -1, d) * c.to(use.g.dtype).view(-1, 1, 1)).reshape(-1, d)
@@ -687,8 +696,6 @@ class GhostClipper:
 
         for u in uses:
             name = getattr(u, "weight", None)
-            if isinstance(u, _Norm) and name is not None:
-                reserve(u.g, u.x.numel(), temporary=True)
             if isinstance(u, _Elementwise):
                 reserve(u.g, sum(b * math.prod(step[2]) for step in u.view.chain if step[0] == "index"))
             if not isinstance(u, (_Linear, _Conv, _Embedding)) or name is None:
@@ -820,18 +827,13 @@ class GhostClipper:
             dims = list(range(1, x.dim() - len(u.shape)))
         else:
             dims = list(range(2, x.dim()))
-        if u.weight is not None:  # Σ g ⊙ x̂, with x̂ (the normalised input) formed in the scratch area
-            xhat = self.workspace.scratch(tuple(x.shape), g)
+        if u.weight is not None:  # Σ g ⊙ x̂, with x̂ (the normalised input) from the norm without its affine part
             if u.groups is None:
-                var, mean = torch.var_mean(x, dim=list(range(x.dim() - len(u.shape), x.dim())), correction=0,
-                                           keepdim=True)
-                torch.sub(x, mean, out=xhat).mul_((var + u.eps).rsqrt())
+                xhat = F.layer_norm(x, u.shape, eps=u.eps)
             else:
-                xg = x.reshape(b, u.groups, -1)
-                var, mean = torch.var_mean(xg, dim=2, correction=0, keepdim=True)
-                torch.sub(xg, mean, out=xhat.view(b, u.groups, -1)).mul_((var + u.eps).rsqrt())
+                xhat = F.group_norm(x, u.groups, eps=u.eps)
             xhat.mul_(g)
-            out[u.weight].add_dense(xhat.sum(dims) if dims else xhat.clone())
+            out[u.weight].add_dense(xhat.sum(dims) if dims else xhat)
         if u.bias is not None:
             out[u.bias].add_dense(g.sum(dims) if dims else g)
 
