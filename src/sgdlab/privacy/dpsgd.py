@@ -29,7 +29,8 @@ CCS 2016 (arXiv:1607.00133), Algorithm 1, with Poisson sampling as the accountan
    Measured (``sgdlab bench dp``, 2-core CPU, two threads, batch 256 in one micro-batch; BENCHMARKS.md):
    ``ghost`` costs 1.24x the non-private step on the digits CNN, 1.16x on charlm and 1.08x on charlm with
    an untied head, against 1.5–1.7x for ``vmap`` and 1.15–2.4x for Opacus 1.6's modes (whose fastest,
-   expanded weights, is 1.39x and 1.06x slower than ``ghost``). ``ghost`` also bounds memory (:data:`sgdlab.privacy.ghost.MATERIALISE_BUDGET`).
+   expanded weights, is 1.39x and 1.06x slower than ``ghost``). ``ghost`` also bounds memory
+   (:data:`sgdlab.privacy.ghost.MATERIALISE_BUDGET`).
 
 3. **Clip** each ``g_i`` to norm ``C``:
 
