@@ -76,7 +76,8 @@ def test_sophia_h_through_attention(tmp_path):
 
 # ---- compiled kernels (sgdlab.optim._compiled) ----------------------------------------------------------
 
-def test_compiled_falls_back_to_the_same_update_when_compilation_fails(monkeypatch):
+@pytest.mark.parametrize("compiled", [True, "group"])
+def test_compiled_falls_back_to_the_same_update_when_compilation_fails(monkeypatch, compiled):
     from sgdlab.optim import _compiled
     from sgdlab.optim.diffgrad import DiffGrad, _diffgrad_kernel
 
@@ -89,7 +90,7 @@ def test_compiled_falls_back_to_the_same_update_when_compilation_fails(monkeypat
     torch.manual_seed(0)
     a = [torch.randn(5, 4, dtype=torch.float64, requires_grad=True)]
     b = [a[0].detach().clone().requires_grad_()]
-    oa, ob = DiffGrad(a, lr=0.1, compiled=True), DiffGrad(b, lr=0.1, compiled=False)
+    oa, ob = DiffGrad(a, lr=0.1, compiled=compiled), DiffGrad(b, lr=0.1, compiled=False)
     with pytest.warns(RuntimeWarning, match="torch.compile failed .*no C\\+\\+ compiler.*eagerly"):
         for _ in range(3):
             g = torch.randn(5, 4, dtype=torch.float64)
@@ -101,14 +102,17 @@ def test_compiled_falls_back_to_the_same_update_when_compilation_fails(monkeypat
 
 
 def test_compiled_is_chosen_by_size_and_validated():
-    from sgdlab.optim._compiled import AUTO_MIN_NUMEL, use_compiled
+    from sgdlab.optim._compiled import AUTO_MIN_NUMEL, compiled_mode, use_compiled
     from sgdlab.optim.grams import Grams
 
     small, big = [torch.zeros(10)], [torch.zeros(AUTO_MIN_NUMEL)]
     assert not use_compiled(None, small) and use_compiled(None, big)
     assert use_compiled(True, small) and not use_compiled(False, big)
     assert not use_compiled(True, [torch.zeros(4, 4).t()])  # non-contiguous: the eager paths
-    with pytest.raises(ValueError, match="compiled must be None"):
+    assert compiled_mode(None, big) == compiled_mode(True, small) == compiled_mode("tensor", small) == "tensor"
+    assert compiled_mode("group", small) == compiled_mode("group", [torch.zeros(4, 4).t()]) == "group"
+    assert compiled_mode(False, big) is None and compiled_mode(None, small) is None
+    with pytest.raises(ValueError, match="compiled must be None .*'group'.*got 'yes'"):
         Grams([torch.zeros(2, requires_grad=True)], compiled="yes")
     with pytest.raises(ValueError, match="compiled must be None"):
         Grams([torch.zeros(2, requires_grad=True)]).add_param_group(
@@ -138,3 +142,22 @@ def test_adam_and_adamw_are_built_fused_unless_told_otherwise():
         ob.step()
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_group_kernel_updates_non_contiguous_parameters_in_place():
+    from sgdlab.optim.diffgrad import DiffGrad
+
+    torch.manual_seed(0)
+    base = torch.randn(5, 4, dtype=torch.float64)
+    a = [base.t().clone().t().requires_grad_(), torch.randn(3, dtype=torch.float64, requires_grad=True)]
+    b = [t.detach().clone().requires_grad_() for t in a]
+    assert not a[0].is_contiguous()
+    oa, ob = DiffGrad(a, lr=0.1, compiled="group"), DiffGrad(b, lr=0.1, compiled=False)
+    for _ in range(3):
+        for x, y in zip(a, b):
+            x.grad = torch.randn_like(x)
+            y.grad = x.grad.clone()
+        oa.step()
+        ob.step()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)

@@ -46,10 +46,11 @@ def _random_grads(steps, shapes, seed=0, away_from_zero=False):
     return out
 
 
-@pytest.mark.parametrize("path", ["foreach", "eager", "compiled"])
+@pytest.mark.parametrize("path", ["foreach", "eager", "compiled", "group"])
 @pytest.mark.parametrize("maximize", [False, True])
 def test_matches_reference(path, maximize):
-    foreach, compiled = {"foreach": (True, False), "eager": (False, False), "compiled": (None, True)}[path]
+    foreach, compiled = {"foreach": (True, False), "eager": (False, False), "compiled": (None, True),
+                         "group": (None, "group")}[path]
     gen = torch.Generator().manual_seed(1)
     init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
     frozen0 = torch.randn(3, generator=gen, dtype=torch.float64)

@@ -49,9 +49,10 @@ GROUP_HP = [dict(lr=0.01, betas=(0.95, 0.99), gamma=0.025, eps=1e-8, weight_deca
 
 
 @pytest.mark.parametrize("maximize", [False, True])
-@pytest.mark.parametrize("path", ["foreach", "eager", "compiled"])
+@pytest.mark.parametrize("path", ["foreach", "eager", "compiled", "group"])
 def test_matches_reference(path, maximize):
-    foreach, compiled = {"foreach": (True, False), "eager": (False, False), "compiled": (None, True)}[path]
+    foreach, compiled = {"foreach": (True, False), "eager": (False, False), "compiled": (None, True),
+                         "group": (None, "group")}[path]
     gen = torch.Generator().manual_seed(0)
     init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
     frozen = torch.nn.Parameter(torch.randn(6, dtype=torch.float64, generator=gen))

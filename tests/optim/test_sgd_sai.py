@@ -56,10 +56,11 @@ class ReferenceSGDSaI:
             theta.copy_(new)
 
 
-@pytest.mark.parametrize("path", ["foreach", "eager", "compiled"])
+@pytest.mark.parametrize("path", ["foreach", "eager", "compiled", "group"])
 @pytest.mark.parametrize("maximize", [False, True])
 def test_matches_reference(path, maximize):
-    foreach, compiled = {"foreach": (True, False), "eager": (False, False), "compiled": (None, True)}[path]
+    foreach, compiled = {"foreach": (True, False), "eager": (False, False), "compiled": (None, True),
+                         "group": (None, "group")}[path]
     ps, frozen = make_params()
     frozen0 = frozen.clone()
     ref_ps = [p.clone() for p in ps]

@@ -58,9 +58,10 @@ def _refs(ps):
             for p, h in zip(ps, hp, strict=True)]
 
 
-@pytest.mark.parametrize("path", ["foreach", "eager", "compiled"])
+@pytest.mark.parametrize("path", ["foreach", "eager", "compiled", "group"])
 def test_gnb_path_matches_reference(path):
-    foreach, compiled = {"foreach": (True, False), "eager": (False, False), "compiled": (None, True)}[path]
+    foreach, compiled = {"foreach": (True, False), "eager": (False, False), "compiled": (None, True),
+                         "group": (None, "group")}[path]
     """Fixed random gradients and fixed sampled-label gradients; k = 3; 24 steps; float64."""
     k, steps, B = 3, 24, 6
     ps, frozen = _make_params()

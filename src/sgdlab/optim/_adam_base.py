@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..errors import check_range
-from ._compiled import Kernel, check_compiled, scalars
+from ._compiled import Kernel, check_compiled
 
 
 def check_betas(betas: Any) -> tuple[float, float]:
@@ -42,16 +42,19 @@ class AdamFamilyOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
 
-def compiled_adam_step(kernel: Kernel, params: list[torch.Tensor], grads: list[torch.Tensor],
+def compiled_adam_step(kernel: Kernel, mode: str, params: list[torch.Tensor], grads: list[torch.Tensor],
                        steps: list[torch.Tensor], group: dict[str, Any], *states: list[torch.Tensor]) -> None:
-    """One step of an Adam-family ``kernel(p, g, *states, step_size, bc2_sqrt, decay, beta1, beta2, eps)``
-    per tensor (flattened), with ``step_size = lr / (1 - beta1^t)``, ``bc2_sqrt = sqrt(1 - beta2^t)`` and
-    ``decay = 1 - lr * weight_decay`` as 0-d tensors (see :mod:`sgdlab.optim._compiled`)."""
+    """One step of an Adam-family ``kernel(p, g, *states, step_size, bc2, eps_bc2, decay, beta1, beta2)`` in
+    ``mode`` (:mod:`sgdlab.optim._compiled`), with ``step_size = lr / (1 - beta1^t)``, ``bc2 = sqrt(1 -
+    beta2^t)``, ``eps_bc2 = eps * bc2`` and ``decay = 1 - lr * weight_decay`` per parameter. The kernels use
+    ``m / (sqrt(v) / bc2 + eps) = bc2 * m / (sqrt(v) + eps_bc2)``: one division per element instead of two."""
     lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-    for p, g, step_t, *state in zip(params, grads, steps, *states, strict=True):
-        if group["maximize"]:
-            g = -g
-        step_t += 1
+    if group["maximize"]:
+        grads = torch._foreach_neg(grads)
+    torch._foreach_add_(steps, 1)
+    coefs = []
+    for step_t in steps:
         t = step_t.item()
-        coef = scalars([lr / (1 - beta1 ** t), math.sqrt(1 - beta2 ** t), 1 - lr * wd], p)
-        kernel(p.view(-1), g.reshape(-1), *(x.view(-1) for x in state), *coef, beta1, beta2, eps)
+        bc2 = math.sqrt(1 - beta2 ** t)
+        coefs.append([lr / (1 - beta1 ** t), bc2, eps * bc2, 1 - lr * wd])
+    kernel.run(mode, list(zip(params, grads, *states, strict=True)), coefs, (beta1, beta2))

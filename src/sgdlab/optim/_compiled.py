@@ -1,19 +1,29 @@
-"""``torch.compile``d per-tensor update kernels for the elementwise optimizers, with an eager fallback.
+"""``torch.compile``d update kernels for the elementwise optimizers, with an eager fallback.
 
-An optimizer's whole per-element update is written once as a plain function of flattened (1-D) tensors;
-:class:`Kernel` compiles it (inductor fuses it into one loop per tensor: each element of the parameter and
-its state is read and written once, where the ``_foreach_*`` path makes one pass per operation). Values
-that change every step (learning rate, bias corrections, decay) are passed as 0-d tensors on the
-parameter's device, so schedulers and the step count never trigger a recompilation; constant
-hyperparameters (betas, eps) are Python floats. Shapes: the first call compiles for its size and the
-first size change recompiles once with dynamic sizes.
+An optimizer's whole per-element update is written once as a plain function of one parameter's tensors;
+:class:`Kernel` compiles it in one of two modes (inductor fuses the update into one loop per tensor: each
+element of the parameter and its state is read and written once, where the ``_foreach_*`` path makes one
+pass per operation):
 
-``compiled=None`` (the default of the optimizers that have it) compiles a parameter group when it holds at
-least :data:`AUTO_MIN_NUMEL` elements and every tensor is contiguous: measured on the 2-core CPU
-(BENCHMARKS.md), compiling diffGrad's kernel costs about 3–5 s once and saves about 40 ms per step at 12.6M
-parameters (14 ms against 58 ms for the per-parameter loop), so it pays for itself within about a
-hundred steps there, but never at the 0.5M parameters of ``charlm``. ``compiled=True`` forces it,
-``compiled=False`` never compiles.
+* ``"tensor"``: one compiled call per parameter, on flattened (1-D) tensors, so one compiled function
+  serves every shape (the first size change recompiles once with dynamic sizes). Compiles in about 3–5 s
+  on the 2-core CPU; each call costs about 0.1 ms of Python and guard overhead.
+* ``"group"``: one compiled call for the whole parameter group (the loop over its tensors is unrolled into
+  one C++ kernel with one loop per tensor), so the per-call overhead is paid once per step. Compilation
+  takes longer the more tensors the group has (about 12 s for ``charlm``'s 28), and a different set of
+  tensors (shapes, count) compiles again.
+
+Values that change every step (learning rate, bias corrections, decay) are passed as tensors (0-d, or one
+row per tensor in ``"group"`` mode) on the parameters' device, so schedulers and the step count never
+trigger a recompilation; constant hyperparameters (betas, eps) are Python floats.
+
+``compiled`` (a hyperparameter of the optimizers that have kernels): ``None`` (automatic) compiles
+``"tensor"`` kernels for a parameter group of at least :data:`AUTO_MIN_NUMEL` elements whose tensors are all
+contiguous — measured on the 2-core CPU (BENCHMARKS.md), compiling costs 3–5 s once and saves about 40 ms
+per step at 12.6M parameters, so it pays for itself within about a hundred steps there, but never at the
+0.45M parameters of ``charlm`` — and otherwise takes the multi-tensor path. ``True`` or ``"tensor"`` forces
+per-tensor kernels, ``"group"`` one kernel per group (the fastest steps: for long runs or many small
+tensors), ``False`` never compiles.
 
 If compilation fails (no C++ compiler, an unsupported platform), the kernel warns once and runs the same
 function eagerly from then on: same numbers, slower.
@@ -31,39 +41,90 @@ import torch
 AUTO_MIN_NUMEL = 1 << 22
 
 
+COMPILED = (None, True, False, "tensor", "group")
+
+
+def _over_group(fn: Callable[..., None]) -> Callable[..., None]:
+    """``fn`` applied to each parameter of a group: ``run(tensor_lists, coef, consts)`` calls
+    ``fn(*(lst[i] for lst in tensor_lists), *coef[i], *consts)`` for every ``i``."""
+    def run(tensor_lists: list[list[torch.Tensor]], coef: torch.Tensor, consts: tuple) -> None:
+        for i in range(coef.shape[0]):
+            fn(*[ts[i] for ts in tensor_lists], *coef[i].unbind(), *consts)
+
+    # a code object of its own, so that torch.compile's cache (and recompile limit) is per kernel
+    run.__code__ = run.__code__.replace(co_name=f"{fn.__name__}_over_group")
+    return run
+
+
 class Kernel:
-    """``fn`` compiled on first use; on a compilation error, ``fn`` itself (with one warning)."""
+    """``fn`` compiled on first use; on a compilation error, ``fn`` itself (with one warning).
+
+    ``fn(*tensors, *coefficients, *constants)`` updates one parameter in place; :meth:`run` applies it to a
+    whole parameter group in the ``"tensor"`` or ``"group"`` mode (module docstring)."""
 
     def __init__(self, fn: Callable[..., None], name: str):
         self.fn, self.name = fn, name
-        self._compiled: Callable[..., None] | None = None
+        self._group_fn = _over_group(fn)
+        self._compiled: dict[str, Callable[..., None]] = {}
         self.error: str | None = None
 
-    def __call__(self, *args: Any) -> None:
+    def _call(self, mode: str, fn: Callable[..., None], *args: Any) -> None:
         if self.error is None:
             try:
-                if self._compiled is None:
-                    self._compiled = torch.compile(self.fn, fullgraph=True)
-                return self._compiled(*args)
+                compiled = self._compiled.get(mode)
+                if compiled is None:
+                    compiled = self._compiled[mode] = torch.compile(fn, fullgraph=True)
+                return compiled(*args)
             except Exception as e:  # compilation happens before any tensor is written
                 text = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
                 self.error = f"{type(e).__name__}: {text}"
                 warnings.warn(f"{self.name}: torch.compile failed ({self.error}); running the same update "
-                              "eagerly (pass compiled=False to skip compilation)", RuntimeWarning, stacklevel=3)
-        return self.fn(*args)
+                              "eagerly (pass compiled=False to skip compilation)", RuntimeWarning, stacklevel=4)
+        return fn(*args)
+
+    def __call__(self, *args: Any) -> None:
+        """One parameter's update (tensors already flattened, coefficients as 0-d tensors)."""
+        self._call("tensor", self.fn, *args)
+
+    def run(self, mode: str, tensors: list[tuple[torch.Tensor, ...]], coefs: list[list[float]],
+            consts: tuple = ()) -> None:
+        """Update a group: ``tensors[i]`` are parameter ``i``'s tensors (the parameter first), ``coefs[i]`` its
+        per-step coefficients, ``consts`` the group's constant hyperparameters."""
+        if mode == "group":
+            like = tensors[0][0]
+            dtype = like.dtype
+            for ts in tensors:
+                dtype = torch.promote_types(dtype, ts[0].dtype)
+            coef = torch.tensor(coefs, dtype=dtype, device=like.device)
+            self._call("group", self._group_fn, [list(col) for col in zip(*tensors, strict=True)], coef, consts)
+            return
+        for ts, c in zip(tensors, coefs, strict=True):
+            self(*(t.view(-1) if t.dim() else t for t in ts), *scalars(c, ts[0]), *consts)
 
 
 def check_compiled(value: Any) -> None:
-    if value is not None and not isinstance(value, bool):
-        raise ValueError(f"compiled must be None (automatic), True or False, got {value!r}")
+    if not any(value is v if not isinstance(v, str) else value == v for v in COMPILED):
+        raise ValueError(f"compiled must be None (automatic), True or 'tensor' (one kernel per tensor), 'group' "
+                         f"(one kernel per parameter group) or False, got {value!r}")
 
 
-def use_compiled(flag: bool | None, tensors: list[torch.Tensor]) -> bool:
-    """Whether a group takes the compiled path: ``flag`` if given, else by size (see the module docstring).
-    Non-contiguous tensors always take the multi-tensor or per-parameter path."""
-    if flag is False or not all(t.is_contiguous() for t in tensors):
-        return False
-    return bool(flag) or sum(t.numel() for t in tensors) >= AUTO_MIN_NUMEL
+def compiled_mode(flag: Any, tensors: list[torch.Tensor]) -> str | None:
+    """``"tensor"``, ``"group"`` or None (not compiled) for a group's ``tensors`` (module docstring).
+    ``"group"`` needs one device (else per tensor); per-tensor kernels need contiguous tensors (else none)."""
+    if flag is False:
+        return None
+    if flag == "group" and len({t.device for t in tensors}) == 1:
+        return "group"
+    if not all(t.is_contiguous() for t in tensors):
+        return None
+    if flag is not None or sum(t.numel() for t in tensors) >= AUTO_MIN_NUMEL:
+        return "tensor"
+    return None
+
+
+def use_compiled(flag: Any, tensors: list[torch.Tensor]) -> bool:
+    """Whether a group takes a compiled path (:func:`compiled_mode` is not None)."""
+    return compiled_mode(flag, tensors) is not None
 
 
 def scalars(values: list[float], like: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -44,7 +44,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import ConfigError, check_range
-from ._compiled import Kernel, check_compiled, scalars, use_compiled
+from ._compiled import Kernel, check_compiled, compiled_mode
 
 __all__ = ["AdEMAMix"]
 
@@ -149,8 +149,9 @@ class AdEMAMix(torch.optim.Optimizer):
             params, grads, m1s, m2s, vs, steps = self._init_group(group)
             if not params:
                 continue
-            if use_compiled(group.get("compiled"), [*params, *grads, *m1s, *m2s, *vs]):
-                _compiled(params, grads, m1s, m2s, vs, steps, group)
+            mode = compiled_mode(group.get("compiled"), [*params, *grads, *m1s, *m2s, *vs])
+            if mode:
+                _compiled(mode, params, grads, m1s, m2s, vs, steps, group)
                 continue
             foreach = group["foreach"]
             if foreach is None:
@@ -212,24 +213,26 @@ def _multi_tensor(params, grads, m1s, m2s, vs, steps, group) -> None:
         torch._foreach_addcdiv_(ps, num, denom, value=-lr)
 
 
-def _ademamix_kernel(p, g, m1, m2, v, inv_bc1, bc2_sqrt, alpha_t, one_minus_beta3, lr, decay, beta1: float,
-                     beta2: float, eps: float):
+def _ademamix_kernel(p, g, m1, m2, v, inv_bc1, alpha_t, one_minus_beta3, lr_bc2, eps_bc2, decay, beta1: float,
+                     beta2: float):
     m1.lerp_(g, 1.0 - beta1)
     m2.lerp_(g, one_minus_beta3)
     v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-    p.copy_(p * decay - lr * (m1 * inv_bc1 + alpha_t * m2) / (v.sqrt() / bc2_sqrt + eps))
+    # lr (...) / (sqrt(v) / bc2 + eps) as lr bc2 (...) / (sqrt(v) + eps bc2): one division
+    p.copy_(p * decay - lr_bc2 * (m1 * inv_bc1 + alpha_t * m2) / (v.sqrt() + eps_bc2))
 
 
 _KERNEL = Kernel(_ademamix_kernel, "AdEMAMix")
 
 
-def _compiled(params, grads, m1s, m2s, vs, steps, group) -> None:
+def _compiled(mode, params, grads, m1s, m2s, vs, steps, group) -> None:
     beta1, beta2, _ = group["betas"]
     lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-    for p, g, m1, m2, v, st in zip(params, grads, m1s, m2s, vs, steps, strict=True):
-        if group["maximize"]:
-            g = -g
-        st += 1
+    if group["maximize"]:
+        grads = torch._foreach_neg(grads)
+    torch._foreach_add_(steps, 1.0)
+    coefs = []
+    for st in steps:
         bc1, bc2_sqrt, alpha_t, beta3_t = _coefficients(int(st.item()), group)
-        coef = scalars([1.0 / bc1, bc2_sqrt, alpha_t, 1.0 - beta3_t, lr, 1.0 - lr * wd], p)
-        _KERNEL(p.view(-1), g.reshape(-1), m1.view(-1), m2.view(-1), v.view(-1), *coef, beta1, beta2, eps)
+        coefs.append([1.0 / bc1, alpha_t, 1.0 - beta3_t, lr * bc2_sqrt, eps * bc2_sqrt, 1.0 - lr * wd])
+    _KERNEL.run(mode, list(zip(params, grads, m1s, m2s, vs, strict=True)), coefs, (beta1, beta2))

@@ -35,7 +35,7 @@ import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from ._adam_base import AdamFamilyOptimizer, compiled_adam_step
-from ._compiled import Kernel, use_compiled
+from ._compiled import Kernel, compiled_mode
 
 __all__ = ["DiffGrad"]
 
@@ -96,9 +96,10 @@ class DiffGrad(AdamFamilyOptimizer):
             tensors = self._init_group(group)
             if not tensors[0]:
                 continue
-            if use_compiled(group.get("compiled"), [t for ts in tensors[:5] for t in ts]):
+            mode = compiled_mode(group.get("compiled"), [t for ts in tensors[:5] for t in ts])
+            if mode:
                 params, grads, *states, steps = tensors
-                compiled_adam_step(_DIFFGRAD_KERNEL, params, grads, steps, group, *states)
+                compiled_adam_step(_DIFFGRAD_KERNEL, mode, params, grads, steps, group, *states)
                 continue
             foreach = group["foreach"]
             if foreach is None:
@@ -148,11 +149,11 @@ def _foreach_diffgrad(params, grads, exp_avgs, exp_avg_sqs, prev_grads, steps, g
         torch._foreach_copy_(prev_, g_)
 
 
-def _diffgrad_kernel(p, g, m, v, prev, step_size, bc2_sqrt, decay, beta1: float, beta2: float, eps: float):
+def _diffgrad_kernel(p, g, m, v, prev, step_size, bc2, eps_bc2, decay, beta1: float, beta2: float):
     m.lerp_(g, 1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    xi = (prev - g).abs().sigmoid()
-    p.copy_(p * decay - step_size * xi * m / (v.sqrt() / bc2_sqrt + eps))
+    # xi m / (sqrt(v) / bc2 + eps) with xi = 1 / (1 + exp(-|prev - g|)), as one division
+    p.copy_(p * decay - (step_size * bc2) * m / ((1 + (-(prev - g).abs()).exp()) * (v.sqrt() + eps_bc2)))
     prev.copy_(g)
 
 

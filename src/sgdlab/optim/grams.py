@@ -33,7 +33,7 @@ import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from ._adam_base import AdamFamilyOptimizer, compiled_adam_step
-from ._compiled import Kernel, use_compiled
+from ._compiled import Kernel, compiled_mode
 
 __all__ = ["Grams"]
 
@@ -92,9 +92,10 @@ class Grams(AdamFamilyOptimizer):
             tensors = self._init_group(group)
             if not tensors[0]:
                 continue
-            if use_compiled(group.get("compiled"), [t for ts in tensors[:4] for t in ts]):
+            mode = compiled_mode(group.get("compiled"), [t for ts in tensors[:4] for t in ts])
+            if mode:
                 params, grads, *states, steps = tensors
-                compiled_adam_step(_GRAMS_KERNEL, params, grads, steps, group, *states)
+                compiled_adam_step(_GRAMS_KERNEL, mode, params, grads, steps, group, *states)
                 continue
             foreach = group["foreach"]
             if foreach is None:
@@ -140,11 +141,11 @@ def _foreach_grams(params, grads, exp_avgs, exp_avg_sqs, steps, group) -> None:
         torch._foreach_addcmul_(p_, magnitude, torch._foreach_sign(g_), [-lr / (1 - beta1 ** t) for t in ts])
 
 
-def _grams_kernel(p, g, m, v, step_size, bc2_sqrt, decay, beta1: float, beta2: float, eps: float):
+def _grams_kernel(p, g, m, v, step_size, bc2, eps_bc2, decay, beta1: float, beta2: float):
     m.lerp_(g, 1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    magnitude = (m / (v.sqrt() / bc2_sqrt + eps)).abs()
-    p.copy_(p * decay - step_size * magnitude * g.sign())
+    magnitude = m.abs() / (v.sqrt() + eps_bc2)  # |m / (sqrt(v) / bc2 + eps)| / bc2
+    p.copy_(p * decay - (step_size * bc2) * magnitude * g.sign())
 
 
 _GRAMS_KERNEL = Kernel(_grams_kernel, "Grams")

@@ -40,7 +40,7 @@ import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from ._adam_base import AdamFamilyOptimizer, compiled_adam_step
-from ._compiled import Kernel, use_compiled
+from ._compiled import Kernel, compiled_mode
 
 __all__ = ["LaProp"]
 
@@ -99,9 +99,10 @@ class LaProp(AdamFamilyOptimizer):
             tensors = self._init_group(group)
             if not tensors[0]:
                 continue
-            if use_compiled(group.get("compiled"), [t for ts in tensors[:4] for t in ts]):
+            mode = compiled_mode(group.get("compiled"), [t for ts in tensors[:4] for t in ts])
+            if mode:
                 params, grads, *states, steps = tensors
-                compiled_adam_step(_LAPROP_KERNEL, params, grads, steps, group, *states)
+                compiled_adam_step(_LAPROP_KERNEL, mode, params, grads, steps, group, *states)
                 continue
             foreach = group["foreach"]
             if foreach is None:
@@ -145,9 +146,9 @@ def _foreach_laprop(params, grads, exp_avgs, exp_avg_sqs, steps, group) -> None:
         torch._foreach_add_(p_, torch._foreach_mul(m_, [-lr / (1 - beta1 ** t) for t in ts]))
 
 
-def _laprop_kernel(p, g, m, v, step_size, bc2_sqrt, decay, beta1: float, beta2: float, eps: float):
+def _laprop_kernel(p, g, m, v, step_size, bc2, eps_bc2, decay, beta1: float, beta2: float):
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    m.mul_(beta1).add_((1 - beta1) * g / (v.sqrt() / bc2_sqrt + eps))
+    m.mul_(beta1).add_(((1 - beta1) * bc2) * g / (v.sqrt() + eps_bc2))  # g / (sqrt(v) / bc2 + eps)
     p.copy_(p * decay - step_size * m)
 
 

@@ -48,7 +48,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import ConfigError, check_range
-from ._compiled import Kernel, check_compiled, scalars, use_compiled
+from ._compiled import Kernel, check_compiled, compiled_mode
 
 __all__ = ["MARS"]
 
@@ -135,8 +135,9 @@ class MARS(torch.optim.Optimizer):
             params, grads, ms, vs, lasts, steps = self._init_group(group)
             if not params:
                 continue
-            if use_compiled(group.get("compiled"), [*params, *grads, *ms, *vs, *lasts]):
-                _compiled(params, grads, ms, vs, lasts, steps, group)
+            mode = compiled_mode(group.get("compiled"), [*params, *grads, *ms, *vs, *lasts])
+            if mode:
+                _compiled(mode, params, grads, ms, vs, lasts, steps, group)
                 continue
             foreach = group["foreach"]
             if foreach is None:
@@ -197,27 +198,29 @@ def _multi_tensor(params, grads, ms, vs, lasts, steps, group) -> None:
         torch._foreach_copy_(last, g)
 
 
-def _mars_kernel(p, g, m, v, last, step_size, bc2_sqrt, decay, scale: float, beta1: float, beta2: float,
-                 eps: float):
+def _mars_kernel(p, g, m, v, last, step_size_bc2, eps_bc2, decay, scale: float, beta1: float, beta2: float):
     c = (g - last) * scale + g
-    c = c / torch.linalg.vector_norm(c).clamp_min(1.0)
+    c = c * (1.0 / torch.linalg.vector_norm(c).clamp_min(1.0))  # one division per tensor, not per element
     m.lerp_(c, 1.0 - beta1)
     v.mul_(beta2).addcmul_(c, c, value=1.0 - beta2)
-    p.copy_(p * decay - step_size * m / (v.sqrt() / bc2_sqrt + eps))
+    # step_size m / (sqrt(v) / bc2 + eps) as step_size bc2 m / (sqrt(v) + eps bc2)
+    p.copy_(p * decay - step_size_bc2 * m / (v.sqrt() + eps_bc2))
     last.copy_(g)
 
 
 _KERNEL = Kernel(_mars_kernel, "MARS")
 
 
-def _compiled(params, grads, ms, vs, lasts, steps, group) -> None:
+def _compiled(mode, params, grads, ms, vs, lasts, steps, group) -> None:
     beta1, beta2 = group["betas"]
     lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
     scale = group["gamma"] * beta1 / (1.0 - beta1)
-    for p, g, m, v, last, st in zip(params, grads, ms, vs, lasts, steps, strict=True):
-        if group["maximize"]:
-            g = -g
-        st += 1
+    if group["maximize"]:
+        grads = torch._foreach_neg(grads)
+    torch._foreach_add_(steps, 1.0)
+    coefs = []
+    for st in steps:
         step = int(st.item())
-        coef = scalars([lr / (1.0 - beta1 ** step), math.sqrt(1.0 - beta2 ** step), 1.0 - lr * wd], p)
-        _KERNEL(p.view(-1), g.reshape(-1), m.view(-1), v.view(-1), last.view(-1), *coef, scale, beta1, beta2, eps)
+        bc2 = math.sqrt(1.0 - beta2 ** step)
+        coefs.append([lr * bc2 / (1.0 - beta1 ** step), eps * bc2, 1.0 - lr * wd])
+    _KERNEL.run(mode, list(zip(params, grads, ms, vs, lasts, strict=True)), coefs, (scale, beta1, beta2))

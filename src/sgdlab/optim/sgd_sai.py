@@ -45,7 +45,7 @@ import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from ..errors import check_range
-from ._compiled import Kernel, check_compiled, scalars, use_compiled
+from ._compiled import Kernel, check_compiled, compiled_mode
 
 __all__ = ["SGDSaI"]
 
@@ -141,8 +141,9 @@ class SGDSaI(torch.optim.Optimizer):
             if not params:
                 continue
             check_compiled(group.get("compiled"))
-            if use_compiled(group.get("compiled"), [t for p in params for t in (p, p.grad)]):
-                self._step_compiled(group, params, fresh)
+            mode = compiled_mode(group.get("compiled"), [t for p in params for t in (p, p.grad)])
+            if mode:
+                self._step_compiled(mode, group, params, fresh)
                 continue
             foreach = group["foreach"]
             if foreach is None:
@@ -165,14 +166,16 @@ class SGDSaI(torch.optim.Optimizer):
                 p.mul_(1.0 - lr * wd)  # line 17
             p.add_(buf * state["gsnr"], alpha=-lr)  # line 19
 
-    def _step_compiled(self, group: dict[str, Any], params: list[torch.Tensor], fresh: set[int]) -> None:
+    def _step_compiled(self, mode: str, group: dict[str, Any], params: list[torch.Tensor], fresh: set[int]) -> None:
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-        for p in params:
-            state = self.state[p]
-            grad = -p.grad if group["maximize"] else p.grad
-            lr_t, decay = scalars([lr, 1.0 - lr * wd], p)
-            _KERNEL(p.view(-1), grad.reshape(-1), state["momentum_buffer"].view(-1), state["gsnr"], lr_t, decay,
-                    mu, id(p) not in fresh)
+        grads = [p.grad for p in params]
+        if group["maximize"]:
+            grads = torch._foreach_neg(grads)
+        states = [self.state[p] for p in params]
+        # m <- keep m + (1 - keep) g: keep = momentum (line 8), or 1 on the first step (m = g already, line 10)
+        coefs = [[1.0 if id(p) in fresh else mu, lr, 1.0 - lr * wd] for p in params]
+        _KERNEL.run(mode, [(p, g, s["momentum_buffer"], s["gsnr"]) for p, g, s in zip(params, grads, states,
+                                                                                    strict=True)], coefs)
 
     def _step_foreach(self, group: dict[str, Any], params: list[torch.Tensor], fresh: set[int]) -> None:
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
@@ -194,9 +197,8 @@ class SGDSaI(torch.optim.Optimizer):
             torch._foreach_add_(ps, torch._foreach_mul(ms, ss), alpha=-lr)
 
 
-def _sgd_sai_kernel(p, g, m, scale, lr, decay, momentum: float, update_momentum: bool):
-    if update_momentum:  # line 8 (on the first step m = g was set by _initialize)
-        m.mul_(momentum).add_(g, alpha=1.0 - momentum)
+def _sgd_sai_kernel(p, g, m, scale, keep, lr, decay):
+    m.mul_(keep).add_(g * (1.0 - keep))
     p.copy_(p * decay - lr * (m * scale))
 
 

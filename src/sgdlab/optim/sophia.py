@@ -81,7 +81,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.optim import Optimizer
 
 from ..errors import ConfigError, check_range
-from ._compiled import Kernel, check_compiled, scalars, use_compiled
+from ._compiled import Kernel, check_compiled, compiled_mode
 
 __all__ = ["Sophia", "SophiaG", "SophiaH", "gnb_loss"]
 
@@ -336,11 +336,11 @@ class Sophia(Optimizer):
             states = [self.state[p] for p in ps]
             grads, ms, hs = [p.grad for p in ps], [s["exp_avg"] for s in states], [s["hessian"] for s in states]
             steps = [s["step"] for s in states]
-            if use_compiled(group.get("compiled"), [*ps, *grads, *ms, *hs]):
-                for p, g, m, h, st in zip(ps, grads, ms, hs, steps, strict=True):
-                    st.add_(1.0)
-                    lr_t, decay = scalars([lr, 1.0 - lr * wd], p)
-                    _KERNEL(p.view(-1), g.reshape(-1), m.view(-1), h.view(-1), lr_t, decay, beta1, gamma, eps)
+            mode = compiled_mode(group.get("compiled"), [*ps, *grads, *ms, *hs])
+            if mode:
+                torch._foreach_add_(steps, 1.0)
+                _KERNEL.run(mode, list(zip(ps, grads, ms, hs, strict=True)), [[lr, 1.0 - lr * wd]] * len(ps),
+                            (beta1, gamma, eps))
             elif self._use_foreach(group, ps):
                 torch._foreach_add_(steps, 1.0)
                 for p_l, g_l, m_l, h_l in self._by_device_dtype([ps, grads, ms, hs]):
