@@ -148,8 +148,8 @@ def test_group_kernel_updates_non_contiguous_parameters_in_place():
     from sgdlab.optim.diffgrad import DiffGrad
 
     torch.manual_seed(0)
-    base = torch.randn(5, 4, dtype=torch.float64)
-    a = [base.t().clone().t().requires_grad_(), torch.randn(3, dtype=torch.float64, requires_grad=True)]
+    first = torch.empty_strided((5, 4), (1, 5), dtype=torch.float64).copy_(torch.randn(5, 4))
+    a = [first.requires_grad_(), torch.randn(3, dtype=torch.float64, requires_grad=True)]
     b = [t.detach().clone().requires_grad_() for t in a]
     assert not a[0].is_contiguous()
     oa, ob = DiffGrad(a, lr=0.1, compiled="group"), DiffGrad(b, lr=0.1, compiled=False)
