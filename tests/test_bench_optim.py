@@ -38,9 +38,13 @@ def test_bench_optim_table_shape(monkeypatch, capsys):
         assert len(row.strip("|").split("|")) == len(bench.COLUMNS)
     cells = {(r.split("|")[1].strip(), r.split("|")[2].strip()): r.split("|")[1:-1] for r in rows}
     assert set(cells) >= {(s, n) for s in ("10m", "charlm") for n in names}
-    assert cells[("10m", "sgd")][3].strip() != "–"  # sgd has a foreach switch: eager time shown
-    assert cells[("10m", "adamp")][10].strip() != "–"  # pytorch_optimizer has AdamP
-    assert cells[("10m", "sgd")][10].strip() == "–"  # ... and no comparison for torch's SGD
+    col = {name: i for i, name in enumerate(bench.COLUMNS)}
+    assert cells[("10m", "sgd")][col["eager ms"]].strip() != "–"  # sgd has a foreach switch: eager time shown
+    assert cells[("10m", "adamp")][col["pytorch_optimizer ms"]].strip() != "–"  # pytorch_optimizer has AdamP
+    assert cells[("10m", "sgd")][col["pytorch_optimizer ms"]].strip() == "–"  # ... and no comparison for SGD
+    assert cells[("10m", "sophia-h")][col["group ms"]].strip() != "–"  # Sophia has compiled kernels
+    assert cells[("10m", "sophia-h")][col["group compile s"]].strip() != "–"
+    assert cells[("10m", "adamp")][col["group ms"]].strip() == "–"  # ... AdamP has none
     assert out.count("median speed-up over pytorch_optimizer") == 3
     assert out.count("of fused AdamW's effective bandwidth") == 2
 
