@@ -136,13 +136,17 @@ def take_grads(ps, step):
     ps["frozen"].grad = None
 
 
-@pytest.mark.parametrize("foreach", [True, False])
+PATHS = {"foreach": dict(foreach=True, compiled=False), "eager": dict(foreach=False, compiled=False),
+         "compiled": dict(compiled=True), "group": dict(compiled="group")}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("algo", ["adamp", "sgdp"])
-def test_matches_reference(algo, foreach):
+def test_matches_reference(algo, path):
     cls, ref_cls = (AdamP, RefAdamP) if algo == "adamp" else (SGDP, RefSGDP)
     ps, rs = make_params(), make_params()
     frozen0 = ps["frozen"].detach().clone()
-    opt = build(cls, ps, algo, foreach=foreach)
+    opt = build(cls, ps, algo, **PATHS[path])
     ref = ref_cls(param_groups(rs, algo))
     seen = {"channel": 0, "layer": 0}
     for step in range(25):
@@ -321,12 +325,12 @@ def test_unknown_keyword_and_sparse(cls):
         opt.step()
 
 
-@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("cls", [AdamP, SGDP])
-def test_maximize_and_closure(cls, foreach):
+def test_maximize_and_closure(cls, path):
     a = torch.randn(3, 4, dtype=F64, requires_grad=True)
     b = a.detach().clone().requires_grad_()
-    opt_max, opt_min = cls([a], maximize=True, foreach=foreach), cls([b], foreach=foreach)
+    opt_max, opt_min = cls([a], maximize=True, **PATHS[path]), cls([b], **PATHS[path])
     def closure():
         a.grad = None
         (-(a ** 3).sum()).backward()
@@ -386,12 +390,12 @@ def test_pytorch_optimizer_adamp_eps_placement_differs():
     assert (a - b).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("cls", [AdamP, SGDP])
-def test_empty_and_scalar_params(cls, foreach):
+def test_empty_and_scalar_params(cls, path):
     ps = [torch.zeros(0, 3, requires_grad=True), torch.tensor(2.0, requires_grad=True),
           torch.ones(3, 2, requires_grad=True)]
     for p in ps:
         p.grad = torch.ones_like(p)
-    cls(ps, lr=0.1, weight_decay=0.1, foreach=foreach).step()
+    cls(ps, lr=0.1, weight_decay=0.1, **PATHS[path]).step()
     assert ps[0].shape == (0, 3) and float(ps[1].detach()) < 2.0 and float(ps[2].detach().sum()) < 6.0

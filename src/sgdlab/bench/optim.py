@@ -186,9 +186,9 @@ def measure(contenders: list[Contender], warmup: int, repeats: int, block_s: flo
     est = {}
     for c in contenders:
         est[c.label] = c.first = _time_block(c.step, 1, device)  # the first step also allocates the state
-        for _ in range(max(0, warmup - 1)):
-            if est[c.label] > SLOW_STEP_S:  # a step this slow is not warming anything up any more
-                break
+        for i in range(max(0, warmup - 1)):
+            if i > 0 and est[c.label] > SLOW_STEP_S:  # a step this slow (after the first, which may compile)
+                break                                 # is not warming anything up any more
             est[c.label] = _time_block(c.step, 1, device)
     for c in contenders:
         c.inner = max(1, math.ceil(block_s / max(est[c.label], 1e-7))) if block_s > 0 else 1
@@ -354,7 +354,7 @@ def run_row(name: str, set_name: str, params: list[torch.nn.Parameter], args,
            "theirs_ms": other and 1e3 * other.median, "speedup": other and other.median / paired.median,
            "default_speedup": other and name != "muon" and other.median / main.median,
            "elementwise": name not in MATRIX_OPTIMIZERS, "repeats": len(main.times)}
-    if paired is not main:
+    if name == "muon" and other is not None:
         notes.append(f"p_o compared with ours ns_dtype=bfloat16: {1e3 * paired.median:.1f} ms")
     if skip_theirs and args.pytorch_optimizer:
         notes.append("p_o (bf16-only Newton-Schulz) not compared on CPU")

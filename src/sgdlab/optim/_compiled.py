@@ -60,10 +60,11 @@ class Kernel:
     """``fn`` compiled on first use; on a compilation error, ``fn`` itself (with one warning).
 
     ``fn(*tensors, *coefficients, *constants)`` updates one parameter in place; :meth:`run` applies it to a
-    whole parameter group in the ``"tensor"`` or ``"group"`` mode (module docstring)."""
+    whole parameter group in the ``"tensor"`` or ``"group"`` mode (module docstring). ``flatten=False`` keeps
+    the tensors' shapes in ``"tensor"`` mode (for updates that reduce over rows, like AdamP's projection)."""
 
-    def __init__(self, fn: Callable[..., None], name: str):
-        self.fn, self.name = fn, name
+    def __init__(self, fn: Callable[..., None], name: str, flatten: bool = True):
+        self.fn, self.name, self.flatten = fn, name, flatten
         self._group_fn = _over_group(fn)
         self._compiled: dict[str, Callable[..., None]] = {}
         self.error: str | None = None
@@ -99,7 +100,7 @@ class Kernel:
             self._call("group", self._group_fn, [list(col) for col in zip(*tensors, strict=True)], coef, consts)
             return
         for ts, c in zip(tensors, coefs, strict=True):
-            self(*(t.view(-1) if t.dim() else t for t in ts), *scalars(c, ts[0]), *consts)
+            self(*(t.view(-1) if t.dim() and self.flatten else t for t in ts), *scalars(c, ts[0]), *consts)
 
 
 def check_compiled(value: Any) -> None:

@@ -70,6 +70,7 @@ from torch.optim.optimizer import _get_scalar_dtype
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from ..errors import check_range
+from ._compiled import Kernel, check_compiled, compiled_mode
 
 __all__ = ["AdamP", "SGDP"]
 
@@ -182,6 +183,63 @@ def _projected_step_many(params: list[torch.Tensor], grads: list[torch.Tensor], 
 
 
 # --------------------------------------------------------------------------------------------------------
+# Compiled kernels (sgdlab.optim._compiled): one parameter's whole step, projection included
+# --------------------------------------------------------------------------------------------------------
+
+def _projected_update(p, g, u, step_size, decay, decay_projected, threshold_channel, threshold_layer,
+                      eps: float) -> None:
+    """``p <- p * factor - step_size * q`` with ``q`` the update ``u`` projected as :func:`_project_one` decides
+    (channel view, else layer view, else none; decided with tensor ops, no host sync) and ``factor``
+    ``decay_projected`` if projected else ``decay``. Thresholds: ``delta / sqrt(fan-in)`` and
+    ``delta / sqrt(numel)``."""
+    if p.dim() < 2 or p.numel() == 0:
+        p.copy_(p * decay - step_size * u)
+        return
+    rows = p.shape[0]
+    w, gr, ur = p.reshape(rows, -1), g.reshape(rows, -1), u.reshape(rows, -1)
+    ww, gg, wg, wu = (w * w).sum(1), (gr * gr).sum(1), (w * gr).sum(1), (w * ur).sum(1)
+
+    def cosine(dot, sq_a, sq_b):
+        return dot.abs() / (sq_a.sqrt().clamp_min(eps) * sq_b.sqrt().clamp_min(eps))
+
+    channel = cosine(wg, ww, gg).amax() < threshold_channel
+    lww = ww.sum()
+    layer = cosine(wg.sum(), lww, gg.sum()) < threshold_layer
+    # radial part of u along w_hat = w / (||w|| + eps): w <w, u> / (||w|| + eps)^2, per row or for the tensor
+    coef = torch.where(channel, wu / (ww.sqrt() + eps) ** 2,
+                       torch.where(layer, wu.sum() / (lww.sqrt() + eps) ** 2, torch.zeros_like(wu)))
+    factor = torch.where(channel | layer, decay_projected, decay)
+    p.copy_((w * factor - step_size * (ur - w * coef.unsqueeze(1))).view(p.shape))
+
+
+def _adamp_kernel(p, g, m, v, step_size, bc2, decay, decay_projected, threshold_channel, threshold_layer,
+                  beta1: float, beta2: float, eps: float, nesterov: bool) -> None:
+    m.mul_(beta1).add_(g, alpha=1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    num = m * beta1 + g * (1 - beta1) if nesterov else m
+    _projected_update(p, g, num / (v.sqrt() / bc2 + eps), step_size, decay, decay_projected, threshold_channel,
+                      threshold_layer, eps)
+
+
+def _sgdp_kernel(p, g, buf, lr, decay, decay_projected, threshold_channel, threshold_layer, momentum: float,
+                 dampening: float, eps: float, nesterov: bool) -> None:
+    buf.mul_(momentum).add_(g, alpha=1 - dampening)
+    _projected_update(p, g, g + momentum * buf if nesterov else buf, lr, decay, decay_projected,
+                      threshold_channel, threshold_layer, eps)
+
+
+_ADAMP_KERNEL = Kernel(_adamp_kernel, "AdamP", flatten=False)
+_SGDP_KERNEL = Kernel(_sgdp_kernel, "SGDP", flatten=False)
+
+
+def _thresholds(p: torch.Tensor, delta: float) -> list[float]:
+    """The channel and layer tests' thresholds ``delta / sqrt(dim)`` (unused for vectors)."""
+    if p.dim() < 2 or p.numel() == 0:
+        return [0.0, 0.0]
+    return [delta / math.sqrt(p.numel() // p.shape[0]), delta / math.sqrt(p.numel())]
+
+
+# --------------------------------------------------------------------------------------------------------
 # Shared helpers
 # --------------------------------------------------------------------------------------------------------
 
@@ -190,7 +248,7 @@ def _check_flag(name: str, value) -> None:
         raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
-def _check_common(lr, weight_decay, delta, wd_ratio, eps, foreach, maximize, nesterov) -> None:
+def _check_common(lr, weight_decay, delta, wd_ratio, eps, foreach, maximize, nesterov, compiled=None) -> None:
     check_range("lr", lr, low=0.0)
     check_range("weight_decay", weight_decay, low=0.0)
     check_range("delta", delta, low=0.0)
@@ -200,6 +258,7 @@ def _check_common(lr, weight_decay, delta, wd_ratio, eps, foreach, maximize, nes
         _check_flag("foreach", foreach)
     _check_flag("maximize", maximize)
     _check_flag("nesterov", nesterov)
+    check_compiled(compiled)
 
 
 def _use_foreach(group: dict, params: list[torch.Tensor]) -> bool:
@@ -245,19 +304,20 @@ class AdamP(torch.optim.Optimizer):
     ``eps`` (1e-8; Adam denominator, cosine and projection guard), ``weight_decay`` (0, decoupled),
     ``delta`` (0.1, threshold of the scale-invariance test), ``wd_ratio`` (0.1, weight-decay multiplier on
     projected weights), ``nesterov`` (False), ``foreach`` (None: multi-tensor path when all params are on
-    CUDA, per-parameter path otherwise), ``maximize`` (False).
+    CUDA, per-parameter path otherwise), ``compiled`` (None: a compiled kernel per tensor for groups of at
+    least 4M elements; True/"tensor", "group" or False, see :mod:`sgdlab.optim._compiled`), ``maximize`` (False).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, delta: float = 0.1, wd_ratio: float = 0.1, nesterov: bool = False,
-                 *, foreach: bool | None = None, maximize: bool = False):
-        _check_common(lr, weight_decay, delta, wd_ratio, eps, foreach, maximize, nesterov)
+                 *, foreach: bool | None = None, compiled: bool | str | None = None, maximize: bool = False):
+        _check_common(lr, weight_decay, delta, wd_ratio, eps, foreach, maximize, nesterov, compiled)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         check_range("beta1", betas[0], low=0.0, high=1.0, high_open=True)
         check_range("beta2", betas[1], low=0.0, high=1.0, high_open=True)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, delta=delta,
-                        wd_ratio=wd_ratio, nesterov=nesterov, foreach=foreach, maximize=maximize)
+                        wd_ratio=wd_ratio, nesterov=nesterov, foreach=foreach, compiled=compiled, maximize=maximize)
         super().__init__(params, defaults)
 
     @staticmethod
@@ -276,7 +336,11 @@ class AdamP(torch.optim.Optimizer):
             params, grads, states = _collect(self, group, self._init_state)
             if not params:
                 continue
-            if _use_foreach(group, params):
+            mode = compiled_mode(group.get("compiled"), [*params, *grads, *(t for st in states for t in st.values()
+                                                                             if t.dim())])
+            if mode:
+                self._step_compiled(mode, group, params, grads, states)
+            elif _use_foreach(group, params):
                 self._step_foreach(group, params, grads, states)
             else:
                 self._step_eager(group, params, grads, states)
@@ -298,6 +362,20 @@ class AdamP(torch.optim.Optimizer):
             if wd != 0.0:
                 p.mul_(1 - lr * wd * (group["wd_ratio"] if projected else 1.0))
             p.add_(update, alpha=-lr / (1 - beta1 ** t))
+
+    def _step_compiled(self, mode, group, params, grads, states) -> None:
+        beta1, beta2 = group["betas"]
+        lr, wd, delta = group["lr"], group["weight_decay"], group["delta"]
+        grads = _maybe_negate(grads, group["maximize"], True)
+        torch._foreach_add_([s["step"] for s in states], 1.0)
+        coefs = []
+        for p, state in zip(params, states, strict=True):
+            t = state["step"].item()
+            coefs.append([lr / (1 - beta1 ** t), math.sqrt(1 - beta2 ** t), 1 - lr * wd,
+                          1 - lr * wd * group["wd_ratio"], *_thresholds(p, delta)])
+        _ADAMP_KERNEL.run(mode, [(p, g, s["exp_avg"], s["exp_avg_sq"]) for p, g, s in zip(params, grads, states,
+                                                                                        strict=True)],
+                          coefs, (beta1, beta2, group["eps"], group["nesterov"]))
 
     def _step_foreach(self, group, params, grads, states) -> None:
         beta1, beta2 = group["betas"]
@@ -337,13 +415,14 @@ class SGDP(torch.optim.Optimizer):
     in [0, 1)), ``dampening`` (0), ``weight_decay`` (0, decoupled, divided by ``1 - momentum``), ``nesterov``
     (False; needs momentum > 0 and dampening = 0), ``eps`` (1e-8; cosine and projection guard), ``delta``
     (0.1), ``wd_ratio`` (0.1), ``foreach`` (None: multi-tensor path when all params are on CUDA),
-    ``maximize`` (False).
+    ``compiled`` (as AdamP's), ``maximize`` (False).
     """
 
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, eps: float = 1e-8, delta: float = 0.1,
-                 wd_ratio: float = 0.1, *, foreach: bool | None = None, maximize: bool = False):
-        _check_common(lr, weight_decay, delta, wd_ratio, eps, foreach, maximize, nesterov)
+                 wd_ratio: float = 0.1, *, foreach: bool | None = None, compiled: bool | str | None = None,
+                 maximize: bool = False):
+        _check_common(lr, weight_decay, delta, wd_ratio, eps, foreach, maximize, nesterov, compiled)
         check_range("momentum", momentum, low=0.0, high=1.0, high_open=True)
         check_range("dampening", dampening, low=0.0, high=1.0)
         if nesterov and (momentum <= 0 or dampening != 0):
@@ -351,7 +430,7 @@ class SGDP(torch.optim.Optimizer):
                              f"dampening={dampening!r}")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio, foreach=foreach,
-                        maximize=maximize)
+                        compiled=compiled, maximize=maximize)
         super().__init__(params, defaults)
 
     @staticmethod
@@ -368,7 +447,11 @@ class SGDP(torch.optim.Optimizer):
             params, grads, states = _collect(self, group, self._init_state)
             if not params:
                 continue
-            if _use_foreach(group, params):
+            mode = compiled_mode(group.get("compiled"), [*params, *grads, *(t for st in states for t in st.values()
+                                                                             if t.dim())])
+            if mode:
+                self._step_compiled(mode, group, params, grads, states)
+            elif _use_foreach(group, params):
                 self._step_foreach(group, params, grads, states)
             else:
                 self._step_eager(group, params, grads, states)
@@ -384,6 +467,14 @@ class SGDP(torch.optim.Optimizer):
             if wd != 0.0:
                 p.mul_(1 - lr * wd * (group["wd_ratio"] if projected else 1.0) / (1 - mom))
             p.add_(update, alpha=-lr)
+
+    def _step_compiled(self, mode, group, params, grads, states) -> None:
+        lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+        grads = _maybe_negate(grads, group["maximize"], True)
+        decay = lr * wd / (1 - mom)
+        coefs = [[lr, 1 - decay, 1 - decay * group["wd_ratio"], *_thresholds(p, group["delta"])] for p in params]
+        _SGDP_KERNEL.run(mode, [(p, g, s["momentum_buffer"]) for p, g, s in zip(params, grads, states, strict=True)],
+                         coefs, (mom, group["dampening"], group["eps"], group["nesterov"]))
 
     def _step_foreach(self, group, params, grads, states) -> None:
         lr, mom = group["lr"], group["momentum"]
