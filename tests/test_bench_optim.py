@@ -44,7 +44,7 @@ def test_bench_optim_table_shape(monkeypatch, capsys):
     assert cells[("10m", "sgd")][col["pytorch_optimizer ms"]].strip() == "–"  # ... and no comparison for SGD
     assert cells[("10m", "sophia-h")][col["group ms"]].strip() != "–"  # Sophia has compiled kernels
     assert cells[("10m", "sophia-h")][col["group compile s"]].strip() != "–"
-    assert cells[("10m", "adamp")][col["group ms"]].strip() == "–"  # ... AdamP has none
+    assert cells[("10m", "sgd")][col["group ms"]].strip() == "–"  # ... torch SGD has none
     assert out.count("median speed-up over pytorch_optimizer") == 3
     assert out.count("of fused AdamW's effective bandwidth") == 2
 
