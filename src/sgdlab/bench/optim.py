@@ -23,7 +23,7 @@ Per optimizer and parameter set it reports:
   parameter and each state tensor once, i.e. ``bytes = 3 * param_bytes + 2 * state_bytes``. Lookahead's
   slow weights are touched once every ``k`` steps, so they count ``2 / k`` of their bytes. The model ignores
   temporaries and extra passes, so it is a lower bound of the real traffic for the elementwise optimizers
-  and meaningless for the matrix ones (Muon, SWAN, AuON), whose step is dominated by matrix products.
+  and meaningless for the matrix ones (Muon, SWAN, AuON, FRUGAL), whose step is dominated by matrix products.
   It is shown against a **copy bandwidth** measured in the same rounds (``dst.copy_(src)`` on a tensor the
   size of the parameter set, ``2 * bytes / time``) and against fused AdamW's effective bandwidth under the same
   model (``3 + 2 * 2`` parameter sizes per step).
@@ -76,8 +76,9 @@ from ..errors import ConfigError
 SLOW_STEP_S = 1.0  # contenders whose step takes longer get only one warm-up step
 HUGE_K = 10**9  # Sophia-H Hessian period: no Hessian step after the first (warm-up) one
 
-# Optimizers whose step is dominated by matrix products, not memory traffic: no bandwidth verdict for them.
-MATRIX_OPTIMIZERS = {"muon", "swan", "auon", "hybrid-auon"}
+# Optimizers whose step is dominated by matrix products, not memory traffic: no bandwidth verdict for them
+# (FRUGAL projects every gradient matrix onto its subspace and back, and re-computes an SVD every T steps).
+MATRIX_OPTIMIZERS = {"muon", "swan", "auon", "hybrid-auon", "frugal"}
 
 # sgdlab name -> pytorch_optimizer name (load_optimizer) of the same algorithm.
 PYTORCH_OPTIMIZER_NAMES = {"diffgrad": "diffgrad", "adamp": "adamp", "sgdp": "sgdp", "sgd-sai": "sgdsai",

@@ -42,6 +42,9 @@ AUTO_MIN_NUMEL = 1 << 22
 
 
 COMPILED = (None, True, False, "tensor", "group")
+# inductor re-checks every input's size and stride on each call, which dynamo's guards already did: about
+# 2.5 us per tensor, 0.07 ms per step for charlm's 28 parameters in "group" mode
+_OPTIONS = {"size_asserts": False}
 
 
 def _over_group(fn: Callable[..., None]) -> Callable[..., None]:
@@ -74,7 +77,7 @@ class Kernel:
             try:
                 compiled = self._compiled.get(mode)
                 if compiled is None:
-                    compiled = self._compiled[mode] = torch.compile(fn, fullgraph=True)
+                    compiled = self._compiled[mode] = torch.compile(fn, fullgraph=True, options=_OPTIONS)
                 return compiled(*args)
             except Exception as e:  # compilation happens before any tensor is written
                 text = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
