@@ -154,10 +154,10 @@ def test_group_kernel_updates_non_contiguous_parameters_in_place():
     assert not a[0].is_contiguous()
     oa, ob = DiffGrad(a, lr=0.1, compiled="group"), DiffGrad(b, lr=0.1, compiled=False)
     for _ in range(3):
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=True):
             x.grad = torch.randn_like(x)
             y.grad = x.grad.clone()
         oa.step()
         ob.step()
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)

@@ -822,7 +822,6 @@ class GhostClipper:
 
     def _norm(self, u: _Norm, out: dict[str, _Param]) -> None:
         x, g = u.x, u.g
-        b = x.shape[0]
         if u.groups is None:
             dims = list(range(1, x.dim() - len(u.shape)))
         else:
