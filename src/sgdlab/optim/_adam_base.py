@@ -47,14 +47,15 @@ def compiled_adam_step(kernel: Kernel, mode: str, params: list[torch.Tensor], gr
     """One step of an Adam-family ``kernel(p, g, *states, step_size, bc2, eps_bc2, decay, beta1, beta2)`` in
     ``mode`` (:mod:`sgdlab.optim._compiled`), with ``step_size = lr / (1 - beta1^t)``, ``bc2 = sqrt(1 -
     beta2^t)``, ``eps_bc2 = eps * bc2`` and ``decay = 1 - lr * weight_decay`` per parameter. The kernels use
-    ``m / (sqrt(v) / bc2 + eps) = bc2 * m / (sqrt(v) + eps_bc2)``: one division per element instead of two."""
+    ``m / (sqrt(v) / bc2 + eps) = bc2 * m / (sqrt(v) + eps_bc2)``: one division per element instead of two.
+    Steps are counted by :meth:`Kernel.run_stepped`."""
     lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
     if group["maximize"]:
         grads = torch._foreach_neg(grads)
-    torch._foreach_add_(steps, 1)
-    coefs = []
-    for step_t in steps:
-        t = step_t.item()
+    tensors = list(zip(params, grads, *states, strict=True))
+
+    def coefficients(t: float) -> list[float]:
         bc2 = math.sqrt(1 - beta2 ** t)
-        coefs.append([lr / (1 - beta1 ** t), bc2, eps * bc2, 1 - lr * wd])
-    kernel.run(mode, list(zip(params, grads, *states, strict=True)), coefs, (beta1, beta2))
+        return [lr / (1 - beta1 ** t), bc2, eps * bc2, 1 - lr * wd]
+
+    kernel.run_stepped(mode, tensors, steps, coefficients, (beta1, beta2))

@@ -230,9 +230,10 @@ def _compiled(mode, params, grads, m1s, m2s, vs, steps, group) -> None:
     lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
     if group["maximize"]:
         grads = torch._foreach_neg(grads)
-    torch._foreach_add_(steps, 1.0)
-    coefs = []
-    for st in steps:
-        bc1, bc2_sqrt, alpha_t, beta3_t = _coefficients(int(st.item()), group)
-        coefs.append([1.0 / bc1, alpha_t, 1.0 - beta3_t, lr * bc2_sqrt, eps * bc2_sqrt, 1.0 - lr * wd])
-    _KERNEL.run(mode, list(zip(params, grads, m1s, m2s, vs, strict=True)), coefs, (beta1, beta2))
+
+    def coefficients(step: float) -> list[float]:
+        bc1, bc2_sqrt, alpha_t, beta3_t = _coefficients(int(step), group)
+        return [1.0 / bc1, alpha_t, 1.0 - beta3_t, lr * bc2_sqrt, eps * bc2_sqrt, 1.0 - lr * wd]
+
+    _KERNEL.run_stepped(mode, list(zip(params, grads, m1s, m2s, vs, strict=True)), steps, coefficients,
+                        (beta1, beta2))

@@ -217,10 +217,10 @@ def _compiled(mode, params, grads, ms, vs, lasts, steps, group) -> None:
     scale = group["gamma"] * beta1 / (1.0 - beta1)
     if group["maximize"]:
         grads = torch._foreach_neg(grads)
-    torch._foreach_add_(steps, 1.0)
-    coefs = []
-    for st in steps:
-        step = int(st.item())
+
+    def coefficients(step: float) -> list[float]:
         bc2 = math.sqrt(1.0 - beta2 ** step)
-        coefs.append([lr * bc2 / (1.0 - beta1 ** step), eps * bc2, 1.0 - lr * wd])
-    _KERNEL.run(mode, list(zip(params, grads, ms, vs, lasts, strict=True)), coefs, (scale, beta1, beta2))
+        return [lr * bc2 / (1.0 - beta1 ** step), eps * bc2, 1.0 - lr * wd]
+
+    _KERNEL.run_stepped(mode, list(zip(params, grads, ms, vs, lasts, strict=True)), steps, coefficients,
+                        (scale, beta1, beta2))

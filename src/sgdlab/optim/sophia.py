@@ -338,9 +338,8 @@ class Sophia(Optimizer):
             steps = [s["step"] for s in states]
             mode = compiled_mode(group.get("compiled"), [*ps, *grads, *ms, *hs])
             if mode:
-                torch._foreach_add_(steps, 1.0)
-                _KERNEL.run(mode, list(zip(ps, grads, ms, hs, strict=True)), [[lr, 1.0 - lr * wd]] * len(ps),
-                            (beta1, gamma, eps))
+                _KERNEL.run_stepped(mode, list(zip(ps, grads, ms, hs, strict=True)), steps,
+                                    lambda _, c=[lr, 1.0 - lr * wd]: c, (beta1, gamma, eps))
             elif self._use_foreach(group, ps):
                 torch._foreach_add_(steps, 1.0)
                 for p_l, g_l, m_l, h_l in self._by_device_dtype([ps, grads, ms, hs]):
