@@ -73,15 +73,28 @@ def _optimizer_names() -> list[str]:
     return optim.registry.names()
 
 
-@registry.add("optimizers", "charlm, one worker, 300 steps: every registered optimizer at its paper/default "
-              "learning rate (BENCHMARKS.md; ~15 minutes)")
+#: learning-rate multipliers of the ``optimizers`` presets' sweeps (times each optimizer's default lr)
+LR_MULTS = (0.3, 1.0, 3.0)
+#: optimizers whose papers train embeddings and the output layer with AdamW (``io_adamw=true``)
+IO_ADAMW = ("muon", "swan", "auon", "hybrid-auon")
+
+
+@registry.add("optimizers", "charlm, one worker, 300 steps: every registered optimizer at 0.3x, 1x and 3x its "
+              "paper/default learning rate (Muon, SWAN, AuON with embeddings and head on AdamW, as their papers "
+              "do) (BENCHMARKS.md; ~45 minutes on 2 CPU cores)")
 def optimizers() -> list[Config]:
+    from . import optim
+
     base = dict(task="charlm", steps=300, batch_size=32, eval_every=50, schedule="cosine", warmup_steps=20,
                 grad_clip=1.0)
     out = []
     for name in _optimizer_names():
+        lr0 = optim.hyperparameters(name)["lr"]
         extra: dict = {"optimizer_args": {"momentum": 0.9}} if name == "sgd" else {}
-        out.append(Config(name=name, optimizer=name, **base, **extra))
+        if name in IO_ADAMW:
+            extra["io_adamw"] = True
+        for mult in LR_MULTS:
+            out.append(Config(name=f"{name}-x{mult:g}", optimizer=name, lr=lr0 * mult, **base, **extra))
     return out
 
 
@@ -94,7 +107,7 @@ def optimizers_digits() -> list[Config]:
     for name in _optimizer_names():
         lr0 = optim.hyperparameters(name)["lr"]
         extra: dict = {"optimizer_args": {"momentum": 0.9}} if name == "sgd" else {}
-        for mult in (0.3, 1.0, 3.0):
+        for mult in LR_MULTS:
             out.append(Config(name=f"{name}-x{mult:g}", task="digits", optimizer=name, lr=lr0 * mult, steps=400,
                               batch_size=32, eval_every=100, **extra))
     return out

@@ -44,6 +44,61 @@ def table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _sweep_label(names: list[str], optimizer: str) -> str:
+    """The part of the run names a sweep shares, cut at the last '-' (``muon-x0.3``, ``muon-x1`` -> ``muon``)."""
+    prefix = names[0]
+    for n in names[1:]:
+        while not n.startswith(prefix):
+            prefix = prefix[:-1]
+    return prefix.rsplit("-", 1)[0] if "-" in prefix else optimizer
+
+
+def sweep_table(runs: list[dict[str, Any]]) -> str | None:
+    """A row per learning-rate sweep: runs whose configurations differ only in ``lr`` (and name and output
+    directory). Columns: the learning rates tried, the one with the lowest final validation loss, that loss and
+    the task metric there, the loss at the optimizer's registered default lr (when it was tried), and whether
+    the best lr is an end of the sweep (then a wider sweep may find better). Rows sorted by best loss; None
+    when there is no sweep."""
+    import json
+
+    from . import optim
+
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        key = {k: v for k, v in r["config"].items() if k not in ("name", "lr", "out")}
+        groups.setdefault(json.dumps(key, sort_keys=True, default=str), []).append(r)
+    rows = []
+    for members in groups.values():
+        done = [r for r in members if r["summary"].get("final_val_loss") is not None and r["config"].get("lr")]
+        if len({r["config"]["lr"] for r in done}) < 2:
+            continue
+        done.sort(key=lambda r: r["config"]["lr"])
+        best = min(done, key=lambda r: r["summary"]["final_val_loss"])
+        c, s = best["config"], best["summary"]
+        try:
+            lr0 = optim.hyperparameters(c["optimizer"], c.get("optimizer_args", {}).get("base")).get("lr")
+        except Exception:  # an optimizer this version does not know
+            lr0 = None
+        at_default = next((r["summary"]["final_val_loss"] for r in done
+                           if lr0 and abs(r["config"]["lr"] - lr0) <= 1e-9 * lr0), None)
+        metric = s.get("metric", "val_loss")
+        edge = "yes" if best is done[0] or best is done[-1] else "no"
+        rows.append((s["final_val_loss"], [
+            _sweep_label([r["config"].get("name") or r["path"].name for r in done], c.get("optimizer")),
+            c.get("optimizer"), ", ".join(_fmt(r["config"]["lr"], ".3g") for r in done), _fmt(c["lr"], ".3g"),
+            _fmt(s["final_val_loss"]), "–" if metric == "val_loss" or s.get(metric) is None
+            else f"{metric} {_fmt(s[metric])}",
+            "–" if at_default is None else f"{_fmt(at_default)} ({_fmt(lr0, '.3g')})", edge,
+            _fmt(s["optimizer_state_bytes"] / 2**20, ".2f") if "optimizer_state_bytes" in s else "–"]))
+    if not rows:
+        return None
+    head = ["sweep", "optimizer", "lrs tried", "best lr", "final val loss at best lr", "metric at best lr",
+            "at default lr", "best at an end", "opt. state MiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for _, row in sorted(rows, key=lambda t: t[0])]
+    return "\n".join(lines)
+
+
 def plot(runs: list[dict[str, Any]], path: str | Path) -> Path:
     import matplotlib
 
@@ -112,6 +167,10 @@ def report(dirs: list[str | Path], plot_path: str | Path | None = None, make_plo
     """Load run directories; return the markdown table and the path of the written plot."""
     runs = [load_run(d) for d in dirs]
     md = table(runs)
+    sweeps = sweep_table(runs)
+    if sweeps:
+        md += ("\n\nLearning-rate sweeps (runs that differ only in lr; best = lowest final validation loss):\n\n"
+               + sweeps)
     out = None
     if make_plot:
         if plot_path is None:  # the single run's directory, else the runs' common parent, else here
