@@ -121,6 +121,8 @@ def test_compare_config_files(capsys, tmp_path):
     code, stdout, err = cli(capsys, "compare", *files, "--out", out)
     assert code == 0, err
     assert "| slow |" in stdout and "| fast |" in stdout
+    # the two differ only in lr: a sweep, summarised by its best learning rate
+    assert "Learning-rate sweeps" in stdout and "| sgd | sgd | 0.01, 0.1 |" in stdout
     assert (out / "report.png").is_file() and (out / "slow" / "summary.json").is_file()
     # again without --resume/--overwrite: refused, runs kept
     code, _, err = cli(capsys, "compare", *files, "--out", out)
@@ -147,6 +149,14 @@ def test_presets_are_valid():
     quick = presets.registry.get("optimizers-quick")()
     assert {c.optimizer for c in quick} >= {"sgd", "adamw"}
     assert any(c.optimizer_args.get("momentum") for c in quick)
+    from sgdlab import optim
+
+    sweep = presets.registry.get("optimizers")()  # every optimizer at 0.3x, 1x, 3x its default lr, same budget
+    assert sorted({c.optimizer for c in sweep}) == optim.registry.names()
+    assert len(sweep) == 3 * len(optim.registry.names())
+    assert len({(c.task, c.steps, c.batch_size, c.schedule) for c in sweep}) == 1
+    muon = sorted(c.lr for c in sweep if c.optimizer == "muon")
+    assert muon == pytest.approx([0.006, 0.02, 0.06]) and all(c.io_adamw for c in sweep if c.optimizer == "muon")
     for name in presets.registry.names():
         cfgs = presets.registry.get(name)()
         assert len({c.name for c in cfgs}) == len(cfgs)  # distinct run directories
