@@ -74,13 +74,13 @@ def _optimizer_names() -> list[str]:
 
 
 #: learning-rate multipliers of the ``optimizers`` presets' sweeps (times each optimizer's default lr)
-LR_MULTS = (0.3, 1.0, 3.0)
+LR_MULTS = (0.3, 1.0, 3.0, 10.0)
 #: optimizers whose papers train embeddings and the output layer with AdamW (``io_adamw=true``)
 IO_ADAMW = ("muon", "swan", "auon", "hybrid-auon")
 
 
-@registry.add("optimizers", "charlm, one worker, 300 steps: every registered optimizer at 0.3x, 1x and 3x its "
-              "paper/default learning rate (Muon, SWAN, AuON with embeddings and head on AdamW, as their papers "
+@registry.add("optimizers", "charlm, one worker, 300 steps: every registered optimizer at 0.3x, 1x, 3x and 10x "
+              "its paper/default learning rate (Muon, SWAN, AuON with embeddings and head on AdamW, as their papers "
               "do) (BENCHMARKS.md; ~45 minutes on 2 CPU cores)")
 def optimizers() -> list[Config]:
     from . import optim
@@ -98,8 +98,8 @@ def optimizers() -> list[Config]:
     return out
 
 
-@registry.add("optimizers-digits", "digits MLP, one worker, 400 steps: every registered optimizer at 0.3x, 1x "
-              "and 3x its default learning rate (BENCHMARKS.md; ~3 minutes)")
+@registry.add("optimizers-digits", "digits MLP, one worker, 400 steps: every registered optimizer at 0.3x, 1x, "
+              "3x and 10x its default learning rate (BENCHMARKS.md; ~4 minutes)")
 def optimizers_digits() -> list[Config]:
     from . import optim
 
