@@ -53,27 +53,40 @@ def _sweep_label(names: list[str], optimizer: str) -> str:
     return prefix.rsplit("-", 1)[0] if "-" in prefix else optimizer
 
 
-def sweep_table(runs: list[dict[str, Any]]) -> str | None:
-    """A row per learning-rate sweep: runs whose configurations differ only in ``lr`` (and name and output
-    directory). Columns: the learning rates tried, the one with the lowest final validation loss, that loss and
-    the task metric there, the loss at the optimizer's registered default lr (when it was tried), and whether
-    the best lr is an end of the sweep (then a wider sweep may find better). Rows sorted by best loss; None
-    when there is no sweep."""
+def sweeps(runs: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Learning-rate sweeps among ``runs``: groups of finished runs whose configurations differ only in ``lr``
+    (and name and output directory), with at least two learning rates; each as (label, runs sorted by lr)."""
     import json
-
-    from . import optim
 
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
         key = {k: v for k, v in r["config"].items() if k not in ("name", "lr", "out")}
         groups.setdefault(json.dumps(key, sort_keys=True, default=str), []).append(r)
-    rows = []
+    out = []
     for members in groups.values():
         done = [r for r in members if r["summary"].get("final_val_loss") is not None and r["config"].get("lr")]
         if len({r["config"]["lr"] for r in done}) < 2:
             continue
         done.sort(key=lambda r: r["config"]["lr"])
-        best = min(done, key=lambda r: r["summary"]["final_val_loss"])
+        label = _sweep_label([r["config"].get("name") or r["path"].name for r in done], done[0]["config"]["optimizer"])
+        out.append((label, done))
+    return out
+
+
+def _best(sweep: list[dict[str, Any]]) -> dict[str, Any]:
+    return min(sweep, key=lambda r: r["summary"]["final_val_loss"])
+
+
+def sweep_table(runs: list[dict[str, Any]]) -> str | None:
+    """A row per learning-rate sweep (:func:`sweeps`). Columns: the learning rates tried, the one with the lowest
+    final validation loss, that loss and the task metric there, the loss at the optimizer's registered default
+    lr (when it was tried), and whether the best lr is an end of the sweep (then a wider sweep may find
+    better). Rows sorted by best loss; None when there is no sweep."""
+    from . import optim
+
+    rows = []
+    for label, done in sweeps(runs):
+        best = _best(done)
         c, s = best["config"], best["summary"]
         try:
             lr0 = optim.hyperparameters(c["optimizer"], c.get("optimizer_args", {}).get("base")).get("lr")
@@ -84,8 +97,7 @@ def sweep_table(runs: list[dict[str, Any]]) -> str | None:
         metric = s.get("metric", "val_loss")
         edge = "yes" if best is done[0] or best is done[-1] else "no"
         rows.append((s["final_val_loss"], [
-            _sweep_label([r["config"].get("name") or r["path"].name for r in done], c.get("optimizer")),
-            c.get("optimizer"), ", ".join(_fmt(r["config"]["lr"], ".3g") for r in done), _fmt(c["lr"], ".3g"),
+            label, c.get("optimizer"), ", ".join(_fmt(r["config"]["lr"], ".3g") for r in done), _fmt(c["lr"], ".3g"),
             _fmt(s["final_val_loss"]), "–" if metric == "val_loss" or s.get(metric) is None
             else f"{metric} {_fmt(s[metric])}",
             "–" if at_default is None else f"{_fmt(at_default)} ({_fmt(lr0, '.3g')})", edge,
@@ -105,19 +117,26 @@ def plot(runs: list[dict[str, Any]], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # learning-rate sweeps: the curves show each sweep's best run; a last panel shows loss against lr
+    groups = sweeps(runs)
+    in_sweep = {id(r) for _, g in groups for r in g}
+    best_ids = {id(_best(g)) for _, g in groups}
+    runs = [r for r in runs if id(r) not in in_sweep or id(r) in best_ids]
     distributed = any(r["config"].get("workers", 1) > 1 for r in runs)
     axes_spec = [a for a in X_AXES if a[0] in ("step", "wall_time_s") or (
         distributed and any(m.get(a[0]) for r in runs for m in r["metrics"] if "val_loss" in m))]
     metric = next((r["summary"].get("metric") for r in runs if r["summary"].get("metric")), "val_loss")
     extra = metric != "val_loss"
-    n = len(axes_spec) + int(extra)
+    n = len(axes_spec) + int(extra) + int(bool(groups))
     fig, axs = plt.subplots(1, n, figsize=(5.2 * n, 4.2), squeeze=False)
     axs = axs[0]
     # one distinct (colour, marker, dash) per run: 10 colours up to 10 runs, else tab20's 20
     palette = [f"C{k}" for k in range(10)] if len(runs) <= 10 else [plt.get_cmap("tab20")(k) for k in range(20)]
+    styles = {}
     for i, r in enumerate(runs):
         color, cycle = palette[i % len(palette)], i // len(palette)
         style = ("-" if cycle % 2 == 0 else "--") + "osD^v"[cycle % 5]
+        styles[id(r)] = (color, style)
         label = r["config"].get("name") or r["path"].name
         ms = r["metrics"]
         for ax, (key, xlabel, logx) in zip(axs, axes_spec, strict=False):
@@ -131,19 +150,33 @@ def plot(runs: list[dict[str, Any]], path: str | Path) -> Path:
                 ax.set_xscale("symlog", linthresh=max(1.0, min((m[key] for m in ms if m.get(key)), default=1.0)))
         if extra:
             ev = [m for m in ms if metric in m]
-            axs[-1].plot([m["step"] for m in ev], [m[metric] for m in ev], style, ms=3, color=color, label=label)
+            axs[len(axes_spec)].plot([m["step"] for m in ev], [m[metric] for m in ev], style, ms=3, color=color,
+                                     label=label)
     for ax in axs[:len(axes_spec)]:
         ax.set_ylabel("loss (solid: validation, faint: train)")
         ax.grid(alpha=0.3)
     if extra:
-        axs[-1].set_xlabel("step")
-        axs[-1].set_ylabel(metric)
-        axs[-1].grid(alpha=0.3)
+        axs[len(axes_spec)].set_xlabel("step")
+        axs[len(axes_spec)].set_ylabel(metric)
+        axs[len(axes_spec)].grid(alpha=0.3)
     if metric == "optimality_gap":
-        for ax in axs:
+        for ax in axs[:len(axes_spec) + int(extra)]:
             ax.set_yscale("log")
+    if groups:
+        ax = axs[-1]
+        for label, g in groups:
+            color, style = styles[id(_best(g))]
+            lrs = [r["config"]["lr"] for r in g]
+            ax.plot(lrs, [r["summary"]["final_val_loss"] for r in g], style, ms=4, color=color, label=label)
+            b = _best(g)
+            ax.plot([b["config"]["lr"]], [b["summary"]["final_val_loss"]], "*", ms=10, color=color)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate (log; star: best of the sweep)")
+        ax.set_ylabel("final validation loss")
+        ax.set_title("learning-rate sweeps")
+        ax.grid(alpha=0.3)
     task = runs[0]["config"].get("task", "")
-    axs[0].set_title(f"{task}: validation loss vs step")
+    axs[0].set_title(f"{task}: validation loss vs step" + (" (best lr of each sweep)" if groups else ""))
     if len(runs) <= 8:
         axs[0].legend(fontsize=8)
     else:  # many runs: one legend beside the panels instead of over the curves
