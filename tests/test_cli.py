@@ -124,6 +124,12 @@ def test_compare_config_files(capsys, tmp_path):
     # the two differ only in lr: a sweep, summarised by its best learning rate
     assert "Learning-rate sweeps" in stdout and "| sgd | sgd | 0.01, 0.1 |" in stdout
     assert (out / "report.png").is_file() and (out / "slow" / "summary.json").is_file()
+    # `sgdlab report runs/cmp/*` (the glob takes report.png too) reports the runs and skips the file
+    code, stdout2, err = cli(capsys, "report", *sorted(out.iterdir()), "--no-plot")
+    assert code == 0, err
+    assert "| slow |" in stdout2 and "| fast |" in stdout2
+    code, _, err = cli(capsys, "report", out / "report.png")
+    assert code == 2 and "no run directories" in err
     # again without --resume/--overwrite: refused, runs kept
     code, _, err = cli(capsys, "compare", *files, "--out", out)
     assert code == 2 and "already holds a run" in err

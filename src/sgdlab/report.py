@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
 from .runner import load_run
 
 # x axes of the plot: (metrics key, label, log scale); a panel appears when some run logged the key.
@@ -198,7 +199,11 @@ def plot(runs: list[dict[str, Any]], path: str | Path) -> Path:
 def report(dirs: list[str | Path], plot_path: str | Path | None = None, make_plot: bool = True
            ) -> tuple[str, Path | None]:
     """Load run directories; return the markdown table and the path of the written plot."""
-    runs = [load_run(d) for d in dirs]
+    # a shell glob over a compare directory (``runs/demo/*``) also matches its report.png: skip plain files
+    paths = [Path(d) for d in dirs]
+    runs = [load_run(d) for d in paths if d.is_dir() or not d.is_file()]
+    if not runs:
+        raise ConfigError(f"no run directories among {', '.join(map(str, paths))}")
     md = table(runs)
     sweeps = sweep_table(runs)
     if sweeps:
