@@ -173,7 +173,11 @@ def plot(runs: list[dict[str, Any]], path: str | Path) -> Path:
             ax.plot([b["config"]["lr"]], [b["summary"]["final_val_loss"]], "*", ms=10, color=color)
         ax.set_xscale("log")
         ax.set_xlabel("learning rate (log; star: best of the sweep)")
-        ax.set_ylabel("final validation loss")
+        losses = [r["summary"]["final_val_loss"] for _, g in groups for r in g]
+        log_y = min(losses) > 0 and max(losses) > 5 * min(losses)  # a diverged run would squash the rest
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_ylabel("final validation loss" + (" (log)" if log_y else ""))
         ax.set_title("learning-rate sweeps")
         ax.grid(alpha=0.3)
     task = runs[0]["config"].get("task", "")
