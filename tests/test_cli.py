@@ -177,6 +177,21 @@ def test_bench_loop_smoke(capsys):
     assert "| bare PyTorch |" in out and "| sgdlab runner (training loop) |" in out and "overhead" in out
 
 
+def test_compare_goes_on_after_a_diverging_run(capsys, tmp_path):
+    files = []
+    for name, lr in (("ok", 0.1), ("boom", 1e30), ("after", 0.2)):
+        p = tmp_path / f"{name}.toml"
+        p.write_text(f'task = "digits"\noptimizer = "sgd"\nlr = {lr}\nsteps = 10\neval_every = 5\n')
+        files.append(p)
+    out = tmp_path / "cmp"
+    code, stdout, err = cli(capsys, "compare", *files, "--out", out)
+    assert code == 0, err
+    assert "boom diverged" in err and "diverged (status 'diverged' in the table" in err
+    assert (out / "after" / "summary.json").is_file()  # the run after the diverged one still ran
+    assert "| boom |" in stdout and "diverged |" in stdout
+    assert "0.1, 0.2, 1e+30 (diverged)" in stdout  # the sweep lists it, its best is a finished run
+
+
 def test_compare_resume_restarts_a_run_without_checkpoint(capsys, tmp_path):
     p = tmp_path / "a.toml"
     p.write_text('task = "digits"\noptimizer = "sgd"\nsteps = 4\n')

@@ -5,10 +5,10 @@ from pathlib import Path
 from sgdlab.report import sweep_table
 
 
-def _run(name, optimizer, lr, loss, **extra):
+def _run(name, optimizer, lr, loss, status="completed", **extra):
     config = {"name": name, "optimizer": optimizer, "lr": lr, "task": "charlm", "steps": 10, "out": f"runs/{name}",
               "optimizer_args": {}, **extra}
-    summary = {"final_val_loss": loss, "optimizer_state_bytes": 2**20, "metric": "val_loss"}
+    summary = {"final_val_loss": loss, "optimizer_state_bytes": 2**20, "metric": "val_loss", "status": status}
     return {"config": config, "summary": summary, "path": Path(name), "metrics": []}
 
 
@@ -34,3 +34,14 @@ def test_runs_differing_in_more_than_lr_are_separate_sweeps():
     lines = sweep_table(runs).splitlines()
     assert [line.split("|")[1].strip() for line in lines[2:]] == ["a", "b"]
     assert sweep_table(runs[:1] + runs[2:3]) is None
+
+
+def test_a_diverged_run_is_tried_but_never_best():
+    # a diverged run keeps the loss of its last evaluation before the NaN, which may look good
+    runs = [_run("sgd-x1", "sgd", 0.1, 2.0), _run("sgd-x3", "sgd", 0.3, 1.5),
+            _run("sgd-x10", "sgd", 1.0, 0.5, status="diverged"), _run("sgd-x30", "sgd", 3.0, float("nan"),
+                                                                   status="diverged")]
+    cells = [c.strip() for c in sweep_table(runs).splitlines()[2].strip("|").split("|")]
+    assert cells[2] == "0.1, 0.3, 1 (diverged), 3 (diverged)"
+    assert cells[3] == "0.3" and cells[4] == "1.5000" and cells[7] == "no"
+    assert sweep_table([runs[2], runs[3]]) is None  # nothing finished: no best to show

@@ -251,7 +251,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         c.validate()
     if out.exists() and not out.is_dir():
         raise SgdlabError(f"--out {out} is a file, not a directory; choose a directory")
-    dirs = []
+    dirs, diverged = [], []
     for i, (c, name) in enumerate(zip(configs, names, strict=True)):
         run_dir = out / name
         dirs.append(run_dir)
@@ -264,11 +264,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
         resume = args.resume and (run_dir / "checkpoint.pt").is_file()
         # --resume on a run that never checkpointed: nothing to continue, start it again
         restart = args.resume and not resume
-        Trainer(c.replace(out=str(run_dir)), progress=args.progress, handle_signals=True).run(
-            resume=resume, overwrite=args.overwrite or restart)
+        try:
+            Trainer(c.replace(out=str(run_dir)), progress=args.progress, handle_signals=True).run(
+                resume=resume, overwrite=args.overwrite or restart)
+        except DivergenceError as e:  # a result, not a reason to drop the remaining runs (a high lr in a sweep)
+            diverged.append(name)
+            print(f"[{i + 1}/{len(configs)}] {name} diverged: {e}; going on with the next run", file=sys.stderr)
     md, png = report(dirs, out / "report.png")
     print(md)
     print(f"\nplot: {png}")
+    if diverged:
+        print(f"diverged (status 'diverged' in the table, left out of the sweep summary): {', '.join(diverged)}",
+              file=sys.stderr)
     return 0
 
 

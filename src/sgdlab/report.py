@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -65,17 +66,25 @@ def sweeps(runs: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]
         groups.setdefault(json.dumps(key, sort_keys=True, default=str), []).append(r)
     out = []
     for members in groups.values():
-        done = [r for r in members if r["summary"].get("final_val_loss") is not None and r["config"].get("lr")]
-        if len({r["config"]["lr"] for r in done}) < 2:
+        tried = [r for r in members if r["config"].get("lr") and r["summary"].get("status") in ("completed",
+                                                                                               "diverged")]
+        if len({r["config"]["lr"] for r in tried}) < 2 or not any(_finished(r) for r in tried):
             continue
-        done.sort(key=lambda r: r["config"]["lr"])
-        label = _sweep_label([r["config"].get("name") or r["path"].name for r in done], done[0]["config"]["optimizer"])
-        out.append((label, done))
+        tried.sort(key=lambda r: r["config"]["lr"])
+        label = _sweep_label([r["config"].get("name") or r["path"].name for r in tried],
+                             tried[0]["config"]["optimizer"])
+        out.append((label, tried))
     return out
 
 
+def _finished(run: dict[str, Any]) -> bool:
+    """Completed with a finite final validation loss (a diverged run keeps the loss of its last evaluation)."""
+    loss = run["summary"].get("final_val_loss")
+    return run["summary"].get("status") == "completed" and loss is not None and math.isfinite(loss)
+
+
 def _best(sweep: list[dict[str, Any]]) -> dict[str, Any]:
-    return min(sweep, key=lambda r: r["summary"]["final_val_loss"])
+    return min((r for r in sweep if _finished(r)), key=lambda r: r["summary"]["final_val_loss"])
 
 
 def sweep_table(runs: list[dict[str, Any]]) -> str | None:
@@ -86,7 +95,8 @@ def sweep_table(runs: list[dict[str, Any]]) -> str | None:
     from . import optim
 
     rows = []
-    for label, done in sweeps(runs):
+    for label, tried in sweeps(runs):
+        done = [r for r in tried if _finished(r)]
         best = _best(done)
         c, s = best["config"], best["summary"]
         try:
@@ -96,9 +106,10 @@ def sweep_table(runs: list[dict[str, Any]]) -> str | None:
         at_default = next((r["summary"]["final_val_loss"] for r in done
                            if lr0 and abs(r["config"]["lr"] - lr0) <= 1e-9 * lr0), None)
         metric = s.get("metric", "val_loss")
-        edge = "yes" if best is done[0] or best is done[-1] else "no"
+        edge = "yes" if best is tried[0] or best is tried[-1] else "no"
+        lrs_tried = ", ".join(_fmt(r["config"]["lr"], ".3g") + ("" if _finished(r) else " (diverged)") for r in tried)
         rows.append((s["final_val_loss"], [
-            label, c.get("optimizer"), ", ".join(_fmt(r["config"]["lr"], ".3g") for r in done), _fmt(c["lr"], ".3g"),
+            label, c.get("optimizer"), lrs_tried, _fmt(c["lr"], ".3g"),
             _fmt(s["final_val_loss"]), "–" if metric == "val_loss" or s.get(metric) is None
             else f"{metric} {_fmt(s[metric])}",
             "–" if at_default is None else f"{_fmt(at_default)} ({_fmt(lr0, '.3g')})", edge,
@@ -167,13 +178,14 @@ def plot(runs: list[dict[str, Any]], path: str | Path) -> Path:
         ax = axs[-1]
         for label, g in groups:
             color, style = styles[id(_best(g))]
-            lrs = [r["config"]["lr"] for r in g]
-            ax.plot(lrs, [r["summary"]["final_val_loss"] for r in g], style, ms=4, color=color, label=label)
+            g = [r for r in g if _finished(r)]
+            ax.plot([r["config"]["lr"] for r in g], [r["summary"]["final_val_loss"] for r in g], style, ms=4,
+                    color=color, label=label)
             b = _best(g)
             ax.plot([b["config"]["lr"]], [b["summary"]["final_val_loss"]], "*", ms=10, color=color)
         ax.set_xscale("log")
         ax.set_xlabel("learning rate (log; star: best of the sweep)")
-        losses = [r["summary"]["final_val_loss"] for _, g in groups for r in g]
+        losses = [r["summary"]["final_val_loss"] for _, g in groups for r in g if _finished(r)]
         log_y = min(losses) > 0 and max(losses) > 5 * min(losses)  # a diverged run would squash the rest
         if log_y:
             ax.set_yscale("log")
