@@ -24,8 +24,8 @@ trigger a recompilation; constant hyperparameters (betas, eps) are Python floats
 contiguous — measured on the 2-core CPU (BENCHMARKS.md), compiling costs 3–5 s once and saves about 40 ms
 per step at 12.6M parameters, so it pays for itself within about a hundred steps there, but never at the
 0.45M parameters of ``charlm`` — and otherwise takes the multi-tensor path. ``True`` or ``"tensor"`` forces
-per-tensor kernels, ``"group"`` one kernel per group (the fastest steps, except AdamP at 10M parameters
-where its per-tensor kernels are 1.1-2.5x faster: for long runs or many small
+per-tensor kernels, ``"group"`` one kernel per group (the fastest steps, though AdamP's is no faster than its
+per-tensor kernels at 10M parameters: for long runs or many small
 tensors), ``False`` never compiles.
 
 If compilation fails (no C++ compiler, an unsupported platform), the kernel warns once and runs the same
