@@ -177,6 +177,24 @@ def test_bench_loop_smoke(capsys):
     assert "| bare PyTorch |" in out and "| sgdlab runner (training loop) |" in out and "overhead" in out
 
 
+def test_compare_only_trains_the_matching_runs_and_reports_the_others(capsys, tmp_path):
+    files = []
+    for name, lr in (("sgd-a", 0.05), ("sgd-b", 0.1), ("adam-a", 0.01)):
+        p = tmp_path / f"{name}.toml"
+        p.write_text(f'task = "digits"\noptimizer = "{name[:-2]}"\nlr = {lr}\nsteps = 4\neval_every = 2\n')
+        files.append(p)
+    out = tmp_path / "cmp"
+    code, stdout, err = cli(capsys, "compare", *files, "--out", out, "--only", "sgd-*")
+    assert code == 0, err
+    assert (out / "sgd-a" / "summary.json").is_file() and not (out / "adam-a").exists()
+    assert "| sgd-b |" in stdout and "| adam-a |" not in stdout
+    code, stdout, err = cli(capsys, "compare", *files, "--out", out, "--only", "adam-a")
+    assert code == 0, err
+    assert "| sgd-a |" in stdout and "| adam-a |" in stdout  # the earlier runs are reported too
+    code, _, err = cli(capsys, "compare", *files, "--out", out, "--only", "muon-*")
+    assert code == 2 and "matches no run; the runs are: sgd-a, sgd-b, adam-a" in err
+
+
 def test_compare_goes_on_after_a_diverging_run(capsys, tmp_path):
     files = []
     for name, lr in (("ok", 0.1), ("boom", 1e30), ("after", 0.2)):

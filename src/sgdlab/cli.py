@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
 import sys
 from pathlib import Path
@@ -122,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("configs", nargs="*", type=Path, help="TOML config files (one run each)")
     p.add_argument("--preset", help="a named set of runs (see `sgdlab list presets`)")
     p.add_argument("--out", type=str, default=None, help="directory for the runs; default runs/<preset>")
+    p.add_argument("--only", metavar="PATTERNS", default=None,
+                   help="train only the runs whose names match one of these comma-separated shell patterns "
+                        "(e.g. 'muon-*,adamw-x3'); the report still includes the other runs already in --out")
     _add_run_flags(p)
     _add_common(p)
 
@@ -251,9 +255,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
         c.validate()
     if out.exists() and not out.is_dir():
         raise SgdlabError(f"--out {out} is a file, not a directory; choose a directory")
+    selected = set(names)
+    if args.only:
+        patterns = [pat.strip() for pat in args.only.split(",") if pat.strip()]
+        selected = {n for n in names if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)}
+        if not selected:
+            raise SgdlabError(f"--only {args.only!r} matches no run; the runs are: {', '.join(names)}")
     dirs, diverged = [], []
     for i, (c, name) in enumerate(zip(configs, names, strict=True)):
         run_dir = out / name
+        if name not in selected:
+            if (run_dir / "config.json").is_file():  # an earlier run of this set: reported, not trained
+                dirs.append(run_dir)
+            continue
         dirs.append(run_dir)
         done = (run_dir / "summary.json").is_file() and _load_json(run_dir / "summary.json").get(
             "status") == "completed"
