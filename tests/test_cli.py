@@ -111,12 +111,19 @@ def test_list(capsys):
     assert "momentum=0" in out
 
 
-def test_compare_config_files(capsys, tmp_path):
+def _digits_configs(tmp_path, runs, steps=10, eval_every=5):
+    """One digits TOML file per (name, optimizer, lr)."""
     files = []
-    for name, lr in (("slow", 0.01), ("fast", 0.1)):
+    for name, optimizer, lr in runs:
         p = tmp_path / f"{name}.toml"
-        p.write_text(f'task = "digits"\noptimizer = "sgd"\nlr = {lr}\nsteps = 10\neval_every = 5\n')
+        p.write_text(f'task = "digits"\noptimizer = "{optimizer}"\nlr = {lr}\nsteps = {steps}\n'
+                     f'eval_every = {eval_every}\n')
         files.append(p)
+    return files
+
+
+def test_compare_config_files(capsys, tmp_path):
+    files = _digits_configs(tmp_path, [("slow", "sgd", 0.01), ("fast", "sgd", 0.1)])
     out = tmp_path / "cmp"
     code, stdout, err = cli(capsys, "compare", *files, "--out", out)
     assert code == 0, err
@@ -178,11 +185,8 @@ def test_bench_loop_smoke(capsys):
 
 
 def test_compare_only_trains_the_matching_runs_and_reports_the_others(capsys, tmp_path):
-    files = []
-    for name, lr in (("sgd-a", 0.05), ("sgd-b", 0.1), ("adam-a", 0.01)):
-        p = tmp_path / f"{name}.toml"
-        p.write_text(f'task = "digits"\noptimizer = "{name[:-2]}"\nlr = {lr}\nsteps = 4\neval_every = 2\n')
-        files.append(p)
+    files = _digits_configs(tmp_path, [("sgd-a", "sgd", 0.05), ("sgd-b", "sgd", 0.1), ("adam-a", "adam", 0.01)],
+                            steps=4, eval_every=2)
     out = tmp_path / "cmp"
     code, stdout, err = cli(capsys, "compare", *files, "--out", out, "--only", "sgd-*")
     assert code == 0, err
@@ -196,11 +200,7 @@ def test_compare_only_trains_the_matching_runs_and_reports_the_others(capsys, tm
 
 
 def test_compare_goes_on_after_a_diverging_run(capsys, tmp_path):
-    files = []
-    for name, lr in (("ok", 0.1), ("boom", 1e30), ("after", 0.2)):
-        p = tmp_path / f"{name}.toml"
-        p.write_text(f'task = "digits"\noptimizer = "sgd"\nlr = {lr}\nsteps = 10\neval_every = 5\n')
-        files.append(p)
+    files = _digits_configs(tmp_path, [("ok", "sgd", 0.1), ("boom", "sgd", 1e30), ("after", "sgd", 0.2)])
     out = tmp_path / "cmp"
     code, stdout, err = cli(capsys, "compare", *files, "--out", out)
     assert code == 0, err

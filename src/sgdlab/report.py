@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -56,10 +57,9 @@ def _sweep_label(names: list[str], optimizer: str) -> str:
 
 
 def sweeps(runs: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
-    """Learning-rate sweeps among ``runs``: groups of finished runs whose configurations differ only in ``lr``
-    (and name and output directory), with at least two learning rates; each as (label, runs sorted by lr)."""
-    import json
-
+    """Learning-rate sweeps among ``runs``: groups of completed or diverged runs whose configurations differ only
+    in ``lr`` (and name and output directory), with at least two learning rates and one finished run
+    (:func:`_finished`); each as (label, runs sorted by lr)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
         key = {k: v for k, v in r["config"].items() if k not in ("name", "lr", "out")}
@@ -97,7 +97,7 @@ def sweep_table(runs: list[dict[str, Any]]) -> str | None:
     rows = []
     for label, tried in sweeps(runs):
         done = [r for r in tried if _finished(r)]
-        best = _best(done)
+        best = _best(tried)
         c, s = best["config"], best["summary"]
         try:
             lr0 = optim.hyperparameters(c["optimizer"], c.get("optimizer_args", {}).get("base")).get("lr")
@@ -177,11 +177,11 @@ def plot(runs: list[dict[str, Any]], path: str | Path) -> Path:
     if groups:
         ax = axs[-1]
         for label, g in groups:
-            color, style = styles[id(_best(g))]
+            b = _best(g)
+            color, style = styles[id(b)]
             g = [r for r in g if _finished(r)]
             ax.plot([r["config"]["lr"] for r in g], [r["summary"]["final_val_loss"] for r in g], style, ms=4,
                     color=color, label=label)
-            b = _best(g)
             ax.plot([b["config"]["lr"]], [b["summary"]["final_val_loss"]], "*", ms=10, color=color)
         ax.set_xscale("log")
         ax.set_xlabel("learning rate (log; star: best of the sweep)")
@@ -217,14 +217,14 @@ def report(dirs: list[str | Path], plot_path: str | Path | None = None, make_plo
     """Load run directories; return the markdown table and the path of the written plot."""
     # a shell glob over a compare directory (``runs/demo/*``) also matches its report.png: skip plain files
     paths = [Path(d) for d in dirs]
-    runs = [load_run(d) for d in paths if d.is_dir() or not d.is_file()]
+    runs = [load_run(d) for d in paths if not d.is_file()]
     if not runs:
         raise ConfigError(f"no run directories among {', '.join(map(str, paths))}")
     md = table(runs)
-    sweeps = sweep_table(runs)
-    if sweeps:
+    sweep_md = sweep_table(runs)
+    if sweep_md:
         md += ("\n\nLearning-rate sweeps (runs that differ only in lr; best = lowest final validation loss):\n\n"
-               + sweeps)
+               + sweep_md)
     out = None
     if make_plot:
         if plot_path is None:  # the single run's directory, else the runs' common parent, else here
