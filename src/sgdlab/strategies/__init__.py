@@ -30,5 +30,11 @@ def options(name: str, values: dict[str, Any] | None = None):
     return build_options(registry.get(name).Options, dict(values or {}), f"option of strategy {name!r}")
 
 
-def create(name: str, group: Group, values: dict[str, Any] | None = None) -> Strategy:
-    return registry.get(name)(options(name, values), group)
+def create(name: str, group: Group, values: Any = None, *, client_dp: Any = None) -> Strategy:
+    """Strategy ``name`` over ``group``. ``values``: its options (a dict, or the options dataclass already
+    built by :func:`options`); ``client_dp``: a :class:`sgdlab.privacy.ClientDP` for client-level DP."""
+    opts = values if isinstance(values, registry.get(name).Options) else options(name, values)
+    strategy = registry.get(name)(opts, group)
+    if client_dp is not None:
+        strategy.enable_client_dp(client_dp)
+    return strategy
