@@ -4,11 +4,10 @@
 * :class:`TorchGroup` holds one worker per process and uses ``torch.distributed`` (gloo on CPU, NCCL on
   CUDA), started by ``torchrun``.
 
-Both count the bytes each worker sends (from the payload tensors, with the ring cost model of
-:mod:`sgdlab.distributed.network`) and keep each worker's simulated clock. Lossless exchanges are
-all-reduces; lower-precision ones (bf16, fp16, int8, int4) all-gather the encoded payloads and every
-worker decodes and averages them in rank order, so both backends compute the same numbers.
-Measurement-only traffic (the clock maximum, logged losses) is not counted.
+Both provide the sum and the gather of payload tensors that :class:`sgdlab.exchange.Exchange` builds
+every exchange from, count the bytes each worker sends (with the ring cost model of
+:mod:`sgdlab.distributed.network`) and keep each worker's simulated clock. Measurement-only traffic
+(the clock maximum, logged losses) is not counted.
 """
 
 from __future__ import annotations
@@ -21,24 +20,11 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ConfigError, SgdlabError
-from .compress import Codec
 from .network import NetworkModel
 
 
 class WorkerLostError(SgdlabError, RuntimeError):
     """A peer process stopped answering a collective."""
-
-
-def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1).float() for t in tensors])
-
-
-def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset:offset + n].view_as(t))
-        offset += n
 
 
 class Group:
@@ -55,6 +41,7 @@ class Group:
 
     # ---- backend primitives ------------------------------------------------------------------------
     def _sum(self, flats: list[torch.Tensor]) -> torch.Tensor:
+        """The sum over all workers of one tensor per local worker (sim: in rank order)."""
         raise NotImplementedError
 
     def _gather(self, payloads: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
@@ -68,35 +55,25 @@ class Group:
         workers (measurement only: logged losses, stop requests)."""
         raise NotImplementedError
 
-    # ---- collectives -------------------------------------------------------------------------------
-    def all_reduce_mean(self, per_worker: list[list[torch.Tensor]], codec: Codec | None = None,
-                        wait: bool = True) -> float:
-        """Replace every local worker's tensors by the mean over all workers.
+    # ---- collectives (called by sgdlab.exchange.Exchange) ------------------------------------------
+    def sum_payloads(self, payloads: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        """Element-wise sum over all workers of each payload tensor (``payloads[i]``: local worker i's)."""
+        if len(payloads) != len(self.local):
+            raise ValueError(f"expected payloads of {len(self.local)} local workers, got {len(payloads)}")
+        return [self._sum([p[j] for p in payloads]) for j in range(len(payloads[0]))]
 
-        ``per_worker[i]`` are local worker i's tensors (same shapes on every worker). The exchange starts
-        when the slowest worker arrives; returns the simulated time at which it completes. With
-        ``wait=False`` the clocks are not advanced (the caller overlaps it and calls :meth:`wait_until`).
-        """
-        if len(per_worker) != len(self.local):
-            raise ValueError(f"expected tensors of {len(self.local)} local workers, got {len(per_worker)}")
-        codec = codec or Codec("fp32")
-        flats = [_flatten(ts) for ts in per_worker]
-        n = flats[0].numel()
-        if codec.lossless:
-            mean = self._sum(flats).div_(self.world)
-            sent, secs = self.network.all_reduce(n * 4, self.world)
-        else:
-            gathered = self._gather([codec.encode(f) for f in flats])
-            mean = codec.decode(gathered[0], n)
-            for p in gathered[1:]:
-                mean += codec.decode(p, n)
-            mean.div_(self.world)
-            sent, secs = self.network.all_gather(codec.nbytes(n), self.world)
-        for ts in per_worker:
-            _unflatten_into(mean, ts)
+    def gather_payloads(self, payloads: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+        """Every worker's payload tensors, in rank order."""
+        if len(payloads) != len(self.local):
+            raise ValueError(f"expected payloads of {len(self.local)} local workers, got {len(payloads)}")
+        return self._gather(payloads)
+
+    def charge(self, sent: float, seconds: float, wait: bool = True) -> float:
+        """Count a collective that sends ``sent`` bytes per worker and takes ``seconds``; it starts when
+        the slowest worker arrives. Returns its completion time; ``wait`` advances the clocks to it."""
         self.bytes_sent += sent
-        self.comm_time += secs
-        done = self.max_clock() + secs
+        self.comm_time += seconds
+        done = self.max_clock() + seconds
         if wait:
             self.wait_until(done)
         return done

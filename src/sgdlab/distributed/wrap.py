@@ -18,7 +18,10 @@ called ``optimizer.step()``::
 
 Without torchrun it runs one worker (nothing is exchanged). Strategy options are those of
 ``sgdlab list strategies -v``; the strategy's LR multiplier (ddp ``lr_scaling``) is not applied to an
-optimizer you built yourself: scale its lr yourself.
+optimizer you built yourself: scale its lr yourself. ``compress="NAME[,key=value...]"`` and
+``aggregate="NAME[,key=value...]"`` choose the exchange's compressor and aggregator
+(``sgdlab list compressors|aggregators -v``). An optimizer that needs a closure (the step protocol,
+:mod:`sgdlab.optim.protocol`) gets it through ``dd.step(closure)``.
 
 Client-level DP (localsgd, diloco; :mod:`sgdlab.privacy.client`)::
 
@@ -44,31 +47,34 @@ from .network import NetworkModel
 class Distributed:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str = "ddp", *,
                  network: str | None = None, timeout: float = 60.0, dp: str | None = None, seed: int = 0,
-                 steps: int | None = None, **options: Any):
+                 steps: int | None = None, compress: str = "fp32", aggregate: str = "mean", **options: Any):
         from ..errors import ConfigError
+        from ..exchange import ExchangeSpec
         from ..privacy import ClientDP, DPOptions
-        from ..strategies import Worker, create
+        from ..strategies import Worker, create, registry
         from ..strategies import options as strategy_options
+        from ..strategies.base import check_client_dp
 
         device = next(model.parameters()).device
         net = NetworkModel.parse(network)
-        strategy_options(strategy, options)  # bad options fail before connecting
+        opts = strategy_options(strategy, options)  # bad options fail before connecting
+        spec = ExchangeSpec(compress, aggregate)
         self.client_dp = None
         if dp is not None:
-            opts = DPOptions.parse(dp)
-            if opts.unit != "client":
+            dp = DPOptions.parse(dp)
+            if dp.unit != "client":
                 raise ConfigError("Distributed(dp=...) is client-level DP: add unit=client (for DP-SGD of one "
                                   "worker use sgdlab.privacy.DPSGD in your loop)")
-            if opts.target_epsilon is not None and steps is None:
+            if dp.target_epsilon is not None and steps is None:
                 raise ConfigError("dp target_epsilon needs steps= (the number of steps the loop will take)")
+            check_client_dp(registry.get(strategy), opts, spec)
         self.group = TorchGroup(net, device, timeout) if torchrun_env() else SimGroup(1, net)
         self.group.broadcast_([p.data for p in model.parameters()])
-        self.strategy = create(strategy, self.group, options)
         if dp is not None:
             self.client_dp = ClientDP.from_options(
-                dp, num_clients=self.group.world, sync_every=self.strategy.options.sync_every,
-                steps=steps if steps is not None else self.strategy.options.sync_every, seed=seed)
-            self.strategy.enable_client_dp(self.client_dp)
+                dp, num_clients=self.group.world, sync_every=opts.sync_every,
+                steps=steps if steps is not None else opts.sync_every, seed=seed)
+        self.strategy = create(strategy, self.group, opts, client_dp=self.client_dp, exchange=spec, seed=seed)
         self.worker = Worker(self.group.local[0], model, optimizer)
         self.strategy.setup([self.worker])
         self.steps = 0
@@ -79,12 +85,14 @@ class Distributed:
             raise RuntimeError("epsilon(): this Distributed was built without dp=")
         return self.client_dp.epsilon(self.steps)
 
-    def step(self) -> None:
-        """Replaces ``optimizer.step()``: the strategy's exchange around this worker's optimizer step."""
+    def step(self, closure: Any = None) -> Any:
+        """Replaces ``optimizer.step()``: the strategy's exchange around this worker's optimizer step.
+        ``closure`` goes to the optimizer's ``step`` (torch.optim's convention); returns what it returns."""
         self.steps += 1
         self.strategy.after_backward([self.worker], self.steps)
-        self.worker.optimizer.step()
+        out = self.worker.optimizer.step() if closure is None else self.worker.optimizer.step(closure)
         self.strategy.after_step([self.worker], self.steps)
+        return out
 
     @property
     def bytes_sent(self) -> float:

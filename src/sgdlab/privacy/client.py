@@ -121,25 +121,34 @@ class ClientDP:
             torch._foreach_mul_(update, self.clip / norm)
         return norm
 
-    def aggregate(self, group: Any, updates: list[list[torch.Tensor]], round_index: int, codec: Any = None
-                  ) -> list[torch.Tensor]:
-        """The noisy average ``Δ̃`` of round ``round_index`` from this process's workers' ``updates``
-        (``updates[i]`` belongs to local worker ``group.local[i]``; they are overwritten). Returns one list
-        of tensors, identical on every rank."""
-        mask = self.participants(round_index)
-        for rank, update in zip(group.local, updates, strict=True):
+    def clip_round(self, updates: list[list[torch.Tensor]], ranks: list[int], step: int) -> None:
+        """Exchange stage before the sum: clip each participant's update to C, zero the others'."""
+        mask = self.participants(self.rounds(step))
+        for rank, update in zip(ranks, updates, strict=True):
             if mask[rank]:
                 self.clip_(update)
             else:
                 torch._foreach_zero_(update)
-        group.all_reduce_mean(updates, codec)   # now (1/N) Σ_{i∈S} Δ̄_i on every worker
+
+    def finish_round(self, updates: list[list[torch.Tensor]], step: int) -> None:
+        """Exchange stage after the mean (1/N) Σ_{i∈S} Δ̄_i: rescale to the expected number of participants
+        and add the round's noise, in every local worker's tensors alike."""
         total = updates[0]
         n, expected = self.num_clients, self.participation * self.num_clients
         torch._foreach_mul_(total, n / expected)
         std = self.noise_multiplier * self.clip
         if std > 0:
-            torch._foreach_add_(total, self.noise(round_index, total), alpha=std / expected)
-        return total
+            torch._foreach_add_(total, self.noise(self.rounds(step), total), alpha=std / expected)
+        for other in updates[1:]:
+            torch._foreach_copy_(other, total)
+
+    def aggregate(self, group: Any, updates: list[list[torch.Tensor]], round_index: int) -> list[torch.Tensor]:
+        """The noisy average ``Δ̃`` of round ``round_index`` of this process's workers' ``updates`` through a
+        plain exchange (``updates[i]`` belongs to local worker ``group.local[i]``; they are overwritten)."""
+        from ..exchange import Exchange
+
+        Exchange(group, client_dp=self).mean_(updates, key="delta", step=round_index * self.sync_every)
+        return updates[0]
 
     # ---- accounting -----------------------------------------------------------------------------
     def rounds(self, step: int) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..distributed.group import Group
+from ..exchange import ExchangeSpec
 from ..options import build_options
 from ..registry import Registry
 from .base import Strategy, Worker
@@ -30,11 +31,14 @@ def options(name: str, values: dict[str, Any] | None = None):
     return build_options(registry.get(name).Options, dict(values or {}), f"option of strategy {name!r}")
 
 
-def create(name: str, group: Group, values: Any = None, *, client_dp: Any = None) -> Strategy:
+def create(name: str, group: Group, values: Any = None, *, client_dp: Any = None,
+           exchange: ExchangeSpec | None = None, seed: int = 0) -> Strategy:
     """Strategy ``name`` over ``group``. ``values``: its options (a dict, or the options dataclass already
-    built by :func:`options`); ``client_dp``: a :class:`sgdlab.privacy.ClientDP` for client-level DP."""
+    built by :func:`options`); ``client_dp``: a :class:`sgdlab.privacy.ClientDP` for client-level DP;
+    ``exchange``: the compressor and aggregator of its exchange (default: its ``precision``, the mean);
+    ``seed``: the run's seed (for stages that draw shared randomness)."""
     opts = values if isinstance(values, registry.get(name).Options) else options(name, values)
-    strategy = registry.get(name)(opts, group)
+    strategy = registry.get(name)(opts, group, exchange, seed)
     if client_dp is not None:
         strategy.enable_client_dp(client_dp)
     return strategy

@@ -7,7 +7,10 @@ Per training step the runner calls, for the workers that live in this process::
     (every worker: forward, backward)   →  strategy.after_backward(workers, step)
     (every worker: optimizer.step())    →  strategy.after_step(workers, step)
 
-``step`` counts completed steps (1, 2, ...). Inner optimizer state stays local to each worker.
+``step`` counts completed steps (1, 2, ...). Inner optimizer state stays local to each worker. A
+strategy decides when to talk and what to send; it hands those tensors to ``self.exchange``
+(:class:`sgdlab.exchange.Exchange`), which compresses, communicates, aggregates and applies client-level
+DP as configured, so every compressor and aggregator works with every strategy.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..distributed.compress import PRECISIONS, Codec
 from ..distributed.group import Group
 from ..errors import ConfigError, UnknownNameError
+from ..exchange import PRECISIONS, ExchangeSpec
 
 
 @dataclass
@@ -42,15 +45,26 @@ class NoOptions:
     pass
 
 
-def check_client_dp(cls: type[Strategy], options: Any) -> None:
+def exchange_spec(options: Any, spec: ExchangeSpec | None = None) -> ExchangeSpec:
+    """The exchange a strategy with ``options`` uses: ``spec`` if given, else its ``precision`` option."""
+    precision = getattr(options, "precision", "fp32")
+    if spec is None:
+        return ExchangeSpec(compress=precision)
+    if precision != "fp32" and spec.compress != "fp32":
+        raise ConfigError(f"precision={precision!r} and compress={spec.compress!r} both choose the compressor; "
+                          "give one of them")
+    return spec if precision == "fp32" else ExchangeSpec(compress=precision, aggregate=spec.aggregate)
+
+
+def check_client_dp(cls: type[Strategy], options: Any, spec: ExchangeSpec | None = None) -> None:
     """Raise ``ConfigError`` unless strategy ``cls`` with ``options`` can run client-level DP."""
     if not cls.supports_client_dp:
         raise ConfigError(f"dp unit=client (client-level DP) works with strategies localsgd and diloco, not "
                           f"{cls.name!r}")
-    precision = getattr(options, "precision", "fp32")
-    if precision != "fp32":
-        raise ConfigError(f"dp unit=client needs precision=fp32 (got {precision!r}): quantising a clipped update "
-                          "could raise its norm above clip")
+    spec = exchange_spec(options, spec)
+    if not spec.lossless:
+        raise ConfigError(f"dp unit=client needs precision=fp32 and a lossless compressor (got compress="
+                          f"{spec.compress!r}): quantising a clipped update could raise its norm above clip")
 
 
 def check_precision(precision: str) -> None:
@@ -65,23 +79,15 @@ class Strategy:
     #: Whether the strategy exchanges per-round updates that client-level DP can clip and noise.
     supports_client_dp: ClassVar[bool] = False
 
-    def __init__(self, options: Any, group: Group):
+    def __init__(self, options: Any, group: Group, exchange: ExchangeSpec | None = None, seed: int = 0):
         self.options, self.group = options, group
-        self.codec = Codec(getattr(options, "precision", "fp32"))
-        self.client_dp: Any = None  # a sgdlab.privacy.client.ClientDP, set by enable_client_dp
+        self.exchange_spec = exchange_spec(options, exchange)
+        self.exchange = self.exchange_spec.build(group, seed=seed)
 
     def enable_client_dp(self, client_dp: Any) -> None:
         """Clip and noise every round's updates with ``client_dp`` (:mod:`sgdlab.privacy.client`)."""
-        check_client_dp(type(self), self.options)
-        self.client_dp = client_dp
-
-    def average_updates(self, updates: list[list[torch.Tensor]], step: int) -> list[torch.Tensor]:
-        """The averaged update of a round: the mean over workers, or with client-level DP the clipped,
-        noised estimate. ``updates[i]`` are local worker i's tensors (overwritten)."""
-        if self.client_dp is None:
-            self.group.all_reduce_mean(updates, self.codec)
-            return updates[0]
-        return self.client_dp.aggregate(self.group, updates, step // self.options.sync_every, self.codec)
+        check_client_dp(type(self), self.options, self.exchange_spec)
+        self.exchange.client_dp = client_dp
 
     def lr_multiplier(self) -> float:
         """Factor applied to the inner learning rate (e.g. linear scaling for large batches)."""
@@ -101,10 +107,10 @@ class Strategy:
         return workers[0].model
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        return {"exchange": self.exchange.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        self.exchange.load_state_dict(state.get("exchange", {}))  # absent in checkpoints before 0.2
 
 
 class GlobalModelMixin:
@@ -123,8 +129,20 @@ class GlobalModelMixin:
         return self._eval_model
 
     def state_dict(self) -> dict[str, Any]:
-        return {"global_params": [g.clone() for g in self.global_params]}
+        return {**super().state_dict(), "global_params": [g.clone() for g in self.global_params]}  # type: ignore[misc]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)  # type: ignore[misc]
         for g, s in zip(self.global_params, state["global_params"], strict=True):
             g.copy_(s)
+
+    def pseudo_gradients(self, workers: list[Worker], indices: list[int] | None = None) -> list[list[torch.Tensor]]:
+        """Every local worker's θ − θ_i (of the parameters at ``indices``, default all)."""
+        idx = range(len(self.global_params)) if indices is None else indices
+        return [[self.global_params[i] - w.params[i].detach() for i in idx] for w in workers]
+
+    def restart_from_global(self, workers: list[Worker]) -> None:
+        """θ_i ← θ on every local worker."""
+        with torch.no_grad():
+            for w in workers:
+                torch._foreach_copy_([p.data for p in w.params], self.global_params)

@@ -48,4 +48,4 @@ class DDP(Strategy):
                 if p.grad is None:  # keep every worker's message the same shape
                     p.grad = torch.zeros_like(p)
             grads.append([p.grad for p in w.params])
-        self.group.all_reduce_mean(grads, self.codec)
+        self.exchange.mean_(grads, key="grad", step=step)

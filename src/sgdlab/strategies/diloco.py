@@ -79,12 +79,10 @@ class DiLoCo(GlobalModelMixin, Strategy):
     def after_step(self, workers: list[Worker], step: int) -> None:
         if step % self.options.sync_every:
             return
-        deltas = [[g - p.detach() for g, p in zip(self.global_params, w.params, strict=True)] for w in workers]
-        outer_step(self.outer, self.global_params, self.average_updates(deltas, step))
-        with torch.no_grad():
-            for w in workers:
-                for p, g in zip(w.params, self.global_params, strict=True):
-                    p.copy_(g)
+        deltas = self.pseudo_gradients(workers)
+        self.exchange.mean_(deltas, key="delta", step=step)
+        outer_step(self.outer, self.global_params, deltas[0])
+        self.restart_from_global(workers)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "outer": self.outer.state_dict()}

@@ -4,11 +4,12 @@ Stich, "Local SGD Converges Fast and Communicates Little", ICLR 2019 (arXiv:1805
 "Communication-Efficient Learning of Deep Networks from Decentralized Data", 2017 (FedAvg).
 Each worker takes H steps of its inner optimizer on its own data; then the parameters are averaged
 over workers, ``θ_i ← (1/N) Σ_j θ_j`` (one all-reduce every H steps). Inner optimizer state stays local.
-With H = 1 and plain SGD this is exactly synchronous data-parallel SGD.
+With H = 1 and plain SGD this is synchronous data-parallel SGD.
 
-With client-level DP (``--dp unit=client,...``, :mod:`sgdlab.privacy.client`) the round instead exchanges
-the updates ``Δ_i = θ − θ_i`` and sets ``θ ← θ − Δ̃`` with ``Δ̃`` their clipped, noised average
-(DP-FedAvg); without noise and clipping that is the same average.
+The round exchanges the updates ``Δ_i = θ − θ_i`` and sets ``θ ← θ − Δ`` with ``Δ`` their aggregate:
+the same average (up to rounding), and what a compressor, an aggregator or client-level DP
+(``--dp unit=client,...``, :mod:`sgdlab.privacy.client`; DP-FedAvg) must act on — an update, not the
+parameters themselves.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .base import GlobalModelMixin, Strategy, Worker, check_precision
 @dataclass
 class LocalSGDOptions:
     sync_every: int = 50      # H: local steps between averages
-    precision: str = "fp32"   # precision of the parameter exchange
+    precision: str = "fp32"   # precision of the update exchange
 
     def validate(self) -> None:
         check_range("sync_every", self.sync_every, low=1, integer=True)
@@ -43,14 +44,7 @@ class LocalSGD(GlobalModelMixin, Strategy):
     def after_step(self, workers: list[Worker], step: int) -> None:
         if step % self.options.sync_every:
             return
-        if self.client_dp is not None:
-            updates = [[g - p.detach() for g, p in zip(self.global_params, w.params, strict=True)] for w in workers]
-            torch._foreach_sub_(self.global_params, self.average_updates(updates, step))
-            with torch.no_grad():
-                for w in workers:
-                    torch._foreach_copy_([p.data for p in w.params], self.global_params)
-            return
-        params = [[p.data for p in w.params] for w in workers]
-        self.group.all_reduce_mean(params, self.codec)
-        for g, p in zip(self.global_params, workers[0].params, strict=True):
-            g.copy_(p.data)
+        updates = self.pseudo_gradients(workers)
+        self.exchange.mean_(updates, key="delta", step=step)
+        torch._foreach_sub_(self.global_params, updates[0])
+        self.restart_from_global(workers)

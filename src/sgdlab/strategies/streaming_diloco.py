@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, check_range
-from .base import Worker
+from .base import GlobalModelMixin, Worker
 from .diloco import DiLoCo, DiLoCoOptions, make_outer, outer_step
 
 
@@ -86,8 +86,8 @@ class StreamingDiLoCo(DiLoCo):
         if step % period == 0:
             p = (step // period - 1) % o.fragments
             frag = self.fragments[p]
-            deltas = [[self.global_params[i] - w.params[i].detach() for i in frag] for w in workers]
-            done = self.group.all_reduce_mean(deltas, self.codec, wait=False)
+            deltas = self.pseudo_gradients(workers, frag)
+            done = self.exchange.mean_(deltas, key=f"fragment{p}", step=step, wait=False)
             outer_step(self.outers[p], [self.global_params[i] for i in frag], deltas[0])
             self.pending.append((step + o.overlap, p, done))
         while self.pending and self.pending[0][0] == step:
@@ -99,12 +99,11 @@ class StreamingDiLoCo(DiLoCo):
                         w.params[i].mul_(o.mix_alpha).add_(self.global_params[i], alpha=1 - o.mix_alpha)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"global_params": [g.clone() for g in self.global_params],
-                "outers": [o.state_dict() for o in self.outers], "pending": [list(x) for x in self.pending]}
+        return {**GlobalModelMixin.state_dict(self), "outers": [o.state_dict() for o in self.outers],
+                "pending": [list(x) for x in self.pending]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for g, s in zip(self.global_params, state["global_params"], strict=True):
-            g.copy_(s)
+        GlobalModelMixin.load_state_dict(self, state)
         for o, s in zip(self.outers, state["outers"], strict=True):
             o.load_state_dict(s)
         self.pending = [(int(a), int(b), float(c)) for a, b, c in state["pending"]]

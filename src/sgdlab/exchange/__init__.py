@@ -1,0 +1,78 @@
+"""The exchange pipeline and its stages by name (``sgdlab list compressors|aggregators -v``).
+
+Every strategy hands each round's tensors to one :class:`Exchange`; its stages come from three
+registries, and a new compressor, error-feedback rule or aggregator is one file plus one line here::
+
+    compressors.register(MyCompressor.name, MyCompressor, MyCompressor.description)
+
+A compressor spec is ``NAME[,key=value...][,feedback=RULE]`` (``int8,block=64``); an aggregator spec is
+``NAME[,key=value...]``. :class:`ExchangeSpec` parses and checks them once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigError
+from ..registry import Registry
+from .base import Aggregator, Compressor, Feedback, Slot, build_stage, canonical, parse_spec, parse_value
+from .mean import Mean
+from .pipeline import Exchange, flatten, unflatten_into
+from .precision import PRECISION_COMPRESSORS, PRECISIONS
+
+__all__ = ["Exchange", "ExchangeSpec", "Compressor", "Feedback", "Aggregator", "Slot", "compressors",
+           "feedback", "aggregators", "PRECISIONS", "flatten", "unflatten_into", "parse_value"]
+
+compressors: Registry[type[Compressor]] = Registry("compressor")
+feedback: Registry[type[Feedback]] = Registry("error-feedback rule")
+aggregators: Registry[type[Aggregator]] = Registry("aggregator")
+
+for _cls in PRECISION_COMPRESSORS:
+    compressors.register(_cls.name, _cls, _cls.description)
+feedback.register(Feedback.name, Feedback, Feedback.description)
+aggregators.register(Mean.name, Mean, Mean.description)
+
+
+@dataclass(frozen=True)
+class ExchangeSpec:
+    """A strategy's exchange, parsed and checked once: ``compress`` and ``aggregate`` specs."""
+
+    compress: str = "fp32"
+    aggregate: str = "mean"
+
+    def __post_init__(self) -> None:
+        self.stages()  # bad names or keys fail here, before anything runs
+
+    def stages(self) -> tuple[Compressor, Feedback, Aggregator]:
+        name, values, extra = parse_spec(self.compress, compressors, "compress", reserved=("feedback",))
+        compressor = build_stage(compressors, name, values, "compressor")
+        rule = extra.get("feedback", "none")
+        fb = build_stage(feedback, feedback.entry(str(rule)).name, {}, "feedback")
+        if rule != "none" and compressor.lossless:
+            raise ConfigError(f"compress={self.compress!r}: feedback={rule} corrects a lossy compressor; "
+                              f"{name} is lossless")
+        name, values, _ = parse_spec(self.aggregate, aggregators, "aggregate")
+        return compressor, fb, build_stage(aggregators, name, values, "aggregator")
+
+    def canonical(self) -> ExchangeSpec:
+        """The same spec with every key spelled out (as saved with a run)."""
+        compressor, fb, aggregator = self.stages()
+        return ExchangeSpec(canonical(compressor, "" if fb.name == "none" else f"feedback={fb.name}"),
+                            canonical(aggregator))
+
+    @property
+    def lossless(self) -> bool:
+        compressor, fb, _ = self.stages()
+        return compressor.lossless and fb.name == "none"
+
+    def build(self, group: Any, client_dp: Any = None, seed: int = 0) -> Exchange:
+        compressor, fb, aggregator = self.stages()
+        return Exchange(group, compressor, fb, aggregator, client_dp=client_dp, seed=seed)
+
+
+def describe(registry: Registry) -> list[tuple[str, str, dict[str, Any]]]:
+    """(name, description, option defaults) of every entry, for ``sgdlab list``."""
+    import dataclasses
+    return [(e.name, e.description, {f.name: f.default for f in dataclasses.fields(e.obj.Options)})
+            for e in registry]

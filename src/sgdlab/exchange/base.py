@@ -1,0 +1,157 @@
+"""The stages of an exchange, one small base class each, and the ``NAME[,key=value...]`` spec syntax.
+
+A stage is a class with a ``name``, an ``Options`` dataclass (its keys in a spec, checked by type and by
+``validate()``) and a one-line ``description``; registering it (:mod:`sgdlab.exchange`) makes it usable
+by every strategy on both backends. Vectors are flat float32 tensors, one per worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from ..errors import ConfigError
+from ..options import build_options
+from ..registry import Registry
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
+@dataclass(frozen=True)
+class Slot:
+    """What is being exchanged: a stream (``"grad"``, ``"delta"``, ``"fragment1"``, ...) at a step. State
+    that lives across rounds (error-feedback memory, warm starts) is kept per stream."""
+
+    key: str
+    step: int
+    seed: int = 0
+
+
+class Stage:
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any = None):
+        self.options = options if options is not None else self.Options()
+
+
+class Compressor(Stage):
+    """Turns one worker's vector into the payload tensors actually sent, and back.
+
+    ``summable``: payloads of different workers may be added element-wise and decoded once (the
+    collective is then an all-reduce of the payloads); otherwise they are all-gathered and each is
+    decoded. ``lossless``: ``decode(encode(x)) == x`` exactly.
+    """
+
+    summable: ClassVar[bool] = False
+    lossless: ClassVar[bool] = False
+
+    @staticmethod
+    def payload_bytes(payload: list[torch.Tensor]) -> int:
+        return sum(t.numel() * t.element_size() for t in payload)
+
+    def encode(self, x: torch.Tensor, slot: Slot | None = None, rank: int = 0) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def decode(self, payload: list[torch.Tensor], n: int, slot: Slot | None = None, rank: int = 0) -> torch.Tensor:
+        """The vector of ``n`` elements that worker ``rank`` sent (or, when summable, their sum)."""
+        raise NotImplementedError
+
+
+class Feedback(Stage):
+    """Per-worker memory around a lossy compressor (error feedback).
+
+    ``message`` gives the vector the worker compresses, ``sent`` updates the worker's memory once it
+    knows what its message decodes to, and ``result`` turns the aggregate of the decoded messages into
+    what the strategy receives (with ``shared``, state every worker keeps identically). ``memory`` and
+    ``shared`` are dicts of tensors that the exchange keeps per worker and stream and checkpoints.
+    The default keeps nothing: the message is the vector itself.
+    """
+
+    name = "none"
+    description = "no error feedback: each round compresses the vector itself"
+
+    def message(self, x: torch.Tensor, memory: dict[str, torch.Tensor]) -> torch.Tensor:
+        return x
+
+    def sent(self, message: torch.Tensor, decoded: torch.Tensor, memory: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def result(self, aggregate: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
+        return aggregate
+
+    @property
+    def needs_own_decode(self) -> bool:
+        return type(self).sent is not Feedback.sent
+
+
+class Aggregator(Stage):
+    """Combines every worker's decoded vector (rank order) into one. ``linear``: the aggregate is the
+    mean, so summable payloads may be reduced before decoding and no worker's vector is seen alone."""
+
+    linear: ClassVar[bool] = False
+
+    def __call__(self, vectors: list[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def parse_value(raw: str) -> Any:
+    """``"0.9"`` → 0.9, ``"[1, 2]"`` → [1, 2], ``"true"`` → True, ``"ef"`` → "ef" (TOML, else a string)."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def parse_spec(text: Any, registry: Registry, what: str, reserved: tuple[str, ...] = ()
+               ) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """``"NAME[,key=value...]"`` → (name, the stage's keys, the ``reserved`` keys), names and keys checked."""
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(f"{what}={text!r}; expected NAME[,key=value...], NAME one of: "
+                          f"{', '.join(registry.names())}")
+    head, *items = [s.strip() for s in text.split(",")]
+    registry.entry(head)
+    values: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not eq or not key or not raw:
+            raise ConfigError(f"{what}: expected key=value items after the name, got {item!r} in {text!r}")
+        target = extra if key in reserved else values
+        if key in target:
+            raise ConfigError(f"{what}: {key} is given twice in {text!r}")
+        target[key] = parse_value(raw)
+    return head, values, extra
+
+
+def build_stage(registry: Registry, name: str, values: dict[str, Any], what: str) -> Stage:
+    cls = registry.get(name)
+    return cls(build_options(cls.Options, values, f"{what} {name!r} key"))
+
+
+def canonical(stage: Stage, extra: str = "") -> str:
+    """``name,key=value,...`` with every option spelled out."""
+    items = [f"{k}={_toml(v)}" for k, v in dataclasses.asdict(stage.options).items()]
+    return ",".join([stage.name, *items, *([extra] if extra else [])])
+
+
+def _toml(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return v
+    return repr(v)

@@ -1,0 +1,106 @@
+"""The exchange: what every strategy calls to combine one round's tensors across workers.
+
+For the tensors of every worker that lives in this process, in order::
+
+    client-level DP clip (per worker)  →  flatten  →  error-feedback message  →  compressor encode
+      →  collective  (all-reduce of the payloads when they add up and the aggregate is the mean,
+                      all-gather of every worker's payload otherwise; bytes from the payload tensors)
+      →  decode  →  aggregate (mean, or a robust rule)  →  error-feedback result
+      →  unflatten into every local worker's tensors  →  client-level DP noise
+
+The same code runs on both backends: :class:`~sgdlab.distributed.group.Group` provides the sum and the
+gather of payload tensors, byte counting and simulated time. Per-worker and per-stream state (error
+feedback memory) is in :meth:`Exchange.state_dict`, which strategies put in their checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import Aggregator, Compressor, Feedback, Slot
+from .mean import Mean
+from .precision import FP32
+
+
+def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1).float() for t in tensors])
+
+
+def unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset:offset + n].view_as(t))
+        offset += n
+
+
+class Exchange:
+    """One strategy's exchange over ``group``, built from its stages (defaults: fp32, no feedback, mean)."""
+
+    def __init__(self, group: Any, compressor: Compressor | None = None, feedback: Feedback | None = None,
+                 aggregator: Aggregator | None = None, client_dp: Any = None, seed: int = 0):
+        self.group = group
+        self.compressor = compressor or FP32()
+        self.feedback = feedback or Feedback()
+        self.aggregator = aggregator or Mean()
+        self.client_dp = client_dp
+        self.seed = seed
+        self.memory: dict[str, dict[str, torch.Tensor]] = {}   # "<stream>/<rank>" → that worker's memory
+        self.shared: dict[str, dict[str, torch.Tensor]] = {}   # "<stream>" → state every worker shares
+
+    @property
+    def lossless_mean(self) -> bool:
+        """True when the exchange returns exactly the mean of the workers' tensors (up to rounding)."""
+        return (self.compressor.lossless and type(self.feedback) is Feedback and self.aggregator.linear
+                and self.client_dp is None)
+
+    def mean_(self, per_worker: list[list[torch.Tensor]], *, key: str, step: int, wait: bool = True) -> float:
+        """Replace every local worker's tensors by the round's aggregate.
+
+        ``per_worker[i]`` are local worker ``group.local[i]``'s tensors (same shapes on every worker);
+        ``key`` names the stream (state is kept per stream), ``step`` the training step. The collective
+        starts when the slowest worker arrives; returns the simulated time at which it completes. With
+        ``wait=False`` the clocks are not advanced (the caller overlaps it and calls ``group.wait_until``).
+        """
+        group = self.group
+        if len(per_worker) != len(group.local):
+            raise ValueError(f"expected tensors of {len(group.local)} local workers, got {len(per_worker)}")
+        slot = Slot(key, step, self.seed)
+        if self.client_dp is not None:
+            self.client_dp.clip_round(per_worker, group.local, step)
+        flats = [flatten(ts) for ts in per_worker]
+        n = flats[0].numel()
+        payloads = []
+        for rank, x in zip(group.local, flats, strict=True):
+            memory = self.memory.setdefault(f"{key}/{rank}", {})
+            msg = self.feedback.message(x, memory)
+            payload = self.compressor.encode(msg, slot, rank)
+            if self.feedback.needs_own_decode:
+                self.feedback.sent(msg, self.compressor.decode(payload, n, slot, rank), memory)
+            payloads.append(payload)
+        nbytes = max(self.compressor.payload_bytes(p) for p in payloads)
+        if self.compressor.summable and self.aggregator.linear:
+            total = group.sum_payloads(payloads)
+            aggregate = self.compressor.decode(total, n, slot, -1).div_(group.world)
+            sent, secs = group.network.all_reduce(nbytes, group.world)
+        else:
+            gathered = group.gather_payloads(payloads)
+            aggregate = self.aggregator([self.compressor.decode(p, n, slot, r) for r, p in enumerate(gathered)])
+            sent, secs = group.network.all_gather(nbytes, group.world)
+        aggregate = self.feedback.result(aggregate, self.shared.setdefault(key, {}))
+        for ts in per_worker:
+            unflatten_into(aggregate, ts)
+        if self.client_dp is not None:
+            self.client_dp.finish_round(per_worker, step)
+        return group.charge(sent, secs, wait)
+
+    def state_dict(self) -> dict[str, Any]:
+        def copy(d):
+            return {k: {n: t.clone() for n, t in v.items()} for k, v in d.items()}
+        return {"memory": copy(self.memory), "shared": copy(self.shared)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.memory = {k: dict(v) for k, v in state.get("memory", {}).items()}
+        self.shared = {k: dict(v) for k, v in state.get("shared", {}).items()}
