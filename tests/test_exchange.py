@@ -28,3 +28,241 @@ def test_precision_compressors(precision):
             torch.testing.assert_close(y, x, rtol=1e-2, atol=0)
 
 
+
+
+# ---- stages defined here, outside the library: the seam every later compressor/aggregator uses ----------
+class EveryOther(exchange.Compressor):
+    """Toy compressor: sends the even-indexed values (float32), the rest decode to 0. Payloads add up."""
+
+    name = "toy-every-other"
+    summable = True
+
+    def encode(self, x, slot=None, rank=0):
+        return [x[0::2].clone()]
+
+    def decode(self, payload, n, slot=None, rank=0):
+        out = torch.zeros(n)
+        out[0::2] = payload[0]
+        return out
+
+
+class CoordMax(exchange.Aggregator):
+    """Toy aggregator: the coordinate-wise maximum over workers (needs every worker's vector)."""
+
+    name = "toy-max"
+
+    def __call__(self, vectors):
+        return torch.stack(vectors).amax(0)
+
+
+class Residual(exchange.Feedback):
+    """Toy error feedback (EF): compress x + e, keep e = (x + e) - decoded message."""
+
+    name = "toy-ef"
+
+    def message(self, x, memory):
+        return x + memory["e"] if "e" in memory else x
+
+    def sent(self, message, decoded, memory):
+        memory["e"] = message - decoded
+
+
+for _reg, _cls in ((exchange.compressors, EveryOther), (exchange.aggregators, CoordMax),
+                   (exchange.feedback, Residual)):
+    if _cls.name not in _reg:
+        _reg.register(_cls.name, _cls, _cls.__doc__)
+
+N, STEPS, H, OUTER_LR, LR = 3, 4, 2, 0.5, 0.1
+CASES = {  # name: (strategy, options, compress, aggregate)
+    "ddp-half-mean": ("ddp", {}, "toy-every-other", "mean"),
+    "ddp-half-max": ("ddp", {}, "toy-every-other", "toy-max"),
+    "localsgd-fp32-max": ("localsgd", {"sync_every": H}, "fp32", "toy-max"),
+    "localsgd-half-mean": ("localsgd", {"sync_every": H}, "toy-every-other", "mean"),
+    "diloco-half-max": ("diloco", {"sync_every": H, "outer_lr": OUTER_LR, "outer_args": {}}, "toy-every-other",
+                        "toy-max"),
+    "diloco-int8-ef": ("diloco", {"sync_every": H, "outer_lr": OUTER_LR, "outer_args": {}}, "int8,feedback=toy-ef",
+                       "mean"),
+}
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Linear(5, 1)
+
+
+def _batches(rank):
+    g = torch.Generator().manual_seed(100 + rank)
+    xs = [torch.randn(8, 5, generator=g) for _ in range(STEPS)]
+    return [(x, x.sum(1, keepdim=True) * (1 + rank)) for x in xs]
+
+
+def _loss(model, batch):
+    x, y = batch
+    return (model(x) - y).pow(2).mean()
+
+
+def _step_all(strategy, workers, step):
+    """One training step of the local workers, as sgdlab's runner does it."""
+    for w in workers:
+        _loss(w.model, _batches(w.rank)[step - 1]).backward()
+    strategy.after_backward(workers, step)
+    for w in workers:
+        w.optimizer.step()
+        w.optimizer.zero_grad(set_to_none=True)
+    strategy.after_step(workers, step)
+
+
+def _reference(case):
+    """The same training, written out: flat vectors, the toy stages by hand (plain torch)."""
+    name, opts, compress, aggregate = CASES[case]
+    torch.manual_seed(0)
+    models = [_model() for _ in range(N)]
+    theta = torch.cat([p.detach().reshape(-1) for p in models[0].parameters()])
+    memory = [torch.zeros_like(theta) for _ in range(N)]
+
+    def flat_grad(m):
+        return torch.cat([p.grad.reshape(-1) for p in m.parameters()])
+
+    def set_flat(m, v):
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(v.clone(), m.parameters())
+
+    def combine(vectors):
+        if compress.startswith("int8"):
+            from sgdlab.exchange.precision import INT8
+            c = INT8()
+            msgs = []
+            for i, v in enumerate(vectors):
+                m = v + memory[i]
+                d = c.decode(c.encode(m), m.numel())
+                memory[i] = m - d
+                msgs.append(d)
+        elif compress == "toy-every-other":
+            msgs = [torch.where(torch.arange(v.numel()) % 2 == 0, v, torch.zeros_like(v)) for v in vectors]
+        else:
+            msgs = vectors
+        return torch.stack(msgs).amax(0) if aggregate == "toy-max" else torch.stack(msgs).mean(0)
+
+    for step in range(1, STEPS + 1):
+        for r, m in enumerate(models):
+            m.zero_grad()
+            _loss(m, _batches(r)[step - 1]).backward()
+        if name == "ddp":
+            g = combine([flat_grad(m) for m in models])
+            theta = theta - LR * g
+            for m in models:
+                set_flat(m, theta)
+            continue
+        for m in models:
+            with torch.no_grad():
+                for p in m.parameters():
+                    p -= LR * p.grad
+        if step % H == 0:
+            delta = combine([theta - torch.nn.utils.parameters_to_vector(m.parameters()).detach() for m in models])
+            theta = theta - (OUTER_LR if name == "diloco" else 1.0) * delta
+            for m in models:
+                set_flat(m, theta)
+    return theta
+
+
+def _expected_bytes(case, n_params=6):
+    name, _, compress, aggregate = CASES[case]
+    rounds = STEPS if name == "ddp" else STEPS // H
+    if compress.startswith("int8"):
+        payload = n_params + 4  # one scale for the single block
+    elif compress == "toy-every-other":
+        payload = 4 * ((n_params + 1) // 2)
+    else:
+        payload = 4 * n_params
+    all_reduce = aggregate == "mean" and not compress.startswith("int8")  # int8 payloads do not add up
+    per_round = 2 * (N - 1) / N * payload if all_reduce else (N - 1) * payload
+    return rounds * per_round
+
+
+def _train_sim(case):
+    from sgdlab import strategies
+    from sgdlab.distributed import NetworkModel, SimGroup
+    from sgdlab.strategies import Worker
+
+    name, opts, compress, aggregate = CASES[case]
+    group = SimGroup(N, NetworkModel())
+    strategy = strategies.create(name, group, opts, exchange=exchange.ExchangeSpec(compress, aggregate))
+    workers = []
+    for r in range(N):
+        m = _model()
+        workers.append(Worker(r, m, torch.optim.SGD(m.parameters(), lr=LR)))
+    strategy.setup(workers)
+    for step in range(1, STEPS + 1):
+        _step_all(strategy, workers, step)
+    return strategy, workers, group
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_user_defined_stages_through_every_strategy_sim(case):
+    strategy, workers, group = _train_sim(case)
+    want = _reference(case)
+    for w in workers:
+        got = torch.nn.utils.parameters_to_vector(w.model.parameters()).detach()
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert group.bytes_sent == pytest.approx(_expected_bytes(case), rel=1e-12)
+
+
+def test_feedback_memory_is_in_the_checkpoint_and_resumes_exactly():
+    case = "diloco-int8-ef"
+    strategy, workers, _ = _train_sim(case)
+    state = strategy.state_dict()
+    mem = state["exchange"]["memory"]
+    assert sorted(mem) == [f"delta/{r}" for r in range(N)] and all(m["e"].abs().sum() > 0 for m in mem.values())
+    strategy.exchange.memory.clear()
+    strategy.load_state_dict(state)
+    assert all(torch.equal(strategy.exchange.memory[k]["e"], v["e"]) for k, v in mem.items())
+
+
+def test_torch_backend_runs_user_defined_stages(tmp_path):
+    from .test_torch_backend import torchrun
+
+    res = torchrun(N, __file__, str(tmp_path / "out.pt"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    for case in CASES:
+        _, workers, group = _train_sim(case)
+        sim = torch.nn.utils.parameters_to_vector(workers[0].model.parameters()).detach()
+        torch.testing.assert_close(got[case]["params"], sim, atol=1e-6, rtol=0)
+        assert got[case]["bytes"] == pytest.approx(_expected_bytes(case), rel=1e-12)
+
+
+def _train_torch(case):
+    """One rank's own loop under torchrun, wrapped with sgdlab.distributed.Distributed."""
+    import os
+
+    from sgdlab.distributed import Distributed
+
+    name, opts, compress, aggregate = CASES[case]
+    rank = int(os.environ["RANK"])
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    dd = Distributed(model, opt, name, compress=compress, aggregate=aggregate, **opts)
+    for batch in _batches(rank):
+        _loss(model, batch).backward()
+        dd.step()
+        opt.zero_grad(set_to_none=True)
+    out = {"params": torch.nn.utils.parameters_to_vector(model.parameters()).detach(), "bytes": dd.bytes_sent}
+    dd.close()
+    return out
+
+
+if __name__ == "__main__":  # run by test_torch_backend_runs_user_defined_stages under torchrun
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")  # one process group for every case (Distributed leaves it open)
+    results = {}
+    for case in CASES:
+        results[case] = _train_torch(case)
+    if int(os.environ["RANK"]) == 0:
+        torch.save(results, sys.argv[1])
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    os._exit(0)
