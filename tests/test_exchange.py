@@ -266,3 +266,48 @@ if __name__ == "__main__":  # run by test_torch_backend_runs_user_defined_stages
     if dist.is_initialized():
         dist.destroy_process_group()
     os._exit(0)
+
+
+# ---- the --compress / --aggregate spec parsers ----------------------------------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from sgdlab.errors import ConfigError as _ConfigError  # noqa: E402
+
+_PARTS = st.sampled_from(["int8", "int4", "fp32", "bf16", "mean", "toy-max", "block", "feedback", "none", "toy-ef",
+                          "=", ",", " ", "64", "3", "-2", "nan", "inf", "1e400", "true", "[1]", "x", "", "é"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=30), st.lists(_PARTS, max_size=8).map("".join)),
+       st.one_of(st.text(max_size=20), st.lists(_PARTS, max_size=6).map("".join)))
+def test_exchange_spec_parses_or_says_what_is_wrong(compress, aggregate):
+    try:
+        spec = exchange.ExchangeSpec(compress, aggregate)
+    except _ConfigError as e:
+        assert str(e) and "\n" not in str(e)
+        return
+    again = spec.canonical()  # a valid spec's canonical form parses to itself
+    assert again.canonical() == again
+
+
+@pytest.mark.parametrize(("compress", "aggregate", "match"), [
+    ("int9", "mean", r"unknown compressor 'int9'.*int8"),
+    ("int8,blok=64", "mean", r"unknown compressor 'int8' key 'blok'.*block"),
+    ("int8,block=3", "mean", r"block=3: the quantisation block must be an even integer >= 2"),
+    ("int8,block=64,block=32", "mean", r"block is given twice"),
+    ("int8,feedback=nope", "mean", r"unknown error-feedback rule 'nope'"),
+    ("fp32,feedback=toy-ef", "mean", r"feedback=toy-ef corrects a lossy compressor; fp32 is lossless"),
+    ("int8,64", "mean", r"expected key=value items after the name"),
+    ("int8", "median", r"unknown aggregator 'median'"),
+    ("", "mean", r"expected NAME\[,key=value...\]"),
+])
+def test_bad_exchange_specs(compress, aggregate, match):
+    with pytest.raises(_ConfigError, match=match):
+        exchange.ExchangeSpec(compress, aggregate)
+
+
+def test_exchange_spec_canonical_form():
+    assert exchange.ExchangeSpec("int8").canonical() == exchange.ExchangeSpec("int8,block=128", "mean")
+    assert exchange.ExchangeSpec("int4,block=64,feedback=toy-ef").canonical().compress == \
+        "int4,block=64,feedback=toy-ef"
