@@ -19,7 +19,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError, SgdlabError
+from ..errors import CheckpointError, ConfigError, SgdlabError
 from .network import NetworkModel
 
 
@@ -99,6 +99,37 @@ class Group:
 
     def close(self, clean: bool = True) -> None:
         pass
+
+    # ---- what the runner asks of a backend (defaults: every worker in this one process) --------------
+    #: whether the run directory must be named (--out): every process writes into the same one
+    needs_out = False
+    #: whether a checkpoint keeps the one it replaces, so that processes that checkpoint independently
+    #: can agree on a step all of them have (:meth:`agreed_step`)
+    keeps_previous_checkpoint = False
+
+    @property
+    def is_lead(self) -> bool:
+        """Whether this process writes the run's shared files (config, metrics, summary): rank 0's does."""
+        return self.local[0] == 0
+
+    def barrier(self) -> None:
+        """Wait until every process gets here (one process: nothing to wait for)."""
+
+    def check_same(self, fingerprint: str) -> None:
+        """Raise unless every process runs the configuration with this fingerprint (one process: it does)."""
+
+    def stops_at_once(self, requested: bool) -> bool:
+        """Whether a stop request (Ctrl-C, SIGTERM) that this process has seen ends the run at this step.
+        One process stops at once; processes that must stop together vote at logging steps instead."""
+        return requested
+
+    def stop_vote(self, requested: bool) -> float:
+        """This process's stop vote, averaged with the logged losses at a logging step (> 0: all stop)."""
+        return 0.0
+
+    def agreed_step(self, steps: list[int]) -> int | None:
+        """The newest of ``steps`` (this process's checkpoint steps) that every process has; None if none."""
+        return max(steps, default=None)
 
 
 class SimGroup(Group):
@@ -232,3 +263,23 @@ class TorchGroup(Group):
             if clean:  # tear down together: a rank leaving while a peer still talks can abort the peer
                 self._call(dist.barrier)
             dist.destroy_process_group()
+
+    needs_out = True
+    keeps_previous_checkpoint = True
+
+    def stops_at_once(self, requested: bool) -> bool:
+        return False  # every rank must stop at the same step: the request is voted on (stop_vote)
+
+    def stop_vote(self, requested: bool) -> float:
+        return float(requested)
+
+    def agreed_step(self, steps: list[int]) -> int | None:
+        """The newest step that every rank has (a rank that died between the others' checkpoint and its
+        own leaves them one checkpoint apart; each keeps two)."""
+        mine = sorted(steps, reverse=True)[:2]
+        gathered = self.gather_ints(mine + [-1] * (2 - len(mine)))
+        common = set(gathered[0]).intersection(*gathered[1:]) - {-1}
+        if not common:
+            raise CheckpointError(f"rank {self.rank}: the ranks' checkpoints share no step (steps per rank: "
+                                  f"{[[s for s in st if s >= 0] for st in gathered]}); cannot resume consistently")
+        return max(common)
