@@ -281,3 +281,49 @@ def test_fast_path_with_functional_layers_matches_hand_computed_gradients():
         expected["weight"] += c * gw
         expected["bias"] += c * gb
     _assert_same(sums, expected, "by hand")
+
+
+# ---- a rule added from outside the library ------------------------------------------------------------
+
+
+class _ExpScale(nn.Module):
+    """``x ⊙ exp(s)``: ``torch.exp`` of a parameter has no built-in rule."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.s = nn.Parameter(torch.randn(d) * 0.1)
+
+    def forward(self, x):
+        return x * torch.exp(self.s)
+
+
+def test_a_rule_registered_for_a_module_type(monkeypatch):
+    from sgdlab.privacy import ghost
+
+    class ExpScaleRule(ghost.Rule):
+        """∂out/∂s = out, so the per-example gradient of ``s`` is ``Σ_t g_t ⊙ out_t``, materialised."""
+
+        @classmethod
+        def from_module(cls, rec, module, args, kwargs, out):
+            use = cls()
+            use.name, use.y = rec.param(module.s, "s"), use.keep(out)
+            rec.record(use, out)
+
+        def names(self):
+            return [self.name]
+
+        def assemble(self, plan, grads, b, workspace):
+            grads[self.name].add_dense((self.g * self.y).reshape(b, -1, self.y.shape[-1]).sum(1))
+
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(4, 5), _ExpScale(5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+
+    def loss(m, b):
+        return m(b).pow(2).mean()
+
+    engine = DPSGD(model, loss, noise_multiplier=0.0, max_grad_norm=0.1, expected_batch_size=6, grad_sample="ghost")
+    with pytest.raises(ConfigError, match="'1.s' is used by torch.exp"):  # without the rule
+        engine.clipped_sum(x)
+    monkeypatch.setitem(ghost.RULES, _ExpScale, ExpScaleRule)
+    _compare(model, loss, x, rtol=1e-6, max_grad_norm=0.1)
