@@ -1,6 +1,8 @@
 """The exchange pipeline: precision compressors, stage specs, and user-defined stages through every
 strategy on both backends."""
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 
@@ -67,8 +69,24 @@ class Residual(exchange.Feedback):
         memory["e"] = message - decoded
 
 
+@dataclass
+class PushOptions:
+    scale: float = 2.0
+
+
+class PushAway(exchange.Attack):
+    """Toy omniscient attack: send -scale times the mean of the honest vectors."""
+
+    name = "toy-push"
+    Options = PushOptions
+    omniscient = True
+
+    def __call__(self, own, honest, slot, rank):
+        return -self.options.scale * torch.stack(honest).mean(0)
+
+
 for _reg, _cls in ((exchange.compressors, EveryOther), (exchange.aggregators, CoordMax),
-                   (exchange.feedback, Residual)):
+                   (exchange.feedback, Residual), (exchange.attacks, PushAway)):
     if _cls.name not in _reg:
         _reg.register(_cls.name, _cls, _cls.__doc__)
 
@@ -82,7 +100,14 @@ CASES = {  # name: (strategy, options, compress, aggregate)
                         "toy-max"),
     "diloco-int8-ef": ("diloco", {"sync_every": H, "outer_lr": OUTER_LR, "outer_args": {}}, "int8,feedback=toy-ef",
                        "mean"),
+    "ddp-attack-max": ("ddp", {}, "fp32", "toy-max", "count=1,attack=toy-push,scale=3"),
+    "localsgd-attack-mean": ("localsgd", {"sync_every": H}, "fp32", "mean", "count=1,attack=toy-push"),
 }
+
+
+def _case(case):
+    name, opts, compress, aggregate, *rest = CASES[case]
+    return name, opts, compress, aggregate, (rest[0] if rest else None)
 
 
 def _model():
@@ -114,7 +139,7 @@ def _step_all(strategy, workers, step):
 
 def _reference(case):
     """The same training, written out: flat vectors, the toy stages by hand (plain torch)."""
-    name, opts, compress, aggregate = CASES[case]
+    name, opts, compress, aggregate, byzantine = _case(case)
     torch.manual_seed(0)
     models = [_model() for _ in range(N)]
     theta = torch.cat([p.detach().reshape(-1) for p in models[0].parameters()])
@@ -128,6 +153,9 @@ def _reference(case):
             torch.nn.utils.vector_to_parameters(v.clone(), m.parameters())
 
     def combine(vectors):
+        if byzantine:
+            scale = 3.0 if "scale=3" in byzantine else 2.0
+            vectors = [*vectors[:-1], -scale * torch.stack(vectors[:-1]).mean(0)]
         if compress.startswith("int8"):
             from sgdlab.exchange.precision import INT8
             c = INT8()
@@ -166,7 +194,7 @@ def _reference(case):
 
 
 def _expected_bytes(case, n_params=6):
-    name, _, compress, aggregate = CASES[case]
+    name, _, compress, aggregate, _ = _case(case)
     rounds = STEPS if name == "ddp" else STEPS // H
     if compress.startswith("int8"):
         payload = n_params + 4  # one scale for the single block
@@ -184,9 +212,10 @@ def _train_sim(case):
     from sgdlab.distributed import NetworkModel, SimGroup
     from sgdlab.strategies import Worker
 
-    name, opts, compress, aggregate = CASES[case]
+    name, opts, compress, aggregate, byzantine = _case(case)
     group = SimGroup(N, NetworkModel())
-    strategy = strategies.create(name, group, opts, exchange=exchange.ExchangeSpec(compress, aggregate))
+    spec = exchange.ExchangeSpec(compress, aggregate, byzantine)
+    strategy = strategies.create(name, group, opts, exchange=spec)
     workers = []
     for r in range(N):
         m = _model()
@@ -201,9 +230,10 @@ def _train_sim(case):
 def test_user_defined_stages_through_every_strategy_sim(case):
     strategy, workers, group = _train_sim(case)
     want = _reference(case)
-    for w in workers:
+    honest = workers[:-1] if _case(case)[4] else workers  # a Byzantine worker's own model is not reported
+    for w in honest:
         got = torch.nn.utils.parameters_to_vector(w.model.parameters()).detach()
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
     assert group.bytes_sent == pytest.approx(_expected_bytes(case), rel=1e-12)
 
 
@@ -237,11 +267,11 @@ def _train_torch(case):
 
     from sgdlab.distributed import Distributed
 
-    name, opts, compress, aggregate = CASES[case]
+    name, opts, compress, aggregate, byzantine = _case(case)
     rank = int(os.environ["RANK"])
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    dd = Distributed(model, opt, name, compress=compress, aggregate=aggregate, **opts)
+    dd = Distributed(model, opt, name, compress=compress, aggregate=aggregate, byzantine=byzantine, **opts)
     for batch in _batches(rank):
         _loss(model, batch).backward()
         dd.step()

@@ -19,8 +19,9 @@ called ``optimizer.step()``::
 Without torchrun it runs one worker (nothing is exchanged). Strategy options are those of
 ``sgdlab list strategies -v``; the strategy's LR multiplier (ddp ``lr_scaling``) is not applied to an
 optimizer you built yourself: scale its lr yourself. ``compress="NAME[,key=value...]"`` and
-``aggregate="NAME[,key=value...]"`` choose the exchange's compressor and aggregator
-(``sgdlab list compressors|aggregators -v``). An optimizer that needs a closure (the step protocol,
+``aggregate="NAME[,key=value...]"`` choose the exchange's compressor and aggregator, and
+``byzantine="count=F,attack=NAME[,key=value...]"`` makes the last F ranks send an attack
+(``sgdlab list compressors|aggregators|attacks -v``). An optimizer that needs a closure (the step protocol,
 :mod:`sgdlab.optim.protocol`) gets it through ``dd.step(closure)``.
 
 Client-level DP (localsgd, diloco; :mod:`sgdlab.privacy.client`)::
@@ -47,7 +48,9 @@ from .network import NetworkModel
 class Distributed:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str = "ddp", *,
                  network: str | None = None, timeout: float = 60.0, dp: str | None = None, seed: int = 0,
-                 steps: int | None = None, compress: str = "fp32", aggregate: str = "mean", **options: Any):
+                 steps: int | None = None, compress: str = "fp32", aggregate: str = "mean",
+                 byzantine: str | None = None,
+                 **options: Any):
         from ..errors import ConfigError
         from ..exchange import ExchangeSpec
         from ..privacy import ClientDP, DPOptions
@@ -58,7 +61,7 @@ class Distributed:
         device = next(model.parameters()).device
         net = NetworkModel.parse(network)
         opts = strategy_options(strategy, options)  # bad options fail before connecting
-        spec = ExchangeSpec(compress, aggregate)
+        spec = ExchangeSpec(compress, aggregate, byzantine)
         self.client_dp = None
         if dp is not None:
             dp = DPOptions.parse(dp)

@@ -1,12 +1,14 @@
 """The exchange pipeline and its stages by name (``sgdlab list compressors|aggregators -v``).
 
-Every strategy hands each round's tensors to one :class:`Exchange`; its stages come from three
-registries, and a new compressor, error-feedback rule or aggregator is one file plus one line here::
+Every strategy hands each round's tensors to one :class:`Exchange`; its stages come from four
+registries, and a new compressor, error-feedback rule, aggregator or attack is one file plus one line
+here::
 
     compressors.register(MyCompressor.name, MyCompressor, MyCompressor.description)
 
 A compressor spec is ``NAME[,key=value...][,feedback=RULE]`` (``int8,block=64``); an aggregator spec is
-``NAME[,key=value...]``. :class:`ExchangeSpec` parses and checks them once.
+``NAME[,key=value...]``; a Byzantine spec is ``count=F,attack=NAME[,key=value...]`` (the last F workers
+send the attack's vector). :class:`ExchangeSpec` parses and checks them once.
 """
 
 from __future__ import annotations
@@ -16,17 +18,18 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..registry import Registry
-from .base import Aggregator, Compressor, Feedback, Slot, build_stage, canonical, parse_spec, parse_value
+from .base import Aggregator, Attack, Compressor, Feedback, Slot, build_stage, canonical, parse_spec, parse_value
 from .mean import Mean
 from .pipeline import Exchange, flatten, unflatten_into
 from .precision import PRECISION_COMPRESSORS, PRECISIONS
 
-__all__ = ["Exchange", "ExchangeSpec", "Compressor", "Feedback", "Aggregator", "Slot", "compressors",
-           "feedback", "aggregators", "PRECISIONS", "flatten", "unflatten_into", "parse_value"]
+__all__ = ["Exchange", "ExchangeSpec", "Compressor", "Feedback", "Aggregator", "Attack", "Slot", "compressors",
+           "feedback", "aggregators", "attacks", "PRECISIONS", "flatten", "unflatten_into", "parse_value"]
 
 compressors: Registry[type[Compressor]] = Registry("compressor")
 feedback: Registry[type[Feedback]] = Registry("error-feedback rule")
 aggregators: Registry[type[Aggregator]] = Registry("aggregator")
+attacks: Registry[type[Attack]] = Registry("attack")
 
 for _cls in PRECISION_COMPRESSORS:
     compressors.register(_cls.name, _cls, _cls.description)
@@ -36,13 +39,29 @@ aggregators.register(Mean.name, Mean, Mean.description)
 
 @dataclass(frozen=True)
 class ExchangeSpec:
-    """A strategy's exchange, parsed and checked once: ``compress`` and ``aggregate`` specs."""
+    """A strategy's exchange, parsed and checked once: ``compress``, ``aggregate`` and ``byzantine`` specs."""
 
     compress: str = "fp32"
     aggregate: str = "mean"
+    byzantine: str | None = None
 
     def __post_init__(self) -> None:
         self.stages()  # bad names or keys fail here, before anything runs
+
+    def attack(self, world: int | None = None) -> tuple[Attack | None, int]:
+        """The Byzantine workers' attack and their number (``None, 0`` without ``byzantine``)."""
+        if self.byzantine is None:
+            return None, 0
+        _, values, extra = parse_spec(self.byzantine, None, "byzantine", reserved=("count", "attack"))
+        if "attack" not in extra or "count" not in extra:
+            raise ConfigError(f"byzantine={self.byzantine!r}: expected count=F,attack=NAME[,key=value...] "
+                              f"(attacks: {', '.join(attacks.names()) or 'none registered'})")
+        count = extra["count"]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0 or (world is not None and
+                                                                                count >= world):
+            allowed = f"0 <= count < workers={world}" if world is not None else "an integer >= 0"
+            raise ConfigError(f"byzantine count={count!r} is out of range; allowed: {allowed}")
+        return build_stage(attacks, attacks.entry(str(extra["attack"])).name, values, "attack"), count
 
     def stages(self) -> tuple[Compressor, Feedback, Aggregator]:
         name, values, extra = parse_spec(self.compress, compressors, "compress", reserved=("feedback",))
@@ -53,13 +72,16 @@ class ExchangeSpec:
             raise ConfigError(f"compress={self.compress!r}: feedback={rule} corrects a lossy compressor; "
                               f"{name} is lossless")
         name, values, _ = parse_spec(self.aggregate, aggregators, "aggregate")
+        self.attack()
         return compressor, fb, build_stage(aggregators, name, values, "aggregator")
 
     def canonical(self) -> ExchangeSpec:
         """The same spec with every key spelled out (as saved with a run)."""
         compressor, fb, aggregator = self.stages()
+        attack, count = self.attack()
+        byzantine = None if attack is None else ",".join([f"count={count}", f"attack={canonical(attack)}"])
         return ExchangeSpec(canonical(compressor, "" if fb.name == "none" else f"feedback={fb.name}"),
-                            canonical(aggregator))
+                            canonical(aggregator), byzantine)
 
     @property
     def lossless(self) -> bool:
@@ -68,7 +90,9 @@ class ExchangeSpec:
 
     def build(self, group: Any, client_dp: Any = None, seed: int = 0) -> Exchange:
         compressor, fb, aggregator = self.stages()
-        return Exchange(group, compressor, fb, aggregator, client_dp=client_dp, seed=seed)
+        attack, count = self.attack(group.world)
+        return Exchange(group, compressor, fb, aggregator, client_dp=client_dp, seed=seed, attack=attack,
+                        byzantine=count)
 
 
 def describe(registry: Registry) -> list[tuple[str, str, dict[str, Any]]]:

@@ -31,12 +31,15 @@ class NoOptions:
 
 @dataclass(frozen=True)
 class Slot:
-    """What is being exchanged: a stream (``"grad"``, ``"delta"``, ``"fragment1"``, ...) at a step. State
-    that lives across rounds (error-feedback memory, warm starts) is kept per stream."""
+    """What is being exchanged: a stream (``"grad"``, ``"delta"``, ``"fragment1"``, ...) at a step, with the
+    shapes of the tensors the flat vector holds (for compressors that work per matrix). State that lives
+    across rounds (error-feedback memory, warm starts) is kept per stream; ``seed`` is the run's seed,
+    for randomness every worker must draw alike."""
 
     key: str
     step: int
     seed: int = 0
+    shapes: tuple[torch.Size, ...] = ()
 
 
 class Stage:
@@ -67,8 +70,23 @@ class Compressor(Stage):
         raise NotImplementedError
 
     def decode(self, payload: list[torch.Tensor], n: int, slot: Slot | None = None, rank: int = 0) -> torch.Tensor:
-        """The vector of ``n`` elements that worker ``rank`` sent (or, when summable, their sum)."""
+        """The vector of ``n`` elements that worker ``rank`` sent (or, when summable, their sum: rank -1)."""
         raise NotImplementedError
+
+    def communicate(self, payloads: list[list[torch.Tensor]], group: Any, n: int, slot: Slot,
+                    aggregator: Aggregator) -> tuple[torch.Tensor, float, float]:
+        """The collective: (aggregate, bytes sent per worker, seconds). Summable payloads under the mean
+        are all-reduced and decoded once; otherwise every payload is all-gathered, decoded and aggregated.
+        A compressor whose exchange takes several collectives (low-rank power iterations, a quantised
+        reduce-scatter) overrides this."""
+        nbytes = max(self.payload_bytes(p) for p in payloads)
+        if self.summable and aggregator.linear:
+            total = group.sum_payloads(payloads)
+            sent, secs = group.network.all_reduce(nbytes, group.world)
+            return self.decode(total, n, slot, -1).div_(group.world), sent, secs
+        gathered = group.gather_payloads(payloads)
+        sent, secs = group.network.all_gather(nbytes, group.world)
+        return aggregator([self.decode(p, n, slot, r) for r, p in enumerate(gathered)]), sent, secs
 
 
 class Feedback(Stage):
@@ -108,6 +126,19 @@ class Aggregator(Stage):
         raise NotImplementedError
 
 
+class Attack(Stage):
+    """What a Byzantine worker sends instead of its own vector (for testing robust aggregators).
+
+    ``omniscient`` attacks see the round's honest vectors (every worker's, gathered before the round's
+    collective; that gather models the attacker's knowledge and is not counted as traffic).
+    """
+
+    omniscient: ClassVar[bool] = False
+
+    def __call__(self, own: torch.Tensor, honest: list[torch.Tensor] | None, slot: Slot, rank: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
 def parse_value(raw: str) -> Any:
     """``"0.9"`` → 0.9, ``"[1, 2]"`` → [1, 2], ``"true"`` → True, ``"ef"`` → "ef" (TOML, else a string)."""
     try:
@@ -116,21 +147,26 @@ def parse_value(raw: str) -> Any:
         return raw
 
 
-def parse_spec(text: Any, registry: Registry, what: str, reserved: tuple[str, ...] = ()
-               ) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """``"NAME[,key=value...]"`` → (name, the stage's keys, the ``reserved`` keys), names and keys checked."""
+def parse_spec(text: Any, registry: Registry | None, what: str, reserved: tuple[str, ...] = ()
+               ) -> tuple[str | None, dict[str, Any], dict[str, Any]]:
+    """``"NAME[,key=value...]"`` → (name, the stage's keys, the ``reserved`` keys), the name checked.
+    With ``registry=None`` there is no leading name (``"key=value,..."``)."""
     if not isinstance(text, str) or not text.strip():
         raise ConfigError(f"{what}={text!r}; expected NAME[,key=value...], NAME one of: "
-                          f"{', '.join(registry.names())}")
-    head, *items = [s.strip() for s in text.split(",")]
-    registry.entry(head)
+                          f"{', '.join(registry.names())}" if registry else f"{what}={text!r}; expected key=value,...")
+    items = [s.strip() for s in text.split(",")]
+    head = None
+    if registry is not None:
+        head = items.pop(0)
+        registry.entry(head)
     values: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     for item in items:
         key, eq, raw = item.partition("=")
         key, raw = key.strip(), raw.strip()
         if not eq or not key or not raw:
-            raise ConfigError(f"{what}: expected key=value items after the name, got {item!r} in {text!r}")
+            raise ConfigError(f"{what}: expected key=value items{' after the name' if head else ''}, got {item!r} "
+                              f"in {text!r}")
         target = extra if key in reserved else values
         if key in target:
             raise ConfigError(f"{what}: {key} is given twice in {text!r}")

@@ -2,7 +2,8 @@
 
 For the tensors of every worker that lives in this process, in order::
 
-    client-level DP clip (per worker)  →  flatten  →  error-feedback message  →  compressor encode
+    client-level DP clip (per worker)  →  flatten  →  error-feedback message
+      →  Byzantine workers' attack (the last ``count`` ranks, when configured)  →  compressor encode
       →  collective  (all-reduce of the payloads when they add up and the aggregate is the mean,
                       all-gather of every worker's payload otherwise; bytes from the payload tensors)
       →  decode  →  aggregate (mean, or a robust rule)  →  error-feedback result
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .base import Aggregator, Compressor, Feedback, Slot
+from .base import Aggregator, Attack, Compressor, Feedback, Slot
 from .mean import Mean
 from .precision import FP32
 
@@ -40,13 +41,16 @@ class Exchange:
     """One strategy's exchange over ``group``, built from its stages (defaults: fp32, no feedback, mean)."""
 
     def __init__(self, group: Any, compressor: Compressor | None = None, feedback: Feedback | None = None,
-                 aggregator: Aggregator | None = None, client_dp: Any = None, seed: int = 0):
+                 aggregator: Aggregator | None = None, client_dp: Any = None, seed: int = 0,
+                 attack: Attack | None = None, byzantine: int = 0):
         self.group = group
         self.compressor = compressor or FP32()
         self.feedback = feedback or Feedback()
         self.aggregator = aggregator or Mean()
         self.client_dp = client_dp
         self.seed = seed
+        self.attack = attack
+        self.byzantine = set(range(group.world - byzantine, group.world)) if attack is not None else set()
         self.memory: dict[str, dict[str, torch.Tensor]] = {}   # "<stream>/<rank>" → that worker's memory
         self.shared: dict[str, dict[str, torch.Tensor]] = {}   # "<stream>" → state every worker shares
 
@@ -67,28 +71,26 @@ class Exchange:
         group = self.group
         if len(per_worker) != len(group.local):
             raise ValueError(f"expected tensors of {len(group.local)} local workers, got {len(per_worker)}")
-        slot = Slot(key, step, self.seed)
+        slot = Slot(key, step, self.seed, tuple(t.shape for t in per_worker[0]))
         if self.client_dp is not None:
             self.client_dp.clip_round(per_worker, group.local, step)
         flats = [flatten(ts) for ts in per_worker]
         n = flats[0].numel()
+        honest = None
+        if self.attack is not None and self.attack.omniscient:
+            every = group.gather_payloads([[x] for x in flats])
+            honest = [p[0] for r, p in enumerate(every) if r not in self.byzantine]
         payloads = []
         for rank, x in zip(group.local, flats, strict=True):
             memory = self.memory.setdefault(f"{key}/{rank}", {})
             msg = self.feedback.message(x, memory)
+            if rank in self.byzantine:
+                msg = self.attack(msg, honest, slot, rank)
             payload = self.compressor.encode(msg, slot, rank)
             if self.feedback.needs_own_decode:
                 self.feedback.sent(msg, self.compressor.decode(payload, n, slot, rank), memory)
             payloads.append(payload)
-        nbytes = max(self.compressor.payload_bytes(p) for p in payloads)
-        if self.compressor.summable and self.aggregator.linear:
-            total = group.sum_payloads(payloads)
-            aggregate = self.compressor.decode(total, n, slot, -1).div_(group.world)
-            sent, secs = group.network.all_reduce(nbytes, group.world)
-        else:
-            gathered = group.gather_payloads(payloads)
-            aggregate = self.aggregator([self.compressor.decode(p, n, slot, r) for r, p in enumerate(gathered)])
-            sent, secs = group.network.all_gather(nbytes, group.world)
+        aggregate, sent, secs = self.compressor.communicate(payloads, group, n, slot, self.aggregator)
         aggregate = self.feedback.result(aggregate, self.shared.setdefault(key, {}))
         for ts in per_worker:
             unflatten_into(aggregate, ts)

@@ -16,6 +16,7 @@ DP as configured, so every compressor and aggregator works with every strategy.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -53,7 +54,7 @@ def exchange_spec(options: Any, spec: ExchangeSpec | None = None) -> ExchangeSpe
     if precision != "fp32" and spec.compress != "fp32":
         raise ConfigError(f"precision={precision!r} and compress={spec.compress!r} both choose the compressor; "
                           "give one of them")
-    return spec if precision == "fp32" else ExchangeSpec(compress=precision, aggregate=spec.aggregate)
+    return spec if precision == "fp32" else dataclasses.replace(spec, compress=precision)
 
 
 def check_client_dp(cls: type[Strategy], options: Any, spec: ExchangeSpec | None = None) -> None:
