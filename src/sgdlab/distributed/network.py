@@ -13,6 +13,7 @@ worker before a collective starts.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -20,6 +21,16 @@ from ..errors import ConfigError
 
 _BW_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 _T_UNITS = {"": 1, "s": 1, "ms": 1e-3, "us": 1e-6}
+# a decimal number in ASCII digits: optional sign, fraction and exponent (no nan, inf, 0x, _)
+_NUMBER = r"([+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e[+-]?[0-9]+)?)"
+# key -> (pattern of the lower-cased value, unit scales, what the error message says is allowed)
+_FORMS = {
+    "bandwidth": (_NUMBER + r"\s*([kmgt]?)(?:bit/s|bps|b/s)?", _BW_UNITS,
+                  "a number of bit/s with an optional k, M, G or T suffix, e.g. 10G or 100Mbps"),
+    "latency": (_NUMBER + r"\s*(s|ms|us)?", _T_UNITS, "a number of seconds with an optional s, ms or us suffix, "
+                "e.g. 5ms"),
+}
+_BASE = {"bandwidth": "bit/s", "latency": "s"}
 
 
 @dataclass(frozen=True)
@@ -29,30 +40,41 @@ class NetworkModel:
 
     @classmethod
     def parse(cls, spec: str | None) -> NetworkModel:
-        """``"bandwidth=10G,latency=5ms"`` (bandwidth in bit/s with optional k/M/G/T; latency in s, ms, us)."""
+        """``"bandwidth=10G,latency=5ms"`` (bandwidth in bit/s with optional k/M/G/T; latency in s, ms, us).
+
+        Either key may be left out (defaults 1G and 1ms); each may be given once. Bandwidth must be a finite
+        number > 0 and latency a finite number >= 0 after applying the unit."""
         if not spec:
             return cls()
-        values = {}
+        values: dict[str, float] = {}
         for part in str(spec).split(","):
             key, eq, raw = part.partition("=")
-            key, raw = key.strip(), raw.strip().lower()
-            if key == "bandwidth":
-                m = re.fullmatch(r"([0-9.eE+-]+)\s*([kmgt]?)(bit/s|bps|b/s)?", raw)
-                scale = _BW_UNITS[m.group(2)] if m else None
-            elif key == "latency":
-                m = re.fullmatch(r"([0-9.eE+-]+)\s*(s|ms|us)?", raw)
-                scale = _T_UNITS[m.group(2) or ""] if m else None
-            else:
+            key, raw = key.strip(), raw.strip()
+            if key not in _FORMS:
+                if not key and not eq:
+                    raise ConfigError(f"--network: empty item in {spec!r}; expected KEY=VALUE items separated by "
+                                      "commas, e.g. bandwidth=1G,latency=1ms")
                 raise ConfigError(f"--network: unknown key {key!r}; allowed: bandwidth, latency "
                                   "(e.g. bandwidth=1G,latency=1ms)")
+            if key in values:
+                raise ConfigError(f"--network: {key} is given twice in {spec!r}")
+            pattern, units, allowed = _FORMS[key]
+            m = re.fullmatch(pattern, raw.lower())
             try:
-                values[key] = float(m.group(1)) * scale  # type: ignore[union-attr]
-            except (AttributeError, TypeError, ValueError):
-                raise ConfigError(f"--network: cannot read {key}={raw!r} (e.g. bandwidth=10G, latency=5ms)") from None
-        net = cls(**values)
-        if not net.bandwidth > 0 or not net.latency >= 0:
-            raise ConfigError(f"--network: bandwidth must be > 0 and latency >= 0, got {spec!r}")
-        return net
+                value = float(m.group(1)) * units[m.group(2) or ""]  # type: ignore[union-attr]
+            except (AttributeError, ValueError):
+                raise ConfigError(f"--network: cannot read {key}={raw!r}; allowed: {allowed}") from None
+            low_ok = value > 0 if key == "bandwidth" else value >= 0
+            if not (low_ok and math.isfinite(value)):
+                bound = "> 0" if key == "bandwidth" else ">= 0"
+                raise ConfigError(f"--network: {key}={raw!r} is {value!r} {_BASE[key]}; allowed: a finite "
+                                  f"{key} {bound}")
+            values[key] = value + 0.0  # -0.0 -> 0.0
+        return cls(**values)
+
+    def canonical(self) -> str:
+        """The spec that :meth:`parse` reads back to exactly this model (every key, shortest exact floats)."""
+        return f"bandwidth={self.bandwidth!r},latency={self.latency!r}"
 
     def all_reduce(self, nbytes: float, n: int) -> tuple[float, float]:
         """(bytes sent per worker, seconds) of a ring all-reduce of ``nbytes`` among ``n`` workers."""

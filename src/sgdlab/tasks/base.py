@@ -6,6 +6,7 @@ process and a sampler's position (epoch, offset) is all the data state a checkpo
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -52,18 +53,18 @@ class EpochSampler:
 
 
 def parse_split(split: str) -> tuple[str, float | None]:
-    """``"iid"``, ``"contiguous"`` or ``"dirichlet:ALPHA"`` → (kind, alpha)."""
-    kind, _, arg = str(split).partition(":")
-    if kind in ("iid", "contiguous") and not arg:
+    """``"iid"``, ``"contiguous"`` or ``"dirichlet:ALPHA"`` (ALPHA a finite number > 0) → (kind, alpha)."""
+    kind, colon, arg = str(split).partition(":")
+    if kind in ("iid", "contiguous") and not colon:
         return kind, None
     if kind == "dirichlet":
         try:
             alpha = float(arg)
         except ValueError:
-            alpha = -1.0
-        if not alpha > 0:
-            raise ConfigError(f"data_split={split!r}: dirichlet needs a positive concentration, "
-                              "e.g. dirichlet:0.5")
+            alpha = math.nan
+        if not (alpha > 0 and math.isfinite(alpha)):
+            raise ConfigError(f"data_split={split!r}: dirichlet needs a positive concentration ALPHA, a finite "
+                              f"number > 0 (got {arg!r}), e.g. dirichlet:0.5")
         return kind, alpha
     raise ConfigError(f"unknown data_split {split!r}; allowed: iid, contiguous, dirichlet:ALPHA")
 
