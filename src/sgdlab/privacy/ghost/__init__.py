@@ -35,19 +35,22 @@ A rule is a :class:`Rule` subclass registered in :data:`RULES` for torch functio
 (then each call of such a module is handed to its :meth:`Rule.from_module`, and the operations on its own
 parameters inside it are not followed)::
 
-    @register(MyLayer)
-    class MyLayerRule(Rule):  # per-example gradient of ``scale``: Σ_t g_t ⊙ out_t / scale
+    @register(ExpScale)  # out = x ⊙ exp(s), so ∂out/∂s = out
+    class ExpScaleRule(Rule):  # per-example gradient of s: Σ_t g_t ⊙ out_t, materialised
         @classmethod
         def from_module(cls, rec, module, args, kwargs, out):
             use = cls()
-            use.name, use.y, use.s = rec.param(module.scale, "scale"), use.keep(out), module.scale.detach()
+            use.name, use.y = rec.param(module.s, "s"), use.keep(out)
             rec.record(use, out)
 
         def names(self):
             return [self.name]
 
         def assemble(self, plan, grads, b, workspace):
-            grads[self.name].add_dense((self.g * self.y / self.s).reshape(b, -1, self.y.shape[-1]).sum(1))
+            grads[self.name].add_dense((self.g * self.y).reshape(b, -1, self.y.shape[-1]).sum(1))
+
+A rule that materialises large per-example gradients also implements :meth:`Rule.plan`, asking the
+:class:`Planner` for room.
 
 A parameter reached through several uses (tied weights) has its per-example gradients materialised and
 summed. Any other operation on a trainable parameter, an input whose first dimension is not the
