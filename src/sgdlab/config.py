@@ -1,7 +1,7 @@
 """The run configuration: one validated dataclass, built from defaults, a TOML file, CLI flags and
-``--set key=value`` overrides (later sources win).
+``--set key=value`` overrides (later sources win), and the :class:`RunSpec` it resolves to.
 
-A TOML file holds top-level keys (the fields of :class:`Config`) and two tables::
+A TOML file holds top-level keys (the fields of :class:`Config`) and three tables::
 
     task = "charlm"
     optimizer = "adamw"
@@ -16,18 +16,25 @@ A TOML file holds top-level keys (the fields of :class:`Config`) and two tables:
 
     [strategy_args]       # any option of the chosen strategy (see `sgdlab list strategies -v`)
     sync_every = 50
+
+Each field of :class:`Config` carries its description (``sgdlab run --help`` reads it, see
+:func:`describe`). :meth:`Config.spec` checks and parses everything once and returns a frozen
+:class:`RunSpec`; the runner builds the run from that and parses nothing again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import re
 import sys
+import types
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -43,42 +50,72 @@ from .strategies.base import check_client_dp
 
 SCHEDULES = ("constant", "cosine", "linear")
 BACKENDS = ("sim", "torch")
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+
+
+def setting(default: Any, help: str, *, none: str | None = None) -> Any:
+    """A :class:`Config` field with its description; ``none`` says what the default ``None`` stands for."""
+    meta = {"help": help, **({"none": none} if none else {})}
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _network_default() -> str:
+    """NetworkModel's defaults, written as --network takes them (bandwidth=1G,latency=1ms)."""
+    net = NetworkModel()
+    bw = next(f"{net.bandwidth / s:g}{u}" for u, s in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3), ("", 1))
+              if net.bandwidth >= s or s == 1)
+    lat = next(f"{net.latency / s:g}{u}" for u, s in (("s", 1), ("ms", 1e-3), ("us", 1e-6))
+               if net.latency >= s or s == 1e-6)
+    return f"bandwidth={bw},latency={lat}"
 
 
 @dataclass
 class Config:
-    """Everything that defines a run. ``validate()`` checks it; ``resolve()`` fills in defaults."""
+    """Everything that defines a run. ``validate()`` checks it; ``spec()`` resolves it (``resolve()``: the
+    resolved Config, as written to config.json)."""
 
-    task: str = "charlm"
-    optimizer: str = "adamw"
-    lr: float | None = None            # None: the optimizer's registered default
-    steps: int = 300
-    batch_size: int = 32
-    seed: int = 0
-    eval_every: int = 50               # 0: evaluate only at the end
-    log_every: int = 10
-    checkpoint_every: int | None = None  # None: same as eval_every; 0: only at the end
-    schedule: str = "constant"         # constant | cosine | linear (decay to min_lr_ratio·lr)
-    warmup_steps: int = 0              # linear warm-up from 0 over this many steps
-    min_lr_ratio: float = 0.0
-    grad_clip: float = 0.0             # max global gradient norm; 0 disables clipping
-    io_adamw: bool = False             # matrix optimizers: embedding/first/last layers in a use_adamw=True group
-    dp: str | None = None              # DP-SGD: "noise=SIGMA,clip=C[,delta=D,...]" or "target_epsilon=E,clip=C,delta=D"
-    strategy: str = "single"
-    workers: int = 1                   # N, the number of workers (simulated, or torchrun processes)
-    backend: str = "sim"               # sim (all workers in this process) | torch (torchrun + torch.distributed)
-    data_split: str = "iid"            # iid | contiguous | dirichlet:ALPHA — how the data is sharded over workers
-    network: str | None = None         # "bandwidth=1G,latency=1ms" (the defaults): the simulated network
-    worker_speeds: list[float] | None = None  # per-worker compute-time multipliers (default all 1)
-    step_time: float | None = None     # seconds one step takes on a speed-1 worker; None: measured
-    timeout: float = 60.0              # torch backend: seconds before a silent peer counts as lost
-    data: str | None = None            # input file for tasks that read one (textfile)
-    device: str = "auto"               # auto | cpu | cuda | cuda:N | mps
-    name: str | None = None            # label in reports; default "<optimizer>"
-    out: str | None = None             # run directory; default runs/<task>-<name>-<time>
-    optimizer_args: dict[str, Any] = field(default_factory=dict)
-    task_args: dict[str, Any] = field(default_factory=dict)
-    strategy_args: dict[str, Any] = field(default_factory=dict)
+    task: str = setting("charlm", "task name (see `sgdlab list tasks`)")
+    optimizer: str = setting("adamw", "optimizer name (see `sgdlab list optimizers`)")
+    lr: float | None = setting(None, "learning rate", none="the optimizer's registered default")
+    steps: int = setting(300, "optimizer steps")
+    batch_size: int = setting(32, "examples per step")
+    seed: int = setting(0, "seed for initialisation and data order")
+    eval_every: int = setting(50, "evaluate every N steps (0: only at the end)")
+    log_every: int = setting(10, "log the training loss every N steps")
+    checkpoint_every: int | None = setting(None, "checkpoint every N steps (0: only at the end)",
+                                           none="same as eval_every")
+    schedule: str = setting("constant", f"LR schedule after warm-up: {', '.join(SCHEDULES)} (cosine and linear "
+                                        "decay to min_lr_ratio·lr)")
+    warmup_steps: int = setting(0, "linear LR warm-up from 0 over this many steps")
+    min_lr_ratio: float = setting(0.0, "final LR of a cosine or linear schedule, as a fraction of lr")
+    grad_clip: float = setting(0.0, "clip the global gradient norm to this (0: off)")
+    io_adamw: bool = setting(False, "matrix optimizers: embedding/first/last layers in a use_adamw=True group")
+    dp: str | None = setting(None, "differential privacy: DP-SGD (noise=SIGMA,clip=C,... or "
+                                   "target_epsilon=E,clip=C,delta=D) or client-level DP (unit=client,...)",
+                             none="off")
+    strategy: str = setting("single", "training strategy (see `sgdlab list strategies`)")
+    workers: int = setting(1, "number of workers N (simulated, or torchrun processes)")
+    backend: str = setting("sim", "sim (all workers in this process) or torch (one worker per torchrun "
+                                  "process, torch.distributed)")
+    data_split: str = setting("iid", "how the data is sharded over workers: iid, contiguous or "
+                                     "dirichlet:ALPHA (label skew)")
+    network: str | None = setting(None, "the simulated network, e.g. bandwidth=10G,latency=5ms",
+                                  none=_network_default())
+    worker_speeds: list[float] | None = setting(None, "per-worker compute-time multipliers, e.g. 1,1,2,1",
+                                                none="all 1")
+    step_time: float | None = setting(None, "seconds one step takes on a speed-1 worker", none="measured")
+    timeout: float = setting(60.0, "torch backend: seconds before a silent peer counts as lost")
+    data: str | None = setting(None, "input file for tasks that read one (textfile)")
+    device: str = setting("auto", f"{', '.join(DEVICES[:-1])} or {DEVICES[-1]} (auto: CUDA when available, "
+                                  "else MPS, else CPU)")
+    name: str | None = setting(None, "label of the run in reports",
+                               none="the optimizer name (the strategy name for distributed runs)")
+    out: str | None = setting(None, "run directory", none="runs/<task>-<name>-<time>")
+    optimizer_args: dict[str, Any] = setting({}, "hyperparameters of the optimizer")
+    task_args: dict[str, Any] = setting({}, "options of the task")
+    strategy_args: dict[str, Any] = setting({}, "options of the strategy")
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -141,9 +178,37 @@ class Config:
     def _set_arg(self, table: str, key: str, value: Any) -> Config:
         return dataclasses.replace(self, **{table: {**getattr(self, table), key: value}})
 
-    # ---- checking -----------------------------------------------------------------------------
+    # ---- checking and resolving ---------------------------------------------------------------
     def validate(self) -> Config:
         """Raise a :class:`ConfigError` naming the first invalid value and what is allowed."""
+        self._parse()
+        return self
+
+    def spec(self) -> RunSpec:
+        """The :class:`RunSpec` of this run: every value checked and parsed once, every default filled in."""
+        p = self._parse()
+        hp = dict(p.hyperparameters)
+        lr = hp.pop("lr") if self.lr is None else self.lr
+        hp.pop("lr", None)
+        # config.json holds the network with %g's six digits; the run simulates that (a resumed run reads it)
+        network_text = f"bandwidth={p.network.bandwidth:g},latency={p.network.latency:g}"
+        plain = {k: getattr(self, k) for k in _PLAIN if k != "name"}
+        return RunSpec(
+            **plain, lr=float(lr), optimizer_args=_freeze(_json_form({**hp, **self.optimizer_args})),
+            task_options=_json_options(p.task_options), strategy_options=_json_options(p.strategy_options),
+            checkpoint_every=self.eval_every if self.checkpoint_every is None else self.checkpoint_every,
+            dp=p.dp, split=p.split, network_text=network_text,
+            network=NetworkModel(float(f"{p.network.bandwidth:g}"), float(f"{p.network.latency:g}")),
+            worker_speeds=tuple(float(v) for v in (self.worker_speeds or [1.0] * self.workers)),
+            device=resolve_device(self.device),
+            name=self.name or (self.optimizer if self.strategy == "single" else self.strategy))
+
+    def resolve(self) -> Config:
+        """A validated copy with every default made explicit (as written to config.json)."""
+        return self.spec().to_config()
+
+    def _parse(self) -> _Parsed:
+        """Check every value (first error raised) and parse the structured ones."""
         tasks.registry.entry(self.task)
         optim.registry.entry(self.optimizer)
         strategies.registry.entry(self.strategy)
@@ -163,20 +228,20 @@ class Config:
         check_range("warmup_steps", self.warmup_steps, low=0, high=self.steps, integer=True)
         check_range("min_lr_ratio", self.min_lr_ratio, low=0, high=1)
         check_range("grad_clip", self.grad_clip, low=0)
-        if self.io_adamw and "use_adamw" not in optim.hyperparameters(self.optimizer, self.optimizer_args.get("base")):
+        hp = optim.hyperparameters(self.optimizer, self.optimizer_args.get("base"))
+        if self.io_adamw and "use_adamw" not in hp:
             with_it = [n for n in optim.registry.names() if "use_adamw" in optim.hyperparameters(n)]
             raise ConfigError(f"io_adamw=true needs an optimizer with a use_adamw group option ({', '.join(with_it)}"
                               f"), not {self.optimizer!r}")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
-            raise ConfigError(f"device={self.device!r}; allowed: auto, cpu, cuda, cuda:N, mps")
-        hp = optim.hyperparameters(self.optimizer, self.optimizer_args.get("base"))
+            raise ConfigError(f"device={self.device!r}; allowed: {', '.join(DEVICES)}")
         unknown = sorted(set(self.optimizer_args) - set(hp))
         if unknown:
             raise UnknownNameError(f"hyperparameter of optimizer {self.optimizer!r}", unknown[0], hp)
         if "lr" in self.optimizer_args:
             raise ConfigError("set the learning rate with lr (or --lr), not optimizer_args.lr")
-        task_cls = tasks.registry.get(self.task)
-        build_options(task_cls.Options, self.task_args, f"option of task {self.task!r}")
+        task_options = build_options(tasks.registry.get(self.task).Options, self.task_args,
+                                     f"option of task {self.task!r}")
         check_range("workers", self.workers, low=1, integer=True)
         if self.strategy == "single" and self.workers != 1:
             others = ", ".join(n for n in strategies.registry.names() if n != "single")
@@ -184,8 +249,8 @@ class Config:
                               f"distributed strategy: {others}")
         if self.backend not in BACKENDS:
             raise UnknownNameError("backend", self.backend, BACKENDS)
-        tasks.parse_split(self.data_split)
-        NetworkModel.parse(self.network)
+        split = tasks.parse_split(self.data_split)
+        network = NetworkModel.parse(self.network)
         if self.worker_speeds is not None:
             if len(self.worker_speeds) != self.workers:
                 raise ConfigError(f"worker_speeds has {len(self.worker_speeds)} entries; it needs one per worker "
@@ -195,48 +260,158 @@ class Config:
         if self.step_time is not None:
             check_range("step_time", self.step_time, low=0, low_open=True)
         check_range("timeout", self.timeout, low=0, low_open=True)
-        strategies.options(self.strategy, self.strategy_args)
-        if self.dp is not None:
-            dp = DPOptions.parse(self.dp)
-            if dp.unit == "example" and (self.workers != 1 or self.strategy != "single"):
-                raise ConfigError(f"dp: DP-SGD (unit=example) runs on one worker with strategy 'single' (got "
-                                  f"strategy={self.strategy!r}, workers={self.workers}); for client-level DP of "
-                                  "localsgd or diloco add unit=client to dp")
-            if dp.unit == "client":
-                sopts = strategies.options(self.strategy, self.strategy_args)
-                check_client_dp(strategies.registry.get(self.strategy), sopts)
-                if self.steps < sopts.sync_every:
-                    raise ConfigError(f"dp unit=client: steps={self.steps} < sync_every={sopts.sync_every}, so "
-                                      "no round ends and nothing is released; allowed: steps >= sync_every")
-        return self
+        strategy_options = strategies.options(self.strategy, self.strategy_args)
+        dp = None if self.dp is None else DPOptions.parse(self.dp)
+        if dp is not None:
+            self._check_dp(dp, strategy_options)
+        return _Parsed(hp, task_options, split, network, strategy_options, dp)
 
-    def resolve(self) -> Config:
-        """A validated copy with every default made explicit (as written to config.json)."""
-        self.validate()
-        hp = optim.hyperparameters(self.optimizer, self.optimizer_args.get("base"))
-        lr = hp.pop("lr") if self.lr is None else self.lr
-        hp.pop("lr", None)
-        task_cls = tasks.registry.get(self.task)
-        opts = build_options(task_cls.Options, self.task_args, f"option of task {self.task!r}")
-        net = NetworkModel.parse(self.network)
-        return dataclasses.replace(
-            self, lr=float(lr), name=self.name or (self.optimizer if self.strategy == "single" else self.strategy),
-            network=f"bandwidth={net.bandwidth:g},latency={net.latency:g}",
-            worker_speeds=[float(v) for v in (self.worker_speeds or [1.0] * self.workers)],
-            strategy_args=_json_form(dataclasses.asdict(strategies.options(self.strategy, self.strategy_args))),
-            checkpoint_every=self.eval_every if self.checkpoint_every is None else self.checkpoint_every,
-            device=resolve_device(self.device),
-            dp=None if self.dp is None else DPOptions.parse(self.dp).canonical(),
-            optimizer_args=_json_form({**hp, **self.optimizer_args}),
-            task_args=_json_form(dataclasses.asdict(opts)))
+    def _check_dp(self, dp: DPOptions, strategy_options: Any) -> None:
+        if dp.unit == "example" and (self.workers != 1 or self.strategy != "single"):
+            raise ConfigError(f"dp: DP-SGD (unit=example) runs on one worker with strategy 'single' (got "
+                              f"strategy={self.strategy!r}, workers={self.workers}); for client-level DP of "
+                              "localsgd or diloco add unit=client to dp")
+        if dp.unit == "client":
+            check_client_dp(strategies.registry.get(self.strategy), strategy_options)
+            if self.steps < strategy_options.sync_every:
+                raise ConfigError(f"dp unit=client: steps={self.steps} < sync_every={strategy_options.sync_every}, "
+                                  "so no round ends and nothing is released; allowed: steps >= sync_every")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
+class _Parsed(NamedTuple):
+    hyperparameters: dict[str, Any]
+    task_options: Any
+    split: tuple[str, float | None]
+    network: NetworkModel
+    strategy_options: Any
+    dp: DPOptions | None
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run, resolved (:meth:`Config.spec`): typed, immutable, every value checked and parsed once.
+
+    The runner builds the run from it and parses nothing again; :meth:`to_config` is the resolved
+    :class:`Config` that ``config.json`` holds. Fields named as in :class:`Config` hold its resolved
+    values; the structured settings are parsed: ``task_options`` and ``strategy_options`` (the task's and
+    the strategy's options dataclasses), ``dp`` (:class:`~sgdlab.privacy.DPOptions`), ``network``
+    (:class:`~sgdlab.distributed.NetworkModel`), ``split`` (the parsed ``data_split``). The options
+    dataclasses are shared, not copied: treat them as read-only.
+    """
+
+    task: str
+    task_options: Any
+    data: str | None
+    optimizer: str
+    lr: float                          # the base learning rate (a strategy may scale it: lr_multiplier)
+    optimizer_args: Mapping[str, Any]  # every other hyperparameter, frozen; optimizer_kwargs() to pass on
+    io_adamw: bool
+    steps: int
+    batch_size: int
+    seed: int
+    eval_every: int
+    log_every: int
+    checkpoint_every: int
+    schedule: str
+    warmup_steps: int
+    min_lr_ratio: float
+    grad_clip: float
+    dp: DPOptions | None
+    strategy: str
+    strategy_options: Any
+    workers: int
+    backend: str
+    data_split: str
+    split: tuple[str, float | None]
+    network: NetworkModel
+    network_text: str                  # the network as config.json writes it
+    worker_speeds: tuple[float, ...]
+    step_time: float | None
+    timeout: float
+    device: str
+    name: str
+    out: str | None
+
+    @property
+    def dp_sgd(self) -> DPOptions | None:
+        """The DP options when the run is DP-SGD (``unit=example``), else None."""
+        return self.dp if self.dp is not None and self.dp.unit == "example" else None
+
+    @property
+    def client_dp(self) -> DPOptions | None:
+        """The DP options when the run has client-level DP (``unit=client``), else None."""
+        return self.dp if self.dp is not None and self.dp.unit == "client" else None
+
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        """The optimizer's hyperparameters but ``lr``, as a fresh dict (lists where config.json has them)."""
+        return _thaw(self.optimizer_args)
+
+    def placed(self, *, out: str | None = None, device: str | None = None) -> RunSpec:
+        """The same run with its run directory or device decided (values that need no checking)."""
+        changes = {k: v for k, v in (("out", out), ("device", device)) if v is not None}
+        return dataclasses.replace(self, **changes)
+
+    def to_config(self) -> Config:
+        """The resolved :class:`Config` (what ``config.json`` holds; ``Config.resolve()`` returns it)."""
+        return Config(**{k: getattr(self, k) for k in _PLAIN}, lr=self.lr, checkpoint_every=self.checkpoint_every,
+                      device=self.device, dp=None if self.dp is None else self.dp.canonical(),
+                      network=self.network_text,
+                      worker_speeds=list(self.worker_speeds), optimizer_args=self.optimizer_kwargs(),
+                      task_args=_json_form(dataclasses.asdict(self.task_options)),
+                      strategy_args=_json_form(dataclasses.asdict(self.strategy_options)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.to_config().to_dict()
+
+    def fingerprint(self) -> str:
+        """A digest of the run's settings but the device (processes of one run must agree on it)."""
+        settings = {k: v for k, v in self.to_dict().items() if k != "device"}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+# Config fields that RunSpec holds unchanged.
+_PLAIN = ("task", "optimizer", "steps", "batch_size", "seed", "eval_every", "log_every", "schedule", "warmup_steps",
+          "min_lr_ratio", "grad_clip", "io_adamw", "strategy", "workers", "backend", "data_split", "step_time",
+          "timeout", "data", "name", "out")
+
+
+def describe(name: str) -> str:
+    """The description of Config field ``name`` with its default (for ``--help``)."""
+    f = {f.name: f for f in dataclasses.fields(Config)}[name]
+    if f.default is None:
+        none = f.metadata.get("none")
+        return f.metadata["help"] + (f"; default: {none}" if none else "")
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    return f"{f.metadata['help']}; default {str(default).lower() if isinstance(default, bool) else default}"
+
+
+def _freeze(v: Any) -> Any:
+    if isinstance(v, dict):
+        return types.MappingProxyType({k: _freeze(x) for k, x in v.items()})
+    if isinstance(v, list):
+        return tuple(_freeze(x) for x in v)
+    return v
+
+
+def _thaw(v: Any) -> Any:
+    if isinstance(v, Mapping):
+        return {k: _thaw(x) for k, x in v.items()}
+    if isinstance(v, tuple):
+        return [_thaw(x) for x in v]
+    return v
+
+
 def _json_form(d: dict[str, Any]) -> dict[str, Any]:
     """Tuples become lists, as after a trip through config.json, so saved and live configs compare equal."""
     return json.loads(json.dumps(d))
+
+
+def _json_options(opts: Any) -> Any:
+    """The options dataclass as rebuilt from config.json (tuples become lists), so a resumed run gets the same."""
+    return type(opts)(**_json_form(dataclasses.asdict(opts)))
 
 
 def _option_names(registry, name: str) -> list[str]:

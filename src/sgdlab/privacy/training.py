@@ -1,4 +1,7 @@
-"""What the runner needs for a private run: the DP-SGD engine, its Poisson sampler and the accountant."""
+"""What the runner needs for a private run: the DP-SGD engine, its Poisson sampler and the accountant.
+
+The runner passes the parsed :class:`~sgdlab.privacy.DPOptions` of its run specification; a ``--dp``
+string is accepted too, for use from Python."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import ConfigError
+from ..optim import protocol
 from . import accounting
 from .dpsgd import DPSGD
 from .options import DPOptions
@@ -45,6 +49,15 @@ class PrivateTraining:
                             max_physical_batch=opts.max_physical_batch, seed=seed, grad_sample=opts.grad_sample)
         self.sampler = self.engine.sampler(n)
         self._eps: dict[int, float] = {}
+
+    @staticmethod
+    def check_optimizer(optimizer: Any, name: str) -> None:
+        """Refuse an optimizer that needs more than ``backward(); step()`` (step protocol): the losses it
+        evaluates itself would not be private."""
+        need = protocol.needs(optimizer)
+        if not need.plain:
+            raise ConfigError(f"dp: optimizer {name!r} evaluates extra non-private losses ({need.describe()}); "
+                              "choose another optimizer for DP-SGD")
 
     @property
     def noise_multiplier(self) -> float:

@@ -1,0 +1,300 @@
+"""The training loop of one process.
+
+The hot loop does no host synchronisation except at logging steps (losses are kept as tensors and read
+in one batch) and checks that losses are finite at those points. It names no optimizer and no backend:
+each step goes through the step protocol (:mod:`sgdlab.optim.protocol`), and what differs between
+backends (stop agreement, barriers, which checkpoint to resume) is asked of the
+:class:`~sgdlab.distributed.group.Group`.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__, checkpoint
+from ..config import RunSpec
+from ..distributed.group import Group
+from ..errors import CheckpointError, DivergenceError
+from ..metrics import MetricsLog
+from ..optim import protocol
+from .build import Parts
+from .rundir import load_agreed_checkpoint, write_summary
+
+
+@dataclass
+class State:
+    step: int = 0
+    wall_time: float = 0.0
+    eval_time: float = 0.0
+    pause: float = 0.0
+    train_loss: float | None = None
+    best_val_loss: float | None = None
+    best_metric: float | None = None
+    last_eval: dict[str, float] | None = None
+    carry: list[float] = field(default_factory=list)  # losses not yet in a metrics record
+    saved_step: int | None = None  # step of the checkpoint on disk
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("step", "wall_time", "eval_time", "train_loss", "best_val_loss",
+                                              "best_metric", "last_eval", "carry")}
+
+    def load(self, d: dict[str, Any]) -> None:
+        for k, v in d.items():
+            setattr(self, k, v)
+        self.saved_step = self.step
+
+
+class StopFlag:
+    """Turns SIGINT/SIGTERM into a request to checkpoint and stop at the next step boundary."""
+
+    def __init__(self, enabled: bool):
+        self.requested = False
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        if self.enabled:
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class TrainingLoop:
+    """Trains ``parts`` as ``spec`` says, logging into ``spec.out`` and checkpointing to ``ckpt_path``."""
+
+    def __init__(self, spec: RunSpec, group: Group, parts: Parts, ckpt_path: Path, progress: bool | None):
+        self.spec, self.group, self.parts, self.ckpt_path = spec, group, parts, ckpt_path
+        self.task, self.replicas, self.strategy, self.dp = parts.task, parts.replicas, parts.strategy, parts.dp
+        self.workers = parts.workers
+        self.lead = group.is_lead  # the lead writes config, metrics and summary
+        self.progress = progress if self.lead else False
+        self.log = MetricsLog(Path(spec.out or ".") / "metrics.jsonl")
+        self.st = State()
+        self.tokens_per_sample = self.task.tokens_per_example if self.task.unit == "tokens" else None
+        self.sync_timing = torch.device(spec.device).type == "cuda" and spec.step_time is None
+        self._t_start = self._t_train = 0.0
+
+    # ---- resume, checkpoint, summary --------------------------------------------------------------
+    def resume(self) -> None:
+        """Continue from the checkpoint that every process has (models, optimizers, RNG, loop state)."""
+        ck = load_agreed_checkpoint(self.group, self.ckpt_path, self.spec.device)
+        try:
+            for r, wst in zip(self.replicas, ck["workers"], strict=True):
+                r.load_state_dict(wst)
+            self.strategy.load_state_dict(ck["strategy"])
+            self.group.load_state_dict(ck["group"])
+            if self.dp is not None:
+                self.dp.load_state_dict(ck["dp"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(f"checkpoint {self.ckpt_path} does not match this run "
+                                  f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+        checkpoint.set_rng_state(ck["rng"])
+        self.st.load(ck["trainer"])
+        if self.lead:
+            self.log.truncate_after(self.st.step)
+
+    def save_checkpoint(self) -> None:
+        st = self.st
+        for r in self.replicas:
+            bad = [n for n, p in r.worker.model.named_parameters() if not torch.isfinite(p).all()]
+            if bad:
+                raise DivergenceError(st.step, float("nan"), self._last_good(),
+                                      what=f"parameter {bad[0]} of worker {r.worker.rank}")
+        if self.lead:
+            self.log.flush()
+        checkpoint.save({
+            "step": st.step, "workers": [r.state_dict() for r in self.replicas],
+            "strategy": self.strategy.state_dict(), "group": self.group.state_dict(), "rng": checkpoint.rng_state(),
+            "trainer": st.state_dict(), "dp": self.dp.state_dict() if self.dp is not None else None,
+            "sgdlab_version": __version__,
+        }, self.ckpt_path, keep_previous=self.group.keeps_previous_checkpoint)
+        st.saved_step = st.step
+
+    def _last_good(self) -> str | None:
+        return str(self.ckpt_path) if self.st.saved_step is not None else None
+
+    def finish(self, status: str) -> dict[str, Any]:
+        """Write the summary (the lead; others return {}). Every process calls it: sim_time is a collective."""
+        sim_time = self.group.sim_time()
+        if not self.lead:
+            return {}
+        return write_summary(Path(self.spec.out or "."), self.spec, self.task, self.workers, self.group, sim_time,
+                             self.st, status, self.dp)
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def run(self, stop_at: int | None = None, handle_signals: bool = False) -> str:
+        """Train to ``spec.steps`` (or ``stop_at``); returns the status, "completed" or "stopped"."""
+        self.bar = _progress_bar(self.progress, self.spec, self.st.step)
+        try:
+            with StopFlag(handle_signals) as stop:
+                return self._train(stop, stop_at)
+        except DivergenceError:
+            if self.lead:
+                self.log.flush()
+            self.finish("diverged")
+            raise
+        finally:
+            self.bar.close()
+            if self.lead:
+                self.log.flush()
+
+    def _train(self, stop: StopFlag, stop_at: int | None) -> str:
+        spec, st = self.spec, self.st
+        if st.step == 0 and spec.eval_every > 0:
+            r = self._record(0)
+            self._evaluate(r)
+            r.update(bytes_sent=0.0, sim_time_s=0.0)
+            self.log.append(r)
+        for w in self.workers:
+            w.model.train()
+        self._t_start, self._t_train = time.perf_counter(), st.wall_time
+        for step in range(st.step + 1, spec.steps + 1):
+            is_eval = step == spec.steps or (spec.eval_every > 0 and step % spec.eval_every == 0)
+            is_ckpt = spec.checkpoint_every > 0 and step % spec.checkpoint_every == 0
+            is_log = is_eval or is_ckpt or step % spec.log_every == 0
+            stop_now = step == stop_at or self.group.stops_at_once(stop.requested)
+            lr_used = self._step(step)
+            st.step = step
+            self.bar.update(1)
+            if is_log or stop_now:
+                stop_now = self._at_log(step, lr_used, is_log, is_eval, is_ckpt, stop_now, stop)
+            if stop_now:
+                return "stopped"
+        if st.saved_step != st.step:
+            self.save_checkpoint()
+        return "completed"
+
+    def _step(self, step: int) -> float:
+        """One training step of every local worker; returns the learning rate it used."""
+        task, group, workers, dp_sgd = self.task, self.group, self.workers, self.parts.dp_sgd
+        half, speeds = self.spec.step_time / 2 if self.spec.step_time else None, self.spec.worker_speeds
+        for i, r in enumerate(self.replicas):
+            t0 = time.perf_counter()
+            model, opt = r.worker.model, r.worker.optimizer
+            batch = task.get_batch(r.sampler.next() if r.sampler is not None else None)
+            r.ctx = ctx = protocol.StepContext(loss=partial(task.loss, model, batch),
+                                               sampled_loss=partial(task.sampled_loss, model, batch))
+            if dp_sgd is not None:  # per-example clipping + noise → p.grad
+                r.pending.append(dp_sgd.backward(batch).detach())
+            else:
+                r.pending.append(protocol.forward_backward(opt, ctx, r.need))
+            group.advance(i, (half if half is not None else self._elapsed(t0)) * speeds[r.worker.rank])
+        self.strategy.after_backward(workers, step)
+        lr_used = workers[0].optimizer.param_groups[0]["lr"]
+        clip = self.spec.grad_clip
+        for i, r in enumerate(self.replicas):
+            t0 = time.perf_counter()
+            model, opt = r.worker.model, r.worker.optimizer
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
+            protocol.step(opt, r.ctx, r.need)
+            r.scheduler.step()
+            opt.zero_grad(set_to_none=True)
+            r.ctx = None
+            group.advance(i, (half if half is not None else self._elapsed(t0)) * speeds[r.worker.rank])
+        self.strategy.after_step(workers, step)
+        return lr_used
+
+    def _elapsed(self, t0: float) -> float:
+        if self.sync_timing:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    def _at_log(self, step: int, lr_used: float, is_log: bool, is_eval: bool, is_ckpt: bool, stop_now: bool,
+                stop: StopFlag) -> bool:
+        """Read the pending losses (the one host sync), agree on a stop, log, evaluate, checkpoint.
+        Returns whether the run stops here."""
+        st, group = self.st, self.group
+        per_step = torch.stack([torch.stack(r.pending) for r in self.replicas]).double().mean(0)
+        for r in self.replicas:
+            r.pending.clear()
+        vote = group.stop_vote(stop.requested) if is_log else 0.0
+        reduced = group.mean_vector([*per_step.tolist(), vote])
+        stop_now = stop_now or reduced[-1] > 0
+        losses = st.carry + reduced[:-1]
+        bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
+        if bad:
+            st.step = step - len(losses) + bad[0] + 1
+            raise DivergenceError(st.step, losses[bad[0]], self._last_good())
+        st.wall_time = self._t_train + (time.perf_counter() - self._t_start) - st.pause
+        t_pause = time.perf_counter()
+        if is_log:  # the record's train_loss is the mean since the previous record
+            st.carry = []
+            st.train_loss = sum(losses) / len(losses)
+            rec = self._record(step)
+            rec.update(train_loss=st.train_loss, lr=lr_used, wall_time_s=st.wall_time,
+                       bytes_sent=group.bytes_sent, sim_time_s=group.sim_time())
+            if is_eval:
+                self._evaluate(rec)
+            self.log.append(rec)
+            self.bar.set_postfix(_postfix(rec, self.task.metric), refresh=False)
+        else:  # stopping between records: carry the losses over in the checkpoint
+            st.carry = losses
+        if is_ckpt or stop_now:
+            self.save_checkpoint()
+        st.pause += time.perf_counter() - t_pause
+        return stop_now
+
+    def _evaluate(self, record: dict[str, Any]) -> None:
+        st, task = self.st, self.task
+        t = time.perf_counter()
+        metrics = task.evaluate(self.strategy.eval_model(self.workers))
+        if self.dp is not None:
+            metrics = {**metrics, "epsilon": self.dp.epsilon(record["step"])}
+        st.eval_time += time.perf_counter() - t
+        record.update(metrics)
+        st.last_eval = metrics
+        if st.best_val_loss is None or metrics["val_loss"] < st.best_val_loss:
+            st.best_val_loss = metrics["val_loss"]
+        m = metrics[task.metric]
+        if st.best_metric is None or (m > st.best_metric if task.metric_higher_is_better else m < st.best_metric):
+            st.best_metric = m
+
+    def _record(self, step: int) -> dict[str, Any]:
+        r: dict[str, Any] = {"step": step, "samples": step * self.parts.samples_per_step}
+        if self.tokens_per_sample:
+            r["tokens"] = step * self.parts.samples_per_step * self.tokens_per_sample
+        return r
+
+
+def _postfix(r: dict[str, Any], metric: str) -> dict[str, str]:
+    p = {"loss": f"{r['train_loss']:.4f}"}
+    if "val_loss" in r:
+        p["val"] = f"{r['val_loss']:.4f}"
+        if metric != "val_loss" and metric in r:
+            p[metric.removeprefix("val_")] = f"{r[metric]:.4g}"
+    return p
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None: ...
+    def set_postfix(self, *a, **k) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress_bar(progress: bool | None, spec: RunSpec, start: int):
+    if progress is False:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    # progress=None: show it only on a terminal
+    return tqdm(total=spec.steps, initial=start, desc=spec.name, unit="step", dynamic_ncols=True,
+                disable=None if progress is None else False, leave=True, mininterval=0.5)
