@@ -3,65 +3,108 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fnmatch
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, strategies
+from .config import Config, describe
 from .distributed.group import WorkerLostError, torchrun_env
 from .errors import DivergenceError, SgdlabError
+from .exchange import PRECISIONS
+from .privacy.accounting import ACCOUNTANTS, DEFAULT_ACCOUNTANT
+from .privacy.dpsgd import CLIPPINGS, GRAD_SAMPLES
+from .privacy.options import DPOptions
+
+# Config fields with a flag of their own (batch_size → --batch-size); every other one is set with --set.
+# Their help is the field's description and default (sgdlab.config.describe), the one source of both.
+FLAG_FIELDS = ("task", "optimizer", "lr", "steps", "batch_size", "seed", "eval_every", "log_every",
+               "checkpoint_every", "schedule", "warmup_steps", "grad_clip", "dp", "strategy", "workers", "backend",
+               "data_split", "network", "worker_speeds", "step_time", "timeout", "data", "device", "name")
+# Flags of the run command that are not Config fields (a strategy option never takes their names).
+_OWN_FLAGS = ("config", "out", "set", "resume", "overwrite", "progress", "stop_at", "preset", "only")
+# What a strategy option means, where its Options field has no "help" metadata (its default and the
+# strategies that take it come from the strategy registry).
+STRATEGY_OPTION_HELP = {
+    "sync_every": "inner steps between syncs (H)",
+    "outer_optimizer": "outer optimizer name (sgd: Nesterov momentum 0.9 unless outer_args say otherwise)",
+    "outer_lr": "outer learning rate",
+    "fragments": "number of fragments P",
+    "overlap": "inner steps a fragment exchange overlaps (tau)",
+    "mix_alpha": "weight of the local fragment when merging",
+    "precision": f"precision of exchanged tensors: {', '.join(PRECISIONS)}",
+    "lr_scaling": "inner LR scaling: none, linear (x N) or sqrt (x sqrt N)",
+}
+_ACCOUNTANT_HELP = {"rdp": "Renyi DP, dp-accounting's default orders", "pld": "privacy-loss distributions"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _flag_type(tp: Any) -> Any:
+    """int, float, str or "floats" (a comma-separated list) for a field's type; None if no flag fits."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) else [tp]
+    t = args[0] if len(args) == 1 else None
+    if typing.get_origin(t) is list:
+        return "floats"
+    return t if t in (int, float, str) else None
+
+
+def _dp_help() -> str:
+    """--dp's grammar, allowed values and defaults, read from DPOptions and the privacy modules."""
+    d = {f.name: f.default for f in dataclasses.fields(DPOptions)}
+    client = "/".join(e.name for e in strategies.registry if e.obj.supports_client_dp)
+    return (f"{Config.__dataclass_fields__['dp'].metadata['help']}. DP-SGD: noise=SIGMA,clip=C[,delta=D]"
+            f"[,accountant={'|'.join(ACCOUNTANTS)}][,clipping={'|'.join(CLIPPINGS)}][,max_physical_batch=B]"
+            f"[,grad_sample={'|'.join(GRAD_SAMPLES)}], or target_epsilon=E,clip=C,delta=D (calibrates SIGMA); "
+            "--batch-size is then the expected Poisson batch; defaults "
+            + ", ".join(f"{k}={d[k]}" for k in ("delta", "accountant", "clipping", "max_physical_batch", "grad_sample"))
+            + f". Add unit=client[,participation=P] (default P={d['participation']:g}) for client-level DP of "
+            f"{client} (each worker's round update clipped to C); default: off")
+
+
+def _run_flags() -> list[tuple[str, str, Any, str]]:
+    hints = typing.get_type_hints(Config)
+    return [(_flag(n), n, _flag_type(hints[n]), _dp_help() if n == "dp" else describe(n)) for n in FLAG_FIELDS]
+
+
+def _strategy_flags() -> list[tuple[str, str, Any, str]]:
+    """One flag per scalar option of the registered strategies: its description, which strategies take
+    it and their defaults."""
+    taken = {f.name for f in dataclasses.fields(Config)} | set(_OWN_FLAGS)
+    found: dict[str, tuple[Any, str, list[tuple[str, Any]]]] = {}
+    for e in strategies.registry:
+        hints = typing.get_type_hints(e.obj.Options)
+        for f in dataclasses.fields(e.obj.Options):
+            tp = _flag_type(hints[f.name])
+            if tp is None or tp == "floats" or f.name in taken:
+                continue
+            help_ = f.metadata.get("help") or STRATEGY_OPTION_HELP.get(f.name, f.name.replace("_", " "))
+            found.setdefault(f.name, (tp, help_, []))[2].append((e.name, f.default))
+    flags = []
+    for key, (tp, help_, where) in found.items():
+        names = ", ".join(n for n, _ in where)
+        if len({repr(d) for _, d in where}) == 1:
+            tail = f"{names}; default {where[0][1]}"
+        else:
+            tail = "; ".join(f"{n}: default {d}" for n, d in where)
+        flags.append((_flag(key), key, tp, f"{help_} ({tail})"))
+    return flags
+
 
 # Flag → Config field, for flags that map one to one.
-RUN_FLAGS: list[tuple[str, str, type, str]] = [
-    ("--task", "task", str, "task name (see `sgdlab list tasks`); default charlm"),
-    ("--optimizer", "optimizer", str, "optimizer name (see `sgdlab list optimizers`); default adamw"),
-    ("--lr", "lr", float, "learning rate; default: the optimizer's"),
-    ("--steps", "steps", int, "optimizer steps; default 300"),
-    ("--batch-size", "batch_size", int, "examples per step; default 32"),
-    ("--seed", "seed", int, "seed for initialisation and data order; default 0"),
-    ("--eval-every", "eval_every", int, "evaluate every N steps (0: only at the end); default 50"),
-    ("--log-every", "log_every", int, "log the training loss every N steps; default 10"),
-    ("--checkpoint-every", "checkpoint_every", int, "checkpoint every N steps (0: only at the end); "
-                                                    "default: --eval-every"),
-    ("--schedule", "schedule", str, "LR schedule after warm-up: constant, cosine or linear; default constant"),
-    ("--warmup-steps", "warmup_steps", int, "linear LR warm-up steps; default 0"),
-    ("--grad-clip", "grad_clip", float, "clip the global gradient norm to this (0: off); default 0"),
-    ("--dp", "dp", str, "train with DP-SGD: noise=SIGMA,clip=C[,delta=D][,accountant=rdp|pld]"
-                        "[,clipping=flat|per_layer][,max_physical_batch=B][,grad_sample=auto|ghost|vmap], or "
-                        "target_epsilon=E,clip=C,delta=D (calibrates SIGMA); --batch-size is then the expected "
-                        "Poisson batch; defaults delta=1e-5, accountant=rdp, clipping=flat, "
-                        "max_physical_batch=256, grad_sample=auto. Add "
-                        "unit=client[,participation=P] for client-level DP of localsgd/diloco (each worker's "
-                        "round update clipped to C)"),
-    ("--strategy", "strategy", str, "training strategy (see `sgdlab list strategies`); default single"),
-    ("--workers", "workers", int, "number of workers N; default 1"),
-    ("--backend", "backend", str, "sim (all workers in this process, the default) or torch (one worker per "
-                                  "torchrun process, torch.distributed)"),
-    ("--data-split", "data_split", str, "how data is sharded over workers: iid (default), contiguous, "
-                                        "dirichlet:ALPHA"),
-    ("--network", "network", str, "simulated network, e.g. bandwidth=1G,latency=1ms (the default)"),
-    ("--worker-speeds", "worker_speeds", "floats", "per-worker compute-time multipliers, e.g. 1,1,2,1"),
-    ("--step-time", "step_time", float, "seconds one step takes on a speed-1 worker (default: measured)"),
-    ("--timeout", "timeout", float, "torch backend: seconds before a silent peer counts as lost; default 60"),
-    ("--data", "data", str, "input file for tasks that read one (textfile)"),
-    ("--device", "device", str, "auto, cpu, cuda, cuda:N or mps; default auto (CUDA when available)"),
-    ("--name", "name", str, "label of the run in reports; default: the optimizer name"),
-]
-
-
+RUN_FLAGS: list[tuple[str, str, Any, str]] = _run_flags()
 # Flag → key of strategy_args (each strategy accepts the ones its options define).
-STRATEGY_FLAGS: list[tuple[str, str, type, str]] = [
-    ("--sync-every", "sync_every", int, "localsgd/diloco/streaming-diloco: inner steps between syncs (H)"),
-    ("--outer-optimizer", "outer_optimizer", str, "diloco: outer optimizer name; default sgd (Nesterov 0.9)"),
-    ("--outer-lr", "outer_lr", float, "diloco: outer learning rate; default 0.7"),
-    ("--fragments", "fragments", int, "streaming-diloco: number of fragments P; default 2"),
-    ("--overlap", "overlap", int, "streaming-diloco: inner steps a fragment exchange overlaps (tau); default 0"),
-    ("--mix-alpha", "mix_alpha", float, "streaming-diloco: weight of the local fragment when merging; default 0.5"),
-    ("--precision", "precision", str, "precision of exchanged tensors: fp32, bf16, fp16, int8, int4"),
-    ("--lr-scaling", "lr_scaling", str, "ddp: none, linear (x N) or sqrt (x sqrt N); default none"),
-]
+STRATEGY_FLAGS: list[tuple[str, str, Any, str]] = _strategy_flags()
+
+
+def _config_default(name: str) -> Any:
+    return Config.__dataclass_fields__[name].default
 
 
 def _floats(text: str) -> list[float]:
@@ -110,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(TOML), then flags, then --set (later wins). Writes config.json, "
                                    "metrics.jsonl, summary.json and checkpoint.pt into --out.")
     p.add_argument("--config", type=Path, help="TOML file with settings (flags override it)")
-    p.add_argument("--out", type=str, help="run directory; default runs/<task>-<name>-<time>")
+    p.add_argument("--out", type=str, help=describe("out"))
     _add_run_flags(p)
     _add_common(p)
     p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
@@ -136,20 +179,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "directory), else ./report.png")
     p.add_argument("--no-plot", action="store_true", help="print the table only")
 
-    p = sub.add_parser("list", help="list tasks, optimizers, strategies or presets")
+    p = sub.add_parser("list", help="list tasks, optimizers, strategies, presets or settings")
     p.add_argument("what", nargs="?", default="all", choices=["all", "tasks", "optimizers", "strategies",
-                                                              "presets"])
+                                                              "presets", "settings"])
     p.add_argument("-v", "--verbose", action="store_true", help="also show options and their defaults")
 
     p = sub.add_parser("bench", help="benchmarks (see BENCHMARKS.md)")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH")
     b = bsub.add_parser("loop", help="runner throughput vs a bare PyTorch loop (same model, batch, optimizer)")
-    b.add_argument("--task", default="charlm")
-    b.add_argument("--optimizer", default="adamw")
-    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--task", default=_config_default("task"), help=describe("task"))
+    b.add_argument("--optimizer", default=_config_default("optimizer"), help=describe("optimizer"))
+    b.add_argument("--batch-size", type=int, default=_config_default("batch_size"), help=describe("batch_size"))
     b.add_argument("--steps", type=int, default=60, help="timed steps per repetition")
     b.add_argument("--repeats", type=int, default=5, help="alternating repetitions of each loop")
-    b.add_argument("--device", default="auto")
+    b.add_argument("--device", default=_config_default("device"), help=describe("device"))
     b.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="task option or optimizer hyperparameter, as for `sgdlab run`")
     from .bench import ddp as bench_ddp
@@ -163,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_dp.add_arguments(bsub.add_parser(
         "dp", help="DP-SGD step time: non-private vs sgdlab vs Opacus 1.6's modes (digits CNN, charlm)"))
 
-    acc_help = "rdp (Renyi DP, dp-accounting's default orders; the default) or pld (privacy-loss distributions)"
+    acc_help = (" or ".join(f"{a} ({_ACCOUNTANT_HELP[a]})" if a in _ACCOUNTANT_HELP else a for a in ACCOUNTANTS)
+                + f"; default {DEFAULT_ACCOUNTANT}")
     p = sub.add_parser("dp-epsilon", help="privacy spent (epsilon) by DP-SGD with a given noise multiplier",
                        description="Print the epsilon of STEPS Poisson-subsampled Gaussian steps (DP-SGD) with "
                                    "noise multiplier SIGMA and sample rate Q (expected batch / dataset size) "
@@ -172,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-rate", type=float, required=True, metavar="Q", help="sampling probability, 0 < Q <= 1")
     p.add_argument("--steps", type=int, required=True, metavar="T", help="number of steps (>= 1)")
     p.add_argument("--delta", type=float, required=True, metavar="D", help="delta, 0 < D < 1 (below 1/N)")
-    p.add_argument("--accountant", default="rdp", help=acc_help)
+    p.add_argument("--accountant", default=DEFAULT_ACCOUNTANT, help=acc_help)
 
     p = sub.add_parser("dp-noise", help="noise multiplier that reaches a target epsilon",
                        description="Print the smallest noise multiplier (to within 0.001, rounded up) for which "
@@ -181,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-rate", type=float, required=True, metavar="Q", help="sampling probability, 0 < Q <= 1")
     p.add_argument("--steps", type=int, required=True, metavar="T", help="number of steps (>= 1)")
     p.add_argument("--delta", type=float, required=True, metavar="D", help="delta, 0 < D < 1 (below 1/N)")
-    p.add_argument("--accountant", default="rdp", help=acc_help)
+    p.add_argument("--accountant", default=DEFAULT_ACCOUNTANT, help=acc_help)
     return ap
 
 
@@ -304,9 +348,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from . import optim, presets, strategies, tasks
+    from . import optim, presets, tasks
 
     sections = {"tasks": tasks.registry, "optimizers": optim.registry, "strategies": strategies.registry,
                 "presets": presets.registry}
@@ -318,15 +360,19 @@ def cmd_list(args: argparse.Namespace) -> int:
         width = max(len(n) for n in reg.names())
         for e in reg:
             print(f"  {e.name:<{width}}  {e.description}")
-            if args.verbose and what == "tasks":
-                opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(e.obj.Options))
-                print(f"  {'':<{width}}  options: {opts}")
-            if args.verbose and what == "strategies":
+            if args.verbose and what in ("tasks", "strategies"):
                 opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(e.obj.Options))
                 print(f"  {'':<{width}}  options: {opts or '(none)'}")
             if args.verbose and what == "optimizers":
                 hp = ", ".join(f"{k}={v!r}" for k, v in optim.hyperparameters(e.name).items())
                 print(f"  {'':<{width}}  hyperparameters: {hp}")
+    if args.what == "settings" or (args.what == "all" and args.verbose):
+        if args.what == "all":
+            print("settings (config keys; --set KEY=VALUE):")
+        names = [f.name for f in dataclasses.fields(Config)]
+        width = max(map(len, names))
+        for name in names:
+            print(f"  {name:<{width}}  {describe(name)}")
     return 0
 
 

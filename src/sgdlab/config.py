@@ -92,8 +92,7 @@ class Config:
     min_lr_ratio: float = setting(0.0, "final LR of a cosine or linear schedule, as a fraction of lr")
     grad_clip: float = setting(0.0, "clip the global gradient norm to this (0: off)")
     io_adamw: bool = setting(False, "matrix optimizers: embedding/first/last layers in a use_adamw=True group")
-    dp: str | None = setting(None, "differential privacy: DP-SGD (noise=SIGMA,clip=C,... or "
-                                   "target_epsilon=E,clip=C,delta=D) or client-level DP (unit=client,...)",
+    dp: str | None = setting(None, "differential privacy: DP-SGD, or client-level DP with unit=client",
                              none="off")
     strategy: str = setting("single", "training strategy (see `sgdlab list strategies`)")
     workers: int = setting(1, "number of workers N (simulated, or torchrun processes)")
@@ -113,9 +112,9 @@ class Config:
     name: str | None = setting(None, "label of the run in reports",
                                none="the optimizer name (the strategy name for distributed runs)")
     out: str | None = setting(None, "run directory", none="runs/<task>-<name>-<time>")
-    optimizer_args: dict[str, Any] = setting({}, "hyperparameters of the optimizer")
-    task_args: dict[str, Any] = setting({}, "options of the task")
-    strategy_args: dict[str, Any] = setting({}, "options of the strategy")
+    optimizer_args: dict[str, Any] = setting({}, "hyperparameters of the optimizer (see `sgdlab list optimizers -v`)")
+    task_args: dict[str, Any] = setting({}, "options of the task (see `sgdlab list tasks -v`)")
+    strategy_args: dict[str, Any] = setting({}, "options of the strategy (see `sgdlab list strategies -v`)")
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod

@@ -21,9 +21,11 @@ import torch
 
 
 def add_arguments(p) -> None:
+    from ..config import Config, describe
+
     p.add_argument("--nproc", type=int, default=2, help="processes (workers); default 2")
-    p.add_argument("--task", default="charlm")
-    p.add_argument("--optimizer", default="adamw")
+    p.add_argument("--task", default=Config.task, help=describe("task"))
+    p.add_argument("--optimizer", default=Config.optimizer, help=describe("optimizer"))
     p.add_argument("--batch-size", type=int, default=16, help="per-rank batch size")
     p.add_argument("--steps", type=int, default=30, help="timed steps per block")
     p.add_argument("--repeats", type=int, default=4)
@@ -42,16 +44,18 @@ def _worker(task_name: str, optimizer: str, batch: int, steps: int, repeats: int
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from .. import optim, tasks
+    from .. import optim
     from ..config import Config
     from ..runner import Trainer
+    from ..runner.build import build_task
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     cfg = Config(task=task_name, optimizer=optimizer, strategy="ddp", workers=world, backend="torch",
-                 batch_size=batch, eval_every=0, checkpoint_every=0, log_every=10, device=device).resolve()
-    task = tasks.create(cfg.task, cfg.task_args, device)
+                 batch_size=batch, eval_every=0, checkpoint_every=0, log_every=10, device=device)
+    spec = cfg.spec()
+    task = build_task(spec)
 
     def ours(n: int) -> float:
         with tempfile.TemporaryDirectory() as d:
@@ -64,10 +68,10 @@ def _worker(task_name: str, optimizer: str, batch: int, steps: int, repeats: int
         return float(t.item())
 
     def theirs(n: int) -> float:
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(spec.seed)
         model = DistributedDataParallel(task.build_model())
-        opt = optim.create(cfg.optimizer, model.parameters(), lr=cfg.lr, **cfg.optimizer_args)
-        g = torch.Generator().manual_seed(cfg.seed + rank)
+        opt = optim.create(spec.optimizer, model.parameters(), lr=spec.lr, **spec.optimizer_kwargs())
+        g = torch.Generator().manual_seed(spec.seed + rank)
         dist.barrier()
         t0 = time.perf_counter()
         for _ in range(n):

@@ -20,8 +20,9 @@ import time
 import torch
 
 from .. import optim, tasks
-from ..config import Config, resolve_device
+from ..config import Config, RunSpec, resolve_device
 from ..runner import Trainer
+from ..runner.build import build_task
 
 
 def _sync(device: torch.device) -> None:
@@ -29,16 +30,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bare_loop(task: tasks.Task, cfg: Config, steps: int) -> float:
+def bare_loop(task: tasks.Task, spec: RunSpec, steps: int) -> float:
     """Seconds for ``steps`` training steps of a plain PyTorch loop."""
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(spec.seed)
     model = task.build_model()
-    opt = optim.create(cfg.optimizer, model.parameters(), lr=cfg.lr, **cfg.optimizer_args)
-    g = torch.Generator().manual_seed(cfg.seed)
+    opt = optim.create(spec.optimizer, model.parameters(), lr=spec.lr, **spec.optimizer_kwargs())
+    g = torch.Generator().manual_seed(spec.seed)
     _sync(task.device)
     t0 = time.perf_counter()
     for _ in range(steps):
-        idx = torch.randint(task.num_train, (cfg.batch_size,), generator=g)
+        idx = torch.randint(task.num_train, (spec.batch_size,), generator=g)
         loss = task.loss(model, task.get_batch(idx))
         loss.backward()
         opt.step()
@@ -64,17 +65,17 @@ def main(args) -> int:
                  checkpoint_every=0, log_every=10, device=device)
     for assignment in args.sets:
         cfg = cfg.set(assignment)
-    cfg = cfg.resolve()
-    task = tasks.create(cfg.task, cfg.task_args, device, cfg.data)
-    print(f"bench loop: task={cfg.task} optimizer={cfg.optimizer} batch={cfg.batch_size} steps={args.steps} "
+    spec = cfg.spec()
+    task = build_task(spec)
+    print(f"bench loop: task={spec.task} optimizer={spec.optimizer} batch={spec.batch_size} steps={args.steps} "
           f"repeats={args.repeats} device={device} threads={torch.get_num_threads()}")
-    bare_loop(task, cfg, max(5, args.steps // 5))  # warm-up
+    bare_loop(task, spec, max(5, args.steps // 5))  # warm-up
     runner_loop(task, cfg, max(5, args.steps // 5))
     bare, run_loop, run_total = [], [], []
     for i in range(args.repeats):  # ABBA order, so neither loop always runs second
         for which in ("bare", "runner") if i % 2 == 0 else ("runner", "bare"):
             if which == "bare":
-                bare.append(bare_loop(task, cfg, args.steps))
+                bare.append(bare_loop(task, spec, args.steps))
             else:
                 a, b = runner_loop(task, cfg, args.steps)
                 run_loop.append(a)
