@@ -301,8 +301,8 @@ def test_state_dict_round_trip(algo):
 # ----------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cls,kw,name", [
-    (AdamP, dict(lr=-1.0), "lr"), (AdamP, dict(betas=(1.0, 0.999)), "beta1"),
-    (AdamP, dict(betas=(0.9, -0.1)), "beta2"), (AdamP, dict(eps=-1e-8), "eps"),
+    (AdamP, dict(lr=-1.0), "lr"), (AdamP, dict(betas=(1.0, 0.999)), r"betas\[0\]"),
+    (AdamP, dict(betas=(0.9, -0.1)), r"betas\[1\]"), (AdamP, dict(eps=-1e-8), "eps"),
     (AdamP, dict(weight_decay=-0.1), "weight_decay"), (AdamP, dict(delta=-0.1), "delta"),
     (AdamP, dict(wd_ratio=1.5), "wd_ratio"), (SGDP, dict(lr=-0.1), "lr"), (SGDP, dict(momentum=1.0), "momentum"),
     (SGDP, dict(dampening=1.5), "dampening"), (SGDP, dict(wd_ratio=-0.1), "wd_ratio"),

@@ -63,14 +63,13 @@ update as ours.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from typing import Any
 
 import torch
-from torch.optim.optimizer import _get_scalar_dtype
-from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from ..errors import check_range
-from ._compiled import Kernel, check_compiled, compiled_mode
+from ..errors import ConfigError, check_range
+from ._base import ElementwiseOptimizer, check_betas, check_flag, defaults_from
+from ._compiled import Kernel
 
 __all__ = ["AdamP", "SGDP"]
 
@@ -228,10 +227,6 @@ def _sgdp_kernel(p, g, buf, lr, decay, decay_projected, threshold_channel, thres
                       threshold_channel, threshold_layer, eps)
 
 
-_ADAMP_KERNEL = Kernel(_adamp_kernel, "AdamP", flatten=False)
-_SGDP_KERNEL = Kernel(_sgdp_kernel, "SGDP", flatten=False)
-
-
 def _thresholds(p: torch.Tensor, delta: float) -> list[float]:
     """The channel and layer tests' thresholds ``delta / sqrt(dim)`` (unused for vectors)."""
     if p.dim() < 2 or p.numel() == 0:
@@ -240,64 +235,54 @@ def _thresholds(p: torch.Tensor, delta: float) -> list[float]:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Shared helpers
+# The optimizers
 # --------------------------------------------------------------------------------------------------------
 
-def _check_flag(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
+class _Projected(ElementwiseOptimizer):
+    """What AdamP and SGDP share: the projection, decoupled weight decay and the kernels' thresholds.
+
+    ``foreach=None`` takes the multi-tensor path on CUDA only (one launch for many tensors): on the 2-core CPU
+    the per-parameter path is 1.4x (0.45M parameters) to 5.8x (10M) faster than the multi-tensor path, whose
+    per-channel reductions go through ``segment_reduce`` (BENCHMARKS.md)."""
+
+    foreach_devices = ("cuda",)
+
+    @classmethod
+    def _validate(cls, group: dict[str, Any]) -> None:
+        super()._validate(group)
+        check_range("weight_decay", group["weight_decay"], low=0.0)
+        check_range("delta", group["delta"], low=0.0)
+        check_range("wd_ratio", group["wd_ratio"], low=0.0, high=1.0)
+        check_range("eps", group["eps"], low=0.0)
+        check_flag("nesterov", group["nesterov"])
+
+    def _decay(self, group: dict[str, Any]) -> float:
+        """``lr * weight_decay`` (SGDP: divided by ``1 - momentum``)."""
+        return group["lr"] * group["weight_decay"]
+
+    def _project_and_step(self, group, p, g, u, step_size: float, batched: bool) -> None:
+        """Project the updates ``u`` of the scale-invariant weights, decay, then ``p -= step_size * u``."""
+        if batched:
+            _projected_step_many(p, g, u, [step_size] * len(p), delta=group["delta"], eps=group["eps"],
+                                 decay=self._decay(group), wd_ratio=group["wd_ratio"])
+            return
+        projected = _project_one(p[0], g[0], u[0], group["delta"], group["eps"])
+        if group["weight_decay"] != 0.0:
+            p[0].mul_(self._eager_decay(group, group["wd_ratio"] if projected else 1.0))
+        p[0].add_(u[0], alpha=-step_size)
+
+    def _compiled(self, mode, group, params, grads, states, columns) -> None:
+        ts: list[Any] = [None] * len(params)
+        if self.counted:
+            steps = [st["step"] for st in states]
+            torch._foreach_add_(steps, 1.0)
+            ts = [s.item() for s in steps]
+        coefs = [[*self._coefficients(group, t), *_thresholds(p, group["delta"])] for p, t in zip(params, ts,
+                                                                                                   strict=True)]
+        self.kernel.run(mode, list(zip(params, grads, *columns, strict=True)), coefs, self._constants(group))
 
 
-def _check_common(lr, weight_decay, delta, wd_ratio, eps, foreach, maximize, nesterov, compiled=None) -> None:
-    check_range("lr", lr, low=0.0)
-    check_range("weight_decay", weight_decay, low=0.0)
-    check_range("delta", delta, low=0.0)
-    check_range("wd_ratio", wd_ratio, low=0.0, high=1.0)
-    check_range("eps", eps, low=0.0)
-    if foreach is not None:
-        _check_flag("foreach", foreach)
-    _check_flag("maximize", maximize)
-    _check_flag("nesterov", nesterov)
-    check_compiled(compiled)
-
-
-def _use_foreach(group: dict, params: list[torch.Tensor]) -> bool:
-    """``foreach=None``: the multi-tensor path on CUDA (one launch for many tensors), the per-parameter path
-    elsewhere: on the 2-core CPU it is 1.4x (0.45M parameters) to 5.8x (10M) faster than the multi-tensor
-    path, whose per-channel reductions go through ``segment_reduce`` (BENCHMARKS.md)."""
-    if group["foreach"] is not None:
-        return group["foreach"]
-    return {p.device.type for p in params} == {"cuda"}
-
-
-def _collect(optimizer: torch.optim.Optimizer, group: dict, init: Callable[[torch.Tensor], dict]):
-    """Params of ``group`` that have a gradient, their gradients and their (lazily created) state."""
-    params, grads, states = [], [], []
-    for p in group["params"]:
-        if p.grad is None:
-            continue
-        if p.grad.is_sparse:
-            raise RuntimeError(f"{type(optimizer).__name__} does not support sparse gradients")
-        state = optimizer.state[p]
-        if len(state) == 0:
-            state.update(init(p))
-        params.append(p)
-        grads.append(p.grad)
-        states.append(state)
-    return params, grads, states
-
-
-def _maybe_negate(grads: list[torch.Tensor], maximize: bool, foreach: bool) -> list[torch.Tensor]:
-    if not maximize:
-        return grads
-    return torch._foreach_neg(grads) if foreach else [-g for g in grads]
-
-
-# --------------------------------------------------------------------------------------------------------
-# AdamP
-# --------------------------------------------------------------------------------------------------------
-
-class AdamP(torch.optim.Optimizer):
+class AdamP(_Projected):
     """Adam with the radial component removed on scale-invariant weights (Heo et al., ICLR 2021).
 
     See the module docstring for the update rule. Arguments: ``lr`` (default 1e-3), ``betas`` (0.9, 0.999),
@@ -308,107 +293,48 @@ class AdamP(torch.optim.Optimizer):
     least 4M elements; True/"tensor", "group" or False, see :mod:`sgdlab.optim._compiled`), ``maximize`` (False).
     """
 
+    state_names = ("exp_avg", "exp_avg_sq")
+    kernel = Kernel(_adamp_kernel, "AdamP", flatten=False)
+
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, delta: float = 0.1, wd_ratio: float = 0.1, nesterov: bool = False,
                  *, foreach: bool | None = None, compiled: bool | str | None = None, maximize: bool = False):
-        _check_common(lr, weight_decay, delta, wd_ratio, eps, foreach, maximize, nesterov, compiled)
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        check_range("beta1", betas[0], low=0.0, high=1.0, high_open=True)
-        check_range("beta2", betas[1], low=0.0, high=1.0, high_open=True)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, delta=delta,
-                        wd_ratio=wd_ratio, nesterov=nesterov, foreach=foreach, compiled=compiled, maximize=maximize)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults_from(locals()))
 
-    @staticmethod
-    def _init_state(p: torch.Tensor) -> dict:
-        return {"step": torch.tensor(0.0, dtype=_get_scalar_dtype()),
-                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+    @classmethod
+    def _validate(cls, group: dict[str, Any]) -> None:
+        super()._validate(group)
+        group["betas"] = check_betas(group["betas"])
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params, grads, states = _collect(self, group, self._init_state)
-            if not params:
-                continue
-            mode = compiled_mode(group.get("compiled"), [*params, *grads, *(t for st in states for t in st.values()
-                                                                             if t.dim())])
-            if mode:
-                self._step_compiled(mode, group, params, grads, states)
-            elif _use_foreach(group, params):
-                self._step_foreach(group, params, grads, states)
-            else:
-                self._step_eager(group, params, grads, states)
-        return loss
+    def _eager_decay(self, group: dict[str, Any], ratio: float) -> float:
+        return 1 - group["lr"] * group["weight_decay"] * ratio
 
-    def _step_eager(self, group, params, grads, states) -> None:
+    def _update(self, group, t, p, g, m, v, batched) -> None:
         beta1, beta2 = group["betas"]
-        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-        for p, g, state in zip(params, _maybe_negate(grads, group["maximize"], False), states, strict=True):
-            state["step"] += 1
-            t = state["step"].item()
-            m, v = state["exp_avg"], state["exp_avg_sq"]
-            m.mul_(beta1).add_(g, alpha=1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
-            num = m * beta1 + g * (1 - beta1) if group["nesterov"] else m
-            update = num / denom
-            projected = _project_one(p, g, update, group["delta"], eps)
-            if wd != 0.0:
-                p.mul_(1 - lr * wd * (group["wd_ratio"] if projected else 1.0))
-            p.add_(update, alpha=-lr / (1 - beta1 ** t))
+        torch._foreach_mul_(m, beta1)
+        torch._foreach_add_(m, g, alpha=1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, math.sqrt(1 - beta2 ** t))
+        torch._foreach_add_(denom, group["eps"])
+        num = m
+        if group["nesterov"] and batched:
+            num = torch._foreach_mul(m, beta1)
+            torch._foreach_add_(num, g, alpha=1 - beta1)
+        elif group["nesterov"]:
+            num = [m[0] * beta1 + g[0] * (1 - beta1)]
+        self._project_and_step(group, p, g, torch._foreach_div(num, denom), group["lr"] / (1 - beta1 ** t), batched)
 
-    def _step_compiled(self, mode, group, params, grads, states) -> None:
-        beta1, beta2 = group["betas"]
-        lr, wd, delta = group["lr"], group["weight_decay"], group["delta"]
-        grads = _maybe_negate(grads, group["maximize"], True)
-        torch._foreach_add_([s["step"] for s in states], 1.0)
-        coefs = []
-        for p, state in zip(params, states, strict=True):
-            t = state["step"].item()
-            coefs.append([lr / (1 - beta1 ** t), math.sqrt(1 - beta2 ** t), 1 - lr * wd,
-                          1 - lr * wd * group["wd_ratio"], *_thresholds(p, delta)])
-        _ADAMP_KERNEL.run(mode, [(p, g, s["exp_avg"], s["exp_avg_sq"]) for p, g, s in zip(params, grads, states,
-                                                                                        strict=True)],
-                          coefs, (beta1, beta2, group["eps"], group["nesterov"]))
+    def _coefficients(self, group: dict[str, Any], t: float) -> list[float]:
+        (beta1, beta2), lr, wd = group["betas"], group["lr"], group["weight_decay"]
+        return [lr / (1 - beta1 ** t), math.sqrt(1 - beta2 ** t), 1 - lr * wd, 1 - lr * wd * group["wd_ratio"]]
 
-    def _step_foreach(self, group, params, grads, states) -> None:
-        beta1, beta2 = group["betas"]
-        lr, eps = group["lr"], group["eps"]
-        grouped = _group_tensors_by_device_and_dtype(
-            [params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-             [s["step"] for s in states]])
-        for (ps, gs, ms, vs, steps), _ in grouped.values():
-            gs = _maybe_negate(gs, group["maximize"], True)
-            torch._foreach_add_(steps, 1.0)
-            ts = [s.item() for s in steps]  # CPU scalars: no device sync
-            torch._foreach_mul_(ms, beta1)
-            torch._foreach_add_(ms, gs, alpha=1 - beta1)
-            torch._foreach_mul_(vs, beta2)
-            torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
-            denom = torch._foreach_sqrt(vs)
-            torch._foreach_div_(denom, [math.sqrt(1 - beta2 ** t) for t in ts])
-            torch._foreach_add_(denom, eps)
-            if group["nesterov"]:
-                num = torch._foreach_mul(ms, beta1)
-                torch._foreach_add_(num, gs, alpha=1 - beta1)
-            else:
-                num = ms
-            updates = torch._foreach_div(num, denom)
-            _projected_step_many(ps, gs, updates, [lr / (1 - beta1 ** t) for t in ts], delta=group["delta"],
-                                 eps=eps, decay=lr * group["weight_decay"], wd_ratio=group["wd_ratio"])
+    def _constants(self, group: dict[str, Any]) -> tuple:
+        return (*group["betas"], group["eps"], group["nesterov"])
 
 
-# --------------------------------------------------------------------------------------------------------
-# SGDP
-# --------------------------------------------------------------------------------------------------------
-
-class SGDP(torch.optim.Optimizer):
+class SGDP(_Projected):
     """SGD with momentum and the radial component removed on scale-invariant weights (Heo et al., ICLR 2021).
 
     See the module docstring for the update rule. Arguments: ``lr`` (default 0.1), ``momentum`` (0.9,
@@ -418,71 +344,45 @@ class SGDP(torch.optim.Optimizer):
     ``compiled`` (as AdamP's), ``maximize`` (False).
     """
 
+    state_names = ("momentum_buffer",)
+    counted = False
+    kernel = Kernel(_sgdp_kernel, "SGDP", flatten=False)
+
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, eps: float = 1e-8, delta: float = 0.1,
                  wd_ratio: float = 0.1, *, foreach: bool | None = None, compiled: bool | str | None = None,
                  maximize: bool = False):
-        _check_common(lr, weight_decay, delta, wd_ratio, eps, foreach, maximize, nesterov, compiled)
+        super().__init__(params, defaults_from(locals()))
+
+    @classmethod
+    def _validate(cls, group: dict[str, Any]) -> None:
+        super()._validate(group)
+        momentum, dampening = group["momentum"], group["dampening"]
         check_range("momentum", momentum, low=0.0, high=1.0, high_open=True)
         check_range("dampening", dampening, low=0.0, high=1.0)
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError(f"nesterov=True requires momentum > 0 and dampening = 0, got momentum={momentum!r}, "
-                             f"dampening={dampening!r}")
-        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio, foreach=foreach,
-                        compiled=compiled, maximize=maximize)
-        super().__init__(params, defaults)
+        if group["nesterov"] and (momentum <= 0 or dampening != 0):
+            raise ConfigError(f"nesterov=True requires momentum > 0 and dampening = 0, got momentum={momentum!r}, "
+                              f"dampening={dampening!r}")
 
-    @staticmethod
-    def _init_state(p: torch.Tensor) -> dict:
-        return {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format)}
+    def _decay(self, group: dict[str, Any]) -> float:
+        return group["lr"] * group["weight_decay"] / (1 - group["momentum"])
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params, grads, states = _collect(self, group, self._init_state)
-            if not params:
-                continue
-            mode = compiled_mode(group.get("compiled"), [*params, *grads, *(t for st in states for t in st.values()
-                                                                             if t.dim())])
-            if mode:
-                self._step_compiled(mode, group, params, grads, states)
-            elif _use_foreach(group, params):
-                self._step_foreach(group, params, grads, states)
-            else:
-                self._step_eager(group, params, grads, states)
-        return loss
+    def _eager_decay(self, group: dict[str, Any], ratio: float) -> float:
+        return 1 - group["lr"] * group["weight_decay"] * ratio / (1 - group["momentum"])
 
-    def _step_eager(self, group, params, grads, states) -> None:
-        lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-        for p, g, state in zip(params, _maybe_negate(grads, group["maximize"], False), states, strict=True):
-            buf = state["momentum_buffer"]
-            buf.mul_(mom).add_(g, alpha=1 - group["dampening"])
-            update = g + mom * buf if group["nesterov"] else buf.clone()
-            projected = _project_one(p, g, update, group["delta"], group["eps"])
-            if wd != 0.0:
-                p.mul_(1 - lr * wd * (group["wd_ratio"] if projected else 1.0) / (1 - mom))
-            p.add_(update, alpha=-lr)
+    def _update(self, group, t, p, g, buf, batched) -> None:
+        mom = group["momentum"]
+        torch._foreach_mul_(buf, mom)
+        torch._foreach_add_(buf, g, alpha=1 - group["dampening"])
+        if not group["nesterov"]:
+            u = buf if batched else [buf[0].clone()]  # the per-parameter projection works in place
+        else:
+            u = torch._foreach_add(g, buf, alpha=mom) if batched else [g[0] + mom * buf[0]]
+        self._project_and_step(group, p, g, u, group["lr"], batched)
 
-    def _step_compiled(self, mode, group, params, grads, states) -> None:
-        lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-        grads = _maybe_negate(grads, group["maximize"], True)
-        decay = lr * wd / (1 - mom)
-        coefs = [[lr, 1 - decay, 1 - decay * group["wd_ratio"], *_thresholds(p, group["delta"])] for p in params]
-        _SGDP_KERNEL.run(mode, [(p, g, s["momentum_buffer"]) for p, g, s in zip(params, grads, states, strict=True)],
-                         coefs, (mom, group["dampening"], group["eps"], group["nesterov"]))
+    def _coefficients(self, group: dict[str, Any], t: None) -> list[float]:
+        decay = self._decay(group)
+        return [group["lr"], 1 - decay, 1 - decay * group["wd_ratio"]]
 
-    def _step_foreach(self, group, params, grads, states) -> None:
-        lr, mom = group["lr"], group["momentum"]
-        grouped = _group_tensors_by_device_and_dtype([params, grads, [s["momentum_buffer"] for s in states]])
-        for (ps, gs, bufs), _ in grouped.values():
-            gs = _maybe_negate(gs, group["maximize"], True)
-            torch._foreach_mul_(bufs, mom)
-            torch._foreach_add_(bufs, gs, alpha=1 - group["dampening"])
-            updates = torch._foreach_add(gs, bufs, alpha=mom) if group["nesterov"] else bufs
-            _projected_step_many(ps, gs, updates, [lr] * len(ps), delta=group["delta"], eps=group["eps"],
-                                 decay=lr * group["weight_decay"] / (1 - mom), wd_ratio=group["wd_ratio"])
+    def _constants(self, group: dict[str, Any]) -> tuple:
+        return group["momentum"], group["dampening"], group["eps"], group["nesterov"]

@@ -43,17 +43,29 @@ correction, whereas the paper's update (and ours) uses ``sqrt(v_hat) + eps``. Th
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
-from ..errors import ConfigError, check_range
-from ._compiled import Kernel, check_compiled, compiled_mode
+from ..errors import check_range
+from ._base import ElementwiseOptimizer, check_betas, defaults_from
+from ._compiled import Kernel
 
 __all__ = ["MARS"]
 
 
-class MARS(torch.optim.Optimizer):
+def _mars_kernel(p, g, m, v, last, step_size_bc2, eps_bc2, decay, scale: float, beta1: float, beta2: float):
+    c = (g - last) * scale + g
+    c = c * (1.0 / torch.linalg.vector_norm(c).clamp_min(1.0))  # one division per tensor, not per element
+    m.lerp_(c, 1.0 - beta1)
+    v.mul_(beta2).addcmul_(c, c, value=1.0 - beta2)
+    # step_size m / (sqrt(v) / bc2 + eps) as step_size bc2 m / (sqrt(v) + eps bc2)
+    p.copy_(p * decay - step_size_bc2 * m / (v.sqrt() + eps_bc2))
+    last.copy_(g)
+
+
+class MARS(ElementwiseOptimizer):
     """MARS-AdamW, approximate (one-gradient) variant (Yuan et al., 2024, arXiv:2411.10438).
 
     See the module docstring for the update rule.
@@ -72,116 +84,27 @@ class MARS(torch.optim.Optimizer):
         maximize: maximize the objective instead of minimizing it.
     """
 
-    def __init__(self, params, lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.99),
-                 gamma: float = 0.025, eps: float = 1e-8, weight_decay: float = 0.0, *,
-                 foreach: bool | None = None, compiled: bool | None = None, maximize: bool = False):
-        defaults = dict(lr=lr, betas=betas, gamma=gamma, eps=eps, weight_decay=weight_decay,
-                        foreach=foreach, compiled=compiled, maximize=maximize)
-        self._validate(defaults)
-        super().__init__(params, defaults)
+    state_names = ("exp_avg", "exp_avg_sq", "last_grad")
+    kernel = Kernel(_mars_kernel, "MARS")
 
-    @staticmethod
-    def _validate(group: dict) -> None:
-        check_range("lr", group["lr"], low=0.0)
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ConfigError(f"betas must be a tuple (beta1, beta2), got {betas!r}")
-        for i, b in enumerate(betas):
-            check_range(f"betas[{i}]", b, low=0.0, high=1.0, high_open=True)
+    def __init__(self, params: Iterable[Any], lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.99),
+                 gamma: float = 0.025, eps: float = 1e-8, weight_decay: float = 0.0, *,
+                 foreach: bool | None = None, compiled: bool | str | None = None, maximize: bool = False):
+        super().__init__(params, defaults_from(locals()))
+
+    @classmethod
+    def _validate(cls, group: dict) -> None:
+        super()._validate(group)
+        group["betas"] = check_betas(group["betas"])
         check_range("gamma", group["gamma"], low=0.0)
         check_range("eps", group["eps"], low=0.0)
         check_range("weight_decay", group["weight_decay"], low=0.0)
-        if group["foreach"] not in (None, True, False):
-            raise ConfigError(f"foreach must be True, False or None, got {group['foreach']!r}")
-        check_compiled(group.get("compiled"))
-        if group["maximize"] not in (True, False):
-            raise ConfigError(f"maximize must be True or False, got {group['maximize']!r}")
 
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        self._validate(self.param_groups[-1])
-
-    def _init_group(self, group: dict) -> tuple[list, list, list, list, list, list]:
-        params, grads, ms, vs, lasts, steps = [], [], [], [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("MARS does not support sparse gradients")
-            if torch.is_complex(p):
-                raise RuntimeError("MARS does not support complex parameters")
-            state = self.state[p]
-            if len(state) == 0:
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["last_grad"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            ms.append(state["exp_avg"])
-            vs.append(state["exp_avg_sq"])
-            lasts.append(state["last_grad"])
-            steps.append(state["step"])
-        return params, grads, ms, vs, lasts, steps
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):
-        """Perform one optimization step; returns the closure's loss (or None)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params, grads, ms, vs, lasts, steps = self._init_group(group)
-            if not params:
-                continue
-            mode = compiled_mode(group.get("compiled"), [*params, *grads, *ms, *vs, *lasts])
-            if mode:
-                _compiled(mode, params, grads, ms, vs, lasts, steps, group)
-                continue
-            foreach = group["foreach"]
-            if foreach is None:
-                foreach = len({p.device.type for p in params}) == 1
-            (_multi_tensor if foreach else _single_tensor)(params, grads, ms, vs, lasts, steps, group)
-        return loss
-
-
-def _single_tensor(params, grads, ms, vs, lasts, steps, group) -> None:
-    beta1, beta2 = group["betas"]
-    lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-    scale = group["gamma"] * beta1 / (1.0 - beta1)
-    for p, g, m, v, last, st in zip(params, grads, ms, vs, lasts, steps, strict=True):
-        if group["maximize"]:
-            g = -g
-        st += 1
-        step = int(st.item())
-        c = torch.sub(g, last).mul_(scale).add_(g)
-        c.div_(torch.linalg.vector_norm(c).clamp_min(1.0))
-        m.lerp_(c, 1.0 - beta1)
-        v.mul_(beta2).addcmul_(c, c, value=1.0 - beta2)
-        denom = (v.sqrt() / math.sqrt(1.0 - beta2 ** step)).add_(eps)
-        if wd != 0.0:
-            p.mul_(1.0 - lr * wd)
-        p.addcdiv_(m, denom, value=-lr / (1.0 - beta1 ** step))
-        last.copy_(g)
-
-
-def _multi_tensor(params, grads, ms, vs, lasts, steps, group) -> None:
-    beta1, beta2 = group["betas"]
-    lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-    scale = group["gamma"] * beta1 / (1.0 - beta1)
-    torch._foreach_add_(steps, 1.0)
-    # Tensors that share device, dtype and step count share one set of scalar coefficients.
-    buckets: dict[tuple, list[int]] = {}
-    for i, (p, st) in enumerate(zip(params, steps, strict=True)):
-        buckets.setdefault((p.device, p.dtype, int(st.item())), []).append(i)
-    for (_, _, step), idx in buckets.items():
-        ps, m, v, last = ([lst[i] for i in idx] for lst in (params, ms, vs, lasts))
-        g = [grads[i] for i in idx]
-        if group["maximize"]:
-            g = torch._foreach_neg(g)
+    def _update(self, group, t, p, g, m, v, last, batched) -> None:
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         c = torch._foreach_sub(g, last)
-        torch._foreach_mul_(c, scale)
+        torch._foreach_mul_(c, group["gamma"] * beta1 / (1.0 - beta1))
         torch._foreach_add_(c, g)
         norms = torch._foreach_norm(c)
         torch._foreach_clamp_min_(norms, 1.0)
@@ -190,37 +113,18 @@ def _multi_tensor(params, grads, ms, vs, lasts, steps, group) -> None:
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, c, c, value=1.0 - beta2)
         denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, math.sqrt(1.0 - beta2 ** step))
+        torch._foreach_div_(denom, math.sqrt(1.0 - beta2 ** t))
         torch._foreach_add_(denom, eps)
         if wd != 0.0:
-            torch._foreach_mul_(ps, 1.0 - lr * wd)
-        torch._foreach_addcdiv_(ps, m, denom, value=-lr / (1.0 - beta1 ** step))
+            torch._foreach_mul_(p, 1.0 - lr * wd)
+        torch._foreach_addcdiv_(p, m, denom, value=-lr / (1.0 - beta1 ** t))
         torch._foreach_copy_(last, g)
 
+    def _coefficients(self, group: dict, t: float) -> list[float]:
+        (beta1, beta2), lr = group["betas"], group["lr"]
+        bc2 = math.sqrt(1.0 - beta2 ** t)
+        return [lr * bc2 / (1.0 - beta1 ** t), group["eps"] * bc2, 1.0 - lr * group["weight_decay"]]
 
-def _mars_kernel(p, g, m, v, last, step_size_bc2, eps_bc2, decay, scale: float, beta1: float, beta2: float):
-    c = (g - last) * scale + g
-    c = c * (1.0 / torch.linalg.vector_norm(c).clamp_min(1.0))  # one division per tensor, not per element
-    m.lerp_(c, 1.0 - beta1)
-    v.mul_(beta2).addcmul_(c, c, value=1.0 - beta2)
-    # step_size m / (sqrt(v) / bc2 + eps) as step_size bc2 m / (sqrt(v) + eps bc2)
-    p.copy_(p * decay - step_size_bc2 * m / (v.sqrt() + eps_bc2))
-    last.copy_(g)
-
-
-_KERNEL = Kernel(_mars_kernel, "MARS")
-
-
-def _compiled(mode, params, grads, ms, vs, lasts, steps, group) -> None:
-    beta1, beta2 = group["betas"]
-    lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-    scale = group["gamma"] * beta1 / (1.0 - beta1)
-    if group["maximize"]:
-        grads = torch._foreach_neg(grads)
-
-    def coefficients(step: float) -> list[float]:
-        bc2 = math.sqrt(1.0 - beta2 ** step)
-        return [lr * bc2 / (1.0 - beta1 ** step), eps * bc2, 1.0 - lr * wd]
-
-    _KERNEL.run_stepped(mode, list(zip(params, grads, ms, vs, lasts, strict=True)), steps, coefficients,
-                        (scale, beta1, beta2))
+    def _constants(self, group: dict) -> tuple:
+        beta1, beta2 = group["betas"]
+        return group["gamma"] * beta1 / (1.0 - beta1), beta1, beta2

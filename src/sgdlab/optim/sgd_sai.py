@@ -38,14 +38,14 @@ coincide (tested).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from ..errors import check_range
-from ._compiled import Kernel, check_compiled, compiled_mode
+from ._base import ElementwiseOptimizer, defaults_from
+from ._compiled import Kernel, compiled_mode
 
 __all__ = ["SGDSaI"]
 
@@ -57,7 +57,12 @@ def _raw_gsnr(grad: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.linalg.vector_norm(g) / (sigma + eps)
 
 
-class SGDSaI(torch.optim.Optimizer):
+def _sgd_sai_kernel(p, g, m, scale, keep, lr, decay):
+    m.mul_(keep).add_(g * (1.0 - keep))
+    p.copy_(p * decay - lr * (m * scale))
+
+
+class SGDSaI(ElementwiseOptimizer):
     """SGD-SaI (Xu et al., 2024, arXiv:2412.11768): SGDM with a per-tensor lr scale fixed at step 1.
 
     Args:
@@ -79,35 +84,21 @@ class SGDSaI(torch.optim.Optimizer):
         >>> model(torch.randn(8, 4)).pow(2).mean().backward(); opt.step()
     """
 
+    state_names = ("momentum_buffer", "gsnr")  # set by _initialize at a block's first step
+    counted = False
+    kernel = Kernel(_sgd_sai_kernel, "SGDSaI")
+
     def __init__(self, params: Iterable[Any], lr: float = 1e-2, momentum: float = 0.9,
                  weight_decay: float = 1e-2, eps: float = 1e-8, *, foreach: bool | None = None,
-                 compiled: bool | None = None, maximize: bool = False):
-        check_range("lr", lr, low=0.0)
-        check_range("momentum", momentum, low=0.0, high=1.0, high_open=True)
-        check_range("weight_decay", weight_decay, low=0.0)
-        check_range("eps", eps, low=0.0, low_open=True)
-        check_compiled(compiled)
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps, foreach=foreach,
-                        compiled=compiled, maximize=maximize)
-        super().__init__(params, defaults)
+                 compiled: bool | str | None = None, maximize: bool = False):
+        super().__init__(params, defaults_from(locals()))
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("compiled", None)
-            group.setdefault("maximize", False)
-
-    def _params_with_grad(self, group: dict[str, Any]) -> list[torch.Tensor]:
-        out = []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("SGDSaI does not support sparse gradients; use dense gradients "
-                                   "(e.g. nn.Embedding(sparse=False))")
-            out.append(p)
-        return out
+    @classmethod
+    def _validate(cls, group: dict[str, Any]) -> None:
+        super()._validate(group)
+        check_range("momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
+        check_range("weight_decay", group["weight_decay"], low=0.0)
+        check_range("eps", group["eps"], low=0.0, low_open=True)
 
     @torch.no_grad()
     def _initialize(self, new: list[tuple[dict[str, Any], torch.Tensor]]) -> None:
@@ -123,83 +114,28 @@ class SGDSaI(torch.optim.Optimizer):
             state["momentum_buffer"] = grad.detach().clone(memory_format=torch.preserve_format)
             state["gsnr"] = scales[i].to(device=p.device, dtype=p.dtype)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One SGD-SaI step (Alg. 1 lines 2-19). Returns the closure's loss, if a closure is given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
-        groups = [(g, self._params_with_grad(g)) for g in self.param_groups]
+    def _prepare(self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
         new = [(g, p) for g, ps in groups for p in ps if "gsnr" not in self.state[p]]
         if new:
             self._initialize(new)
-        fresh = {id(p) for _, p in new}
+        self._fresh = {id(p) for _, p in new}  # their first step: m = g already (line 10)
 
-        for group, params in groups:
-            if not params:
-                continue
-            check_compiled(group.get("compiled"))
-            mode = compiled_mode(group.get("compiled"), [t for p in params for t in (p, p.grad)])
-            if mode:
-                self._step_compiled(mode, group, params, fresh)
-                continue
-            foreach = group["foreach"]
-            if foreach is None:
-                foreach = len({p.device.type for p in params}) == 1
-            if foreach:
-                self._step_foreach(group, params, fresh)
-            else:
-                self._step_eager(group, params, fresh)
-        return loss
+    def _mode(self, group: dict[str, Any], params: list, grads: list, columns: list[list]) -> str | None:
+        return compiled_mode(group["compiled"], [*params, *grads])  # judged on the params and grads alone
 
-    def _step_eager(self, group: dict[str, Any], params: list[torch.Tensor], fresh: set[int]) -> None:
+    def _update(self, group, t, p, g, m, scale, batched) -> None:
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-        for p in params:
-            state = self.state[p]
-            buf = state["momentum_buffer"]
-            if id(p) not in fresh:  # line 8; on the first step line 10 (m = g) was done in _initialize
-                grad = -p.grad if group["maximize"] else p.grad
-                buf.mul_(mu).add_(grad, alpha=1.0 - mu)
-            if wd != 0:
-                p.mul_(1.0 - lr * wd)  # line 17
-            p.add_(buf * state["gsnr"], alpha=-lr)  # line 19
+        old = [i for i, x in enumerate(p) if id(x) not in self._fresh]
+        if old:  # line 8; on the first step line 10 (m = g) was done in _initialize
+            old_m = [m[i] for i in old]
+            torch._foreach_mul_(old_m, mu)
+            torch._foreach_add_(old_m, [g[i] for i in old], alpha=1.0 - mu)
+        if wd != 0:
+            torch._foreach_mul_(p, 1.0 - lr * wd)  # line 17
+        torch._foreach_add_(p, torch._foreach_mul(m, scale), alpha=-lr)  # line 19
 
-    def _step_compiled(self, mode: str, group: dict[str, Any], params: list[torch.Tensor], fresh: set[int]) -> None:
+    def _compiled(self, mode, group, params, grads, states, columns) -> None:
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-        grads = [p.grad for p in params]
-        if group["maximize"]:
-            grads = torch._foreach_neg(grads)
-        states = [self.state[p] for p in params]
         # m <- keep m + (1 - keep) g: keep = momentum (line 8), or 1 on the first step (m = g already, line 10)
-        coefs = [[1.0 if id(p) in fresh else mu, lr, 1.0 - lr * wd] for p in params]
-        _KERNEL.run(mode, [(p, g, s["momentum_buffer"], s["gsnr"]) for p, g, s in zip(params, grads, states,
-                                                                                    strict=True)], coefs)
-
-    def _step_foreach(self, group: dict[str, Any], params: list[torch.Tensor], fresh: set[int]) -> None:
-        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-        grads = [p.grad for p in params]
-        bufs = [self.state[p]["momentum_buffer"] for p in params]
-        scales = [self.state[p]["gsnr"] for p in params]
-        buckets = _group_tensors_by_device_and_dtype([params, grads, bufs, scales])
-        for (ps, gs, ms, ss), _ in buckets.values():
-            old = [i for i, p in enumerate(ps) if id(p) not in fresh]
-            if old:
-                old_m = [ms[i] for i in old]
-                old_g = [gs[i] for i in old]
-                if group["maximize"]:
-                    old_g = torch._foreach_neg(old_g)
-                torch._foreach_mul_(old_m, mu)
-                torch._foreach_add_(old_m, old_g, alpha=1.0 - mu)
-            if wd != 0:
-                torch._foreach_mul_(ps, 1.0 - lr * wd)
-            torch._foreach_add_(ps, torch._foreach_mul(ms, ss), alpha=-lr)
-
-
-def _sgd_sai_kernel(p, g, m, scale, keep, lr, decay):
-    m.mul_(keep).add_(g * (1.0 - keep))
-    p.copy_(p * decay - lr * (m * scale))
-
-
-_KERNEL = Kernel(_sgd_sai_kernel, "SGDSaI")
+        coefs = [[1.0 if id(p) in self._fresh else mu, lr, 1.0 - lr * wd] for p in params]
+        self.kernel.run(mode, list(zip(params, grads, *columns, strict=True)), coefs)

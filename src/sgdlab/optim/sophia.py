@@ -44,6 +44,10 @@ Differences from other implementations, on purpose:
   generator owned by the optimizer (``seed``), saved in ``state_dict()``, and the closure is called only on
   Hessian steps.
 
+Both declare what they need from the training loop through the step protocol (:mod:`sgdlab.optim.protocol`):
+Sophia-G a ``before_backward(ctx)`` hook (every ``k`` steps it back-propagates ``ctx.sampled_loss()`` into
+:meth:`Sophia.update_hessian`), Sophia-H ``step_closure = True``. sgdlab's runner honours both; by hand:
+
 Usage, Sophia-G (the training step is an ordinary ``backward(); step()``)::
 
     import torch
@@ -78,10 +82,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.optim import Optimizer
 
 from ..errors import ConfigError, check_range
-from ._compiled import Kernel, check_compiled, compiled_mode
+from ._base import ElementwiseOptimizer, buckets, check_betas, use_foreach
+from ._compiled import Kernel
+from .protocol import StepContext
 
 __all__ = ["Sophia", "SophiaG", "SophiaH", "gnb_loss"]
 
@@ -111,22 +116,12 @@ def gnb_loss(logits: torch.Tensor, generator: torch.Generator | None = None) -> 
     return F.cross_entropy(flat, y_hat, reduction="mean")
 
 
-def _check_group(g: dict) -> None:
-    check_range("lr", g["lr"], low=0.0)
-    betas = g["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ConfigError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    check_range("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
-    check_range("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
-    check_range("gamma", g["gamma"], low=0.0, low_open=True)
-    check_range("eps", g["eps"], low=0.0, low_open=True)
-    check_range("weight_decay", g["weight_decay"], low=0.0)
-    if g["foreach"] not in (None, True, False):
-        raise ConfigError(f"foreach must be True, False or None, got {g['foreach']!r}")
-    check_compiled(g.get("compiled"))
+def _sophia_kernel(p, g, m, h, lr, decay, beta1: float, gamma: float, eps: float):
+    m.lerp_(g, 1.0 - beta1)
+    p.copy_(p * decay - lr * (m / (h * gamma).clamp_min(eps)).clamp(-1.0, 1.0))
 
 
-class Sophia(Optimizer):
+class Sophia(ElementwiseOptimizer):
     """Sophia (Liu et al., 2023, arXiv:2305.14342); see the module docstring for the rule and defaults.
 
     Args:
@@ -146,9 +141,13 @@ class Sophia(Optimizer):
             for groups of at least 4M elements (:mod:`sgdlab.optim._compiled`), else ``foreach`` decides.
     """
 
+    state_names = ("exp_avg", "hessian")
+    kernel = Kernel(_sophia_kernel, "Sophia")
+
     def __init__(self, params, lr: float = 3e-4, betas: tuple[float, float] = (0.96, 0.99), gamma: float = 0.01,
                  eps: float = 1e-12, weight_decay: float = 0.2, *, estimator: str = "gnb", k: int = 10,
-                 probe: str = "gaussian", seed: int = 0, foreach: bool | None = None, compiled: bool | None = None):
+                 probe: str = "gaussian", seed: int = 0, foreach: bool | None = None,
+                 compiled: bool | str | None = None):
         if estimator not in _ESTIMATORS:
             raise ConfigError(f"estimator={estimator!r} is not allowed; allowed: {', '.join(_ESTIMATORS)}")
         if probe not in _PROBES:
@@ -158,25 +157,39 @@ class Sophia(Optimizer):
         self.estimator, self.k, self.probe, self.seed = estimator, k, probe, seed
         self._sophia_step = 0          # number of step() calls; drives the Hessian schedule
         self._rng_states: dict[str, torch.Tensor] = {}   # probe generator state per device
-        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, gamma=gamma, eps=eps,
-                        weight_decay=weight_decay, foreach=foreach, compiled=compiled)
-        _check_group(defaults)
-        super().__init__(params, defaults)
+        super().__init__(params, dict(lr=lr, betas=betas, gamma=gamma, eps=eps, weight_decay=weight_decay,
+                                      foreach=foreach, compiled=compiled))
 
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        _check_group(self.param_groups[-1])
+    @classmethod
+    def _validate(cls, group: dict) -> None:
+        super()._validate(group)
+        group["betas"] = check_betas(group["betas"])
+        check_range("gamma", group["gamma"], low=0.0, low_open=True)
+        check_range("eps", group["eps"], low=0.0, low_open=True)
+        check_range("weight_decay", group["weight_decay"], low=0.0)
 
-    # ----------------------------------------------------------------------------------------------
+    # --- the step protocol (sgdlab.optim.protocol) ---------------------------------------------------
     @property
-    def needs_sampled_loss(self) -> bool:
-        """Sophia-G: sgdlab's runner back-propagates a sampled-label loss and calls update_hessian()."""
-        return self.estimator == "gnb"
+    def before_backward(self) -> Callable[[StepContext], None] | None:
+        """Sophia-G: the Gauss-Newton-Bartlett estimate, taken before the step's backward (None for Sophia-H)."""
+        return self._gnb_estimate if self.estimator == "gnb" else None
 
     @property
-    def needs_closure(self) -> bool:
-        """Sophia-H takes ``step(closure)``; sgdlab's runner passes one when this is True."""
+    def step_closure(self) -> bool:
+        """Sophia-H takes ``step(closure)`` (Hessian-vector products of the closure's loss)."""
         return self.estimator == "hutchinson"
+
+    def _gnb_estimate(self, ctx: StepContext) -> None:
+        """On Hessian steps: back-propagate ``ctx.sampled_loss()`` into :meth:`update_hessian`, leaving no grad."""
+        if not self.hessian_due:
+            return
+        if ctx.sampled_loss is None:
+            raise ConfigError("Sophia-G needs a loss against labels sampled from the model (StepContext."
+                              "sampled_loss, e.g. from gnb_loss); this training loop provides none")
+        loss, n = ctx.sampled_loss()
+        loss.backward()
+        self.update_hessian(batch_size=n)
+        self.zero_grad(set_to_none=True)
 
     @property
     def hessian_due(self) -> bool:
@@ -196,53 +209,11 @@ class Sophia(Optimizer):
             self._rng_states = {d: s.clone() for d, s in extra["rng_states"].items()}
 
     # ----------------------------------------------------------------------------------------------
-    def _with_grad(self) -> list[tuple[dict, list[torch.Tensor]]]:
-        """Per group, the params that have a gradient (sparse ones rejected), with their state created."""
-        out = []
-        for group in self.param_groups:
-            ps = []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Sophia does not support sparse gradients; "
-                                       f"got one for a parameter of shape {tuple(p.shape)}")
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                ps.append(p)
-            out.append((group, ps))
-        return out
-
-    def _use_foreach(self, group: dict, ps: list[torch.Tensor]) -> bool:
-        if group["foreach"] is not None:
-            return bool(group["foreach"])
-        return len({p.device.type for p in ps}) <= 1 and all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in ps)
-
-    @staticmethod
-    def _by_device_dtype(tensor_lists: list[list[torch.Tensor]]) -> list[list[list[torch.Tensor]]]:
-        buckets: dict[tuple, list[list[torch.Tensor]]] = {}
-        for i in range(len(tensor_lists[0])):
-            key = (tensor_lists[0][i].device, tensor_lists[0][i].dtype)
-            lists = buckets.setdefault(key, [[] for _ in tensor_lists])
-            for lst, src in zip(lists, tensor_lists, strict=True):
-                lst.append(src[i])
-        return list(buckets.values())
-
     def _ema_hessian(self, group: dict, ps: list[torch.Tensor], h_hats: list[torch.Tensor]) -> None:
         """h <- beta2 * h + (1 - beta2) * h_hat for the params ``ps`` of ``group``."""
-        if not ps:
-            return
-        w = 1.0 - group["betas"][1]
-        hs = [self.state[p]["hessian"] for p in ps]
-        if self._use_foreach(group, ps):
-            for h_l, hh_l in self._by_device_dtype([hs, h_hats]):
-                torch._foreach_lerp_(h_l, hh_l, w)
-        else:
-            for h, hh in zip(hs, h_hats, strict=True):
-                h.lerp_(hh, w)
+        hs = [self._state(p)["hessian"] for p in ps]
+        for idx in buckets(ps, use_foreach(group["foreach"], ps)):
+            torch._foreach_lerp_([hs[i] for i in idx], [h_hats[i] for i in idx], 1.0 - group["betas"][1])
 
     @torch.no_grad()
     def update_hessian(self, batch_size: int) -> None:
@@ -250,19 +221,19 @@ class Sophia(Optimizer):
 
         Call it every ``k`` steps (when :attr:`hessian_due`), right after back-propagating the MEAN
         sampled-label loss (:func:`gnb_loss`) over ``batch_size`` sampled labels, and before the next
-        :meth:`step`. It does not move the parameters or the step counter.
+        :meth:`step`. It does not move the parameters or the step counter. (:attr:`before_backward` does all
+        this for loops that follow the step protocol.)
         """
         if self.estimator != "gnb":
             raise RuntimeError("update_hessian() is for Sophia-G (estimator='gnb'); Sophia-H estimates the "
                                "Hessian itself inside step(closure)")
         check_range("batch_size", batch_size, low=1, integer=True)
-        for group, ps in self._with_grad():
-            grads = [p.grad for p in ps]
-            if ps and self._use_foreach(group, ps):
-                h_hats = torch._foreach_mul(grads, grads)
-                torch._foreach_mul_(h_hats, float(batch_size))
-            else:
-                h_hats = [g * g * batch_size for g in grads]
+        for group in self.param_groups:
+            ps = self._with_grad(group)
+            if not ps:
+                continue
+            h_hats = torch._foreach_mul([p.grad for p in ps], [p.grad for p in ps])
+            torch._foreach_mul_(h_hats, float(batch_size))
             self._ema_hessian(group, ps, h_hats)
 
     def _probe(self, p: torch.Tensor) -> torch.Tensor:
@@ -279,8 +250,9 @@ class Sophia(Optimizer):
         self._rng_states[dev] = gen.get_state()
         return u
 
-    def _hutchinson(self, closure: Callable[[], torch.Tensor], groups: list[tuple[dict, list[torch.Tensor]]]):
+    def _hutchinson(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
         """One Hutchinson estimate ``u * (H u)`` at the current parameters; returns the closure's loss."""
+        groups = [(group, self._with_grad(group)) for group in self.param_groups]
         ps = [p for _, g_ps in groups for p in g_ps]
         # Hessian-vector products differentiate twice; fused attention kernels (flash / memory-efficient)
         # have no double backward, so attention runs on the math kernel for this closure.
@@ -309,58 +281,39 @@ class Sophia(Optimizer):
             self._ema_hessian(group, g_ps, h_hats)
         return loss.detach()
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None):
-        """One Sophia step from ``p.grad``. For Sophia-H, on Hessian steps (:attr:`hessian_due`),
-        ``closure`` is called to get a loss to take Hessian-vector products of; its loss is returned
-        (otherwise ``None``). Sophia-G calls the closure, if given, like torch.optim (it may backward)."""
-        groups = self._with_grad()
+    def _evaluate(self, closure: Callable[[], torch.Tensor] | None):
+        """Sophia-H: on Hessian steps (:attr:`hessian_due`) ``closure`` gives a loss to take Hessian-vector
+        products of; its loss is returned (otherwise ``None``). Sophia-G calls the closure, if given, like
+        torch.optim (it may backward)."""
         loss = None
-        if self.estimator == "hutchinson":
-            if self.hessian_due:
-                if closure is None:
-                    raise RuntimeError(f"step {self._sophia_step + 1} is a Hessian step (every k={self.k}). "
-                                       + _CLOSURE_HELP)
-                loss = self._hutchinson(closure, groups)
-        elif closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-            groups = self._with_grad()
+        if self.estimator == "gnb":
+            loss = super()._evaluate(closure)
+        elif self.hessian_due:
+            if closure is None:
+                raise RuntimeError(f"step {self._sophia_step + 1} is a Hessian step (every k={self.k}). "
+                                   + _CLOSURE_HELP)
+            loss = self._hutchinson(closure)
         self._sophia_step += 1
-
-        for group, ps in groups:
-            if not ps:
-                continue
-            lr, (beta1, _), gamma, eps, wd = (group["lr"], group["betas"], group["gamma"], group["eps"],
-                                              group["weight_decay"])
-            states = [self.state[p] for p in ps]
-            grads, ms, hs = [p.grad for p in ps], [s["exp_avg"] for s in states], [s["hessian"] for s in states]
-            steps = [s["step"] for s in states]
-            mode = compiled_mode(group.get("compiled"), [*ps, *grads, *ms, *hs])
-            if mode:
-                _KERNEL.run_stepped(mode, list(zip(ps, grads, ms, hs, strict=True)), steps,
-                                    lambda _, c=[lr, 1.0 - lr * wd]: c, (beta1, gamma, eps))
-            elif self._use_foreach(group, ps):
-                torch._foreach_add_(steps, 1.0)
-                for p_l, g_l, m_l, h_l in self._by_device_dtype([ps, grads, ms, hs]):
-                    if wd != 0:
-                        torch._foreach_mul_(p_l, 1.0 - lr * wd)
-                    torch._foreach_lerp_(m_l, g_l, 1.0 - beta1)
-                    den = torch._foreach_mul(h_l, gamma)
-                    torch._foreach_clamp_min_(den, eps)
-                    ratio = torch._foreach_div(m_l, den)
-                    torch._foreach_clamp_min_(ratio, -1.0)
-                    torch._foreach_clamp_max_(ratio, 1.0)
-                    torch._foreach_add_(p_l, ratio, alpha=-lr)
-            else:
-                for p, g, m, h, st in zip(ps, grads, ms, hs, steps, strict=True):
-                    st.add_(1.0)
-                    if wd != 0:
-                        p.mul_(1.0 - lr * wd)
-                    m.lerp_(g, 1.0 - beta1)
-                    ratio = (m / (h * gamma).clamp_min_(eps)).clamp_(-1.0, 1.0)
-                    p.add_(ratio, alpha=-lr)
         return loss
+
+    def _update(self, group, t, p, g, m, h, batched) -> None:
+        lr, (beta1, _), gamma, eps, wd = (group["lr"], group["betas"], group["gamma"], group["eps"],
+                                          group["weight_decay"])
+        if wd != 0:
+            torch._foreach_mul_(p, 1.0 - lr * wd)
+        torch._foreach_lerp_(m, g, 1.0 - beta1)
+        den = torch._foreach_mul(h, gamma)
+        torch._foreach_clamp_min_(den, eps)
+        ratio = torch._foreach_div(m, den)
+        torch._foreach_clamp_min_(ratio, -1.0)
+        torch._foreach_clamp_max_(ratio, 1.0)
+        torch._foreach_add_(p, ratio, alpha=-lr)
+
+    def _coefficients(self, group: dict, t: float) -> list[float]:
+        return [group["lr"], 1.0 - group["lr"] * group["weight_decay"]]
+
+    def _constants(self, group: dict) -> tuple:
+        return group["betas"][0], group["gamma"], group["eps"]
 
 
 class SophiaG(Sophia):
@@ -381,12 +334,3 @@ class SophiaH(Sophia):
                  seed: int = 0, foreach: bool | None = None, compiled: bool | None = None):
         super().__init__(params, lr, betas, gamma, eps, weight_decay, estimator="hutchinson", k=k, probe=probe,
                          seed=seed, foreach=foreach, compiled=compiled)
-
-
-
-def _sophia_kernel(p, g, m, h, lr, decay, beta1: float, gamma: float, eps: float):
-    m.lerp_(g, 1.0 - beta1)
-    p.copy_(p * decay - lr * (m / (h * gamma).clamp_min(eps)).clamp(-1.0, 1.0))
-
-
-_KERNEL = Kernel(_sophia_kernel, "Sophia")
