@@ -219,3 +219,35 @@ def test_compare_resume_restarts_a_run_without_checkpoint(capsys, tmp_path):
     code, _, err = cli(capsys, "compare", p, "--out", out, "--resume")
     assert code == 0, err
     assert json.loads((out / "a" / "summary.json").read_text())["status"] == "completed"
+
+
+def test_run_help_reads_defaults_from_the_config_and_the_registries():
+    import dataclasses
+
+    from sgdlab import strategies
+    from sgdlab.cli import FLAG_FIELDS, build_parser
+    from sgdlab.config import Config, describe
+    from sgdlab.privacy import DPOptions
+
+    run_parser = build_parser()._subparsers._group_actions[0].choices["run"]
+    helps = {a.dest: a.help for a in run_parser._actions}
+    for name in FLAG_FIELDS:
+        if name != "dp":
+            assert helps[name] == describe(name), name
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    assert f"default {defaults['steps']}" in helps["steps"] and f"default {defaults['task']}" in helps["task"]
+    dp_defaults = {f.name: f.default for f in dataclasses.fields(DPOptions)}
+    assert f"delta={dp_defaults['delta']}" in helps["dp"]
+    assert f"max_physical_batch={dp_defaults['max_physical_batch']}" in helps["dp"]
+    diloco = strategies.registry.get("diloco").Options()
+    assert f"default {diloco.outer_lr}" in helps["strategy_outer_lr"]
+    assert "diloco, localsgd, streaming-diloco; default 50" in helps["strategy_sync_every"]
+
+
+def test_list_settings(capsys):
+    from sgdlab.config import describe
+
+    code, out, _ = cli(capsys, "list", "settings")
+    assert code == 0 and describe("batch_size") in out and describe("strategy_args") in out
+    code, out, _ = cli(capsys, "list", "-v")
+    assert code == 0 and "settings (config keys" in out

@@ -102,3 +102,55 @@ def test_config_json_round_trip(tmp_path):
     cfg.save(tmp_path / "c.json")
     again = Config.from_dict(json.loads((tmp_path / "c.json").read_text()))
     assert again.resolve().to_dict() == Config.from_dict(cfg.to_dict()).resolve().to_dict()
+
+
+def test_spec_is_typed_frozen_and_resolves_to_the_config_json_form():
+    import dataclasses
+
+    from sgdlab.config import RunSpec
+    from sgdlab.distributed import NetworkModel
+    from sgdlab.privacy import DPOptions
+
+    cfg = Config(task="digits", strategy="diloco", workers=2, network="bandwidth=10G,latency=5ms",
+                 strategy_args={"sync_every": 4, "outer_args": {"betas": (0.9, 0.95)}, "outer_optimizer": "adam"},
+                 dp="noise=1,clip=0.5,unit=client")
+    spec = cfg.spec()
+    assert isinstance(spec, RunSpec)
+    assert spec.network == NetworkModel(1e10, 5e-3) and spec.network_text == "bandwidth=1e+10,latency=0.005"
+    assert spec.dp == DPOptions(noise=1.0, clip=0.5, unit="client") and spec.client_dp is spec.dp
+    assert spec.dp_sgd is None
+    assert spec.strategy_options.sync_every == 4 and spec.strategy_options.outer_args == {"betas": [0.9, 0.95]}
+    assert spec.task_options.model == "mlp" and spec.worker_speeds == (1.0, 1.0) and spec.name == "diloco"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.out = "elsewhere"
+    with pytest.raises(TypeError):
+        spec.optimizer_args["weight_decay"] = 1.0
+    kwargs = spec.optimizer_kwargs()
+    assert kwargs["betas"] == [0.9, 0.999] and "lr" not in kwargs
+    kwargs["betas"].append(0)  # a fresh copy each time
+    assert spec.optimizer_kwargs()["betas"] == [0.9, 0.999]
+    assert spec.to_config() == cfg.resolve() and spec.to_dict() == cfg.resolve().to_dict()
+    assert Config.from_dict(spec.to_dict()).spec() == spec  # config.json resolves to the same spec
+    placed = spec.placed(out="runs/x", device="cpu")
+    assert placed.out == "runs/x" and spec.out is None
+    assert spec.placed(device="cuda:1").fingerprint() == spec.fingerprint()  # ranks differ only in their device
+
+
+def test_validate_and_spec_check_the_same_way():
+    with pytest.raises(ConfigError, match="dp unit=client: steps=3 < sync_every=5"):
+        Config(task="digits", strategy="localsgd", workers=2, steps=3, strategy_args={"sync_every": 5},
+               dp="noise=1,clip=1,unit=client").spec()
+    Config(device="cuda:3").validate()  # a device is only looked for when the run is resolved
+
+
+def test_every_setting_has_a_description():
+    import dataclasses
+
+    from sgdlab.config import describe
+
+    for f in dataclasses.fields(Config):
+        assert f.metadata["help"], f.name
+    assert describe("steps") == "optimizer steps; default 300"
+    assert describe("lr") == "learning rate; default: the optimizer's registered default"
+    assert describe("network").endswith("default: bandwidth=1G,latency=1ms")
+    assert describe("io_adamw").endswith("default false")

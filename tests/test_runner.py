@@ -165,3 +165,91 @@ def test_io_adamw_puts_embeddings_and_first_and_last_layers_in_the_adamw_group(t
     assert [g["use_adamw"] for g in groups] == [False, True] and len(groups[1]["params"]) == 4
     with pytest.raises(ConfigError, match="io_adamw=true needs an optimizer with a use_adamw group option"):
         Config(task="digits", optimizer="adamw", io_adamw=True).validate()
+
+
+class _ProtocolProbe(torch.optim.SGD):
+    """SGD that asks for everything the step protocol offers, and checks what it gets."""
+
+    step_closure = True
+    log: list = []
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, lr=lr)
+
+    def before_backward(self, ctx):
+        sampled, n = ctx.sampled_loss()
+        assert n > 0 and sampled.requires_grad
+        self._loss = ctx.loss().item()  # no backward: no gradient left behind
+
+    def step(self, closure=None):
+        assert closure is not None
+        with torch.enable_grad():
+            again = closure().item()  # this worker's loss on this worker's batch, parameters not yet moved
+        _ProtocolProbe.log.append(again == self._loss)
+        return super().step()
+
+
+@pytest.fixture
+def probe_optimizer(monkeypatch):
+    from sgdlab import optim
+    from sgdlab.registry import Entry
+
+    monkeypatch.setitem(optim.registry._entries, "probe", Entry("probe", _ProtocolProbe, "test probe", {}))
+    _ProtocolProbe.log.clear()
+    return "probe"
+
+
+def test_the_loop_drives_any_optimizer_through_the_step_protocol(tmp_path, probe_optimizer):
+    kw = dict(task="digits", lr=0.05, steps=6, batch_size=8, eval_every=0, strategy="ddp", workers=3, device="cpu",
+              step_time=0.01)
+    run(Config(optimizer=probe_optimizer, out=str(tmp_path / "probe"), **kw))
+    assert _ProtocolProbe.log == [True] * 18  # every worker's closure is its own (3 workers x 6 steps)
+    run(Config(optimizer="sgd", out=str(tmp_path / "sgd"), **kw))
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["workers"] for d in ("probe", "sgd"))
+    for wa, wb in zip(a, b, strict=True):  # the extra losses changed nothing
+        assert all(torch.equal(wa["model"][k], wb["model"][k]) for k in wb["model"])
+
+
+def test_dp_sgd_refuses_an_optimizer_that_evaluates_extra_losses(tmp_path, probe_optimizer):
+    cfg = Config(task="digits", optimizer=probe_optimizer, steps=2, dp="noise=1,clip=1", device="cpu",
+                 out=str(tmp_path / "r"))
+    with pytest.raises(ConfigError, match=r"dp: optimizer 'probe' evaluates extra non-private losses \(an extra "
+                                          r"loss before each backward, step\(closure\)\); choose another"):
+        run(cfg)
+
+
+def test_a_run_parses_its_settings_once(tmp_path, monkeypatch):
+    from sgdlab import strategies
+    from sgdlab.distributed import NetworkModel
+    from sgdlab.privacy import DPOptions
+
+    calls = {"dp": 0, "network": 0, "strategy": 0}
+
+    def counted(key, fn):
+        def wrapper(*a, **k):
+            calls[key] += 1
+            return fn(*a, **k)
+        return wrapper
+
+    monkeypatch.setattr(DPOptions, "parse", classmethod(counted("dp", DPOptions.parse.__func__)))
+    monkeypatch.setattr(NetworkModel, "parse", classmethod(counted("network", NetworkModel.parse.__func__)))
+    monkeypatch.setattr(strategies, "options", counted("strategy", strategies.options))
+    cfg = Config(task="digits", optimizer="sgd", steps=4, batch_size=8, eval_every=2, strategy="localsgd", workers=2,
+                 strategy_args={"sync_every": 2}, dp="noise=0.5,clip=0.1,unit=client", network="bandwidth=10G",
+                 device="cpu", out=str(tmp_path / "r"))
+    res = run(cfg)
+    assert calls == {"dp": 1, "network": 1, "strategy": 1}
+    assert res.config == cfg.resolve()  # the run directory's config.json is the resolved Config
+    assert json.loads((tmp_path / "r" / "config.json").read_text()) == res.config.to_dict()
+
+
+def test_backend_differences_live_in_the_group():
+    from sgdlab.distributed import NetworkModel
+    from sgdlab.distributed.group import SimGroup
+
+    g = SimGroup(2, NetworkModel())
+    assert g.is_lead and not g.needs_out and not g.keeps_previous_checkpoint
+    assert g.stops_at_once(True) and g.stop_vote(True) == 0.0  # one process stops at once, no vote
+    assert g.agreed_step([7, 4]) == 7 and g.agreed_step([]) is None
+    g.barrier()
+    g.check_same("00")

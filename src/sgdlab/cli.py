@@ -206,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench_dp.add_arguments(bsub.add_parser(
         "dp", help="DP-SGD step time: non-private vs sgdlab vs Opacus 1.6's modes (digits CNN, charlm)"))
 
+    _add_dp_commands(sub)
+    return ap
+
+
+def _add_dp_commands(sub: Any) -> None:
     acc_help = (" or ".join(f"{a} ({_ACCOUNTANT_HELP[a]})" if a in _ACCOUNTANT_HELP else a for a in ACCOUNTANTS)
                 + f"; default {DEFAULT_ACCOUNTANT}")
     p = sub.add_parser("dp-epsilon", help="privacy spent (epsilon) by DP-SGD with a given noise multiplier",
@@ -226,7 +231,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, required=True, metavar="T", help="number of steps (>= 1)")
     p.add_argument("--delta", type=float, required=True, metavar="D", help="delta, 0 < D < 1 (below 1/N)")
     p.add_argument("--accountant", default=DEFAULT_ACCOUNTANT, help=acc_help)
-    return ap
 
 
 def config_from_args(args: argparse.Namespace, base: Any = None):

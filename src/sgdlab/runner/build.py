@@ -89,16 +89,13 @@ class Parts:
     task: tasks.Task
     replicas: list[Replica]
     strategy: Strategy
-    dp: ClientDP | PrivateTraining | None
+    dp: ClientDP | PrivateTraining | None   # epsilon, summary and checkpoint state of either kind
+    dp_sgd: PrivateTraining | None          # the same object when it is DP-SGD (it computes the gradients)
     samples_per_step: int
 
     @property
     def workers(self) -> list[Worker]:
         return [r.worker for r in self.replicas]
-
-    @property
-    def dp_sgd(self) -> PrivateTraining | None:
-        return self.dp if isinstance(self.dp, PrivateTraining) else None
 
 
 def build_parts(spec: RunSpec, group: Group, task: tasks.Task | None = None) -> Parts:
@@ -116,15 +113,15 @@ def build_parts(spec: RunSpec, group: Group, task: tasks.Task | None = None) -> 
         min_size = spec.batch_size if spec.split[0] == "dirichlet" else 1
         shards = task.shards(spec.workers, spec.data_split, spec.seed, min_size=min_size)
     replicas = [_replica(spec, task, rank, lr, None if shards is None else shards[rank]) for rank in group.local]
-    dp: ClientDP | PrivateTraining | None = client_dp
+    dp_sgd = None
     if spec.dp_sgd is not None:  # Poisson sampling and private gradients (one worker, see Config)
         PrivateTraining.check_optimizer(replicas[0].worker.optimizer, spec.optimizer)
-        dp = PrivateTraining(spec.dp_sgd, task, replicas[0].worker.model, steps=spec.steps,
-                             batch_size=spec.batch_size, seed=spec.seed)
-        replicas[0].sampler = dp.sampler
+        dp_sgd = PrivateTraining(spec.dp_sgd, task, replicas[0].worker.model, steps=spec.steps,
+                                 batch_size=spec.batch_size, seed=spec.seed)
+        replicas[0].sampler = dp_sgd.sampler
     strategy.setup([r.worker for r in replicas])
     samples_per_step = (spec.batch_size if shards is not None else 1) * spec.workers
-    return Parts(task, replicas, strategy, dp, samples_per_step)
+    return Parts(task, replicas, strategy, client_dp or dp_sgd, dp_sgd, samples_per_step)
 
 
 def _replica(spec: RunSpec, task: tasks.Task, rank: int, lr: float, shard: torch.Tensor | None) -> Replica:
