@@ -56,28 +56,19 @@ No ``pytorch_optimizer`` equivalent exists.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from ..errors import ConfigError, check_range
-from .auon import matrix_view
+from ._base import Optimizer, buckets, check_betas, check_flag, use_foreach
+from ._matrix import adam_denominator, adamw_update, matrix_view
 
 __all__ = ["FRUGAL"]
 
 _PROJECTIONS = ("svd", "blocks")
 _STATE_FREE = ("signsgd", "sgd")
-
-
-def _check_betas(betas: Any) -> tuple[float, float]:
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ConfigError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    check_range("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
-    check_range("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
-    return float(betas[0]), float(betas[1])
 
 
 def _svd_rank(shape: torch.Size, group: dict) -> int:
@@ -108,7 +99,7 @@ def _svd_projector(g: torch.Tensor, r: int) -> torch.Tensor:
     return proj.to(g.dtype).contiguous()
 
 
-class FRUGAL(torch.optim.Optimizer):
+class FRUGAL(Optimizer):
     """FRUGAL (Zmushko et al., 2024, arXiv:2411.07837); see the module docstring for the update rule.
 
     Args:
@@ -137,17 +128,16 @@ class FRUGAL(torch.optim.Optimizer):
                  rank: int | None = None, split: bool = True, *, seed: int = 0, foreach: bool | None = None,
                  maximize: bool = False):
         check_range("seed", seed, low=0, integer=True)
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rho=rho, update_gap=update_gap,
-                        projection=projection, state_free=state_free, state_free_lr=state_free_lr, rank=rank,
-                        split=split, foreach=foreach, maximize=maximize)
-        self._validate(defaults)
         self._generator = torch.Generator().manual_seed(seed)
-        super().__init__(params, defaults)
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rho=rho,
+                                      update_gap=update_gap, projection=projection, state_free=state_free,
+                                      state_free_lr=state_free_lr, rank=rank, split=split, foreach=foreach,
+                                      maximize=maximize))
 
-    @staticmethod
-    def _validate(group: dict[str, Any]) -> None:
-        check_range("lr", group["lr"], low=0.0)
-        group["betas"] = _check_betas(group["betas"])
+    @classmethod
+    def _validate(cls, group: dict[str, Any]) -> None:
+        super()._validate(group)
+        group["betas"] = check_betas(group["betas"])
         check_range("eps", group["eps"], low=0.0)
         check_range("weight_decay", group["weight_decay"], low=0.0)
         check_range("rho", group["rho"], low=0.0, high=1.0)
@@ -160,17 +150,9 @@ class FRUGAL(torch.optim.Optimizer):
             check_range("state_free_lr", group["state_free_lr"], low=0.0)
         if group["rank"] is not None:
             check_range("rank", group["rank"], low=0, integer=True)
-        for name in ("split", "maximize"):
-            if not isinstance(group[name], bool):
-                raise ConfigError(f"{name} must be True or False, got {group[name]!r}")
-        if group["foreach"] not in (None, True, False):
-            raise ConfigError(f"foreach must be None, True or False, got {group['foreach']!r}")
+        check_flag("split", group["split"])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
-        self._validate(merged)
-        if "betas" in param_group:
-            param_group["betas"] = merged["betas"]
         param_group.setdefault("block_step", 0)  # group steps taken, drives the block refresh schedule
         super().add_param_group(param_group)
 
@@ -204,7 +186,7 @@ class FRUGAL(torch.optim.Optimizer):
         state["exp_avg"] = torch.zeros_like(like, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
 
-    def _split_group(self, group: dict) -> dict[str, list]:
+    def _split_group(self, group: dict, params: list[torch.Tensor]) -> dict[str, list]:
         """Sort the group's parameters into Adam-on-the-whole-tensor, Adam-in-a-subspace and state-free parts.
 
         Refreshes projectors (and resets their Adam state) when due. Returns lists of equal length per part.
@@ -214,24 +196,14 @@ class FRUGAL(torch.optim.Optimizer):
                 self._draw_blocks(group)
             group["block_step"] += 1
         parts: dict[str, list] = {k: [] for k in ("params", "grads", "low_params", "low_grads", "projs",
-                                                  "free_params", "free_grads", "steps", "exp_avgs", "exp_avg_sqs",
-                                                  "low_steps", "low_exp_avgs", "low_exp_avg_sqs")}
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise ConfigError("FRUGAL does not support sparse gradients; use dense gradients "
-                                  "(e.g. torch.nn.Embedding(..., sparse=False))")
+                                                  "free_params", "free_grads", "low_steps", "low_exp_avgs",
+                                                  "low_exp_avg_sqs")}
+        for p in params:
             g = -p.grad if group["maximize"] else p.grad
             state = self.state[p]
             if not self._is_split(group, p) or (group["projection"] == "blocks" and bool(state.get("active", False))):
-                if "exp_avg" not in state:
-                    self._adam_state(state, p)
-                parts["params"].append(p)
+                parts["params"].append(p)  # AdamW (adamw_update creates its state)
                 parts["grads"].append(g)
-                parts["steps"].append(state["step"])
-                parts["exp_avgs"].append(state["exp_avg"])
-                parts["exp_avg_sqs"].append(state["exp_avg_sq"])
             elif group["projection"] == "blocks":  # an inactive block: state-free only
                 parts["free_params"].append(p)
                 parts["free_grads"].append(g)
@@ -252,88 +224,33 @@ class FRUGAL(torch.optim.Optimizer):
                     parts["free_grads"].append((gm - _lift(low, state["proj"], gm.shape)).view_as(p))
         return parts
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimization step; returns the closure's loss (None without a closure)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            if not any(p.grad is not None for p in group["params"]):
-                continue
-            parts = self._split_group(group)
-            all_params = [p for p in group["params"] if p.grad is not None]
-            foreach = group["foreach"]
-            if foreach is None:
-                foreach = len({p.device.type for p in all_params}) == 1
-            kernel = _foreach_frugal if foreach else _single_tensor_frugal
-            kernel(all_params, parts, group)
-        return loss
-
-
-def _hyper(group: dict) -> tuple:
-    (beta1, beta2), lr = group["betas"], group["lr"]
-    sf_lr = lr if group["state_free_lr"] is None else group["state_free_lr"]
-    return lr, beta1, beta2, group["eps"], group["weight_decay"], sf_lr
-
-
-def _single_tensor_frugal(all_params: list, parts: dict, group: dict) -> None:
-    lr, beta1, beta2, eps, wd, sf_lr = _hyper(group)
-    if wd != 0:
-        for p in all_params:
-            p.mul_(1 - lr * wd)
-    adam = zip(parts["params"] + parts["low_params"], parts["grads"] + parts["low_grads"],
-               parts["exp_avgs"] + parts["low_exp_avgs"], parts["exp_avg_sqs"] + parts["low_exp_avg_sqs"],
-               parts["steps"] + parts["low_steps"], strict=True)
-    n_direct = len(parts["params"])
-    for i, (p, g, m, v, step_t) in enumerate(adam):
-        step_t += 1
-        t = step_t.item()
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
-        if i < n_direct:
-            p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
-        else:
-            low = m / denom * (-lr / (1 - beta1 ** t))
-            p.add_(_lift(low, parts["projs"][i - n_direct], matrix_view(p).shape).view_as(p))
-    for p, r in zip(parts["free_params"], parts["free_grads"], strict=True):
-        p.add_(r.sign() if group["state_free"] == "signsgd" else r, alpha=-sf_lr)
-
-
-def _foreach_frugal(all_params: list, parts: dict, group: dict) -> None:
-    lr, beta1, beta2, eps, wd, sf_lr = _hyper(group)
-    if wd != 0:
-        for (ps,), _ in _group_tensors_by_device_and_dtype([all_params]).values():
-            torch._foreach_mul_(ps, 1 - lr * wd)
-    for prefix in ("", "low_"):
-        params, grads = parts[prefix + "params"], parts[prefix + "grads"]
-        if not params:
-            continue
-        m_, v_, s_ = parts[prefix + "exp_avgs"], parts[prefix + "exp_avg_sqs"], parts[prefix + "steps"]
-        torch._foreach_add_(s_, 1)
-        grouped = _group_tensors_by_device_and_dtype([grads, m_, v_, s_], with_indices=True)
-        for (g_, ms, vs, ss), ii in grouped.values():
-            ts = [s.item() for s in ss]
-            torch._foreach_lerp_(ms, g_, 1 - beta1)
-            torch._foreach_mul_(vs, beta2)
-            torch._foreach_addcmul_(vs, g_, g_, value=1 - beta2)
-            denom = torch._foreach_sqrt(vs)
-            torch._foreach_div_(denom, [math.sqrt(1 - beta2 ** t) for t in ts])
-            torch._foreach_add_(denom, eps)
-            step_sizes = [-lr / (1 - beta1 ** t) for t in ts]
-            if not prefix:
-                torch._foreach_addcdiv_([params[i] for i in ii], ms, denom, step_sizes)
-                continue
-            lows = torch._foreach_div(ms, denom)
-            torch._foreach_mul_(lows, step_sizes)
-            for i, low in zip(ii, lows, strict=True):  # lifting is a matrix product per parameter
-                p = params[i]
-                p.add_(_lift(low, parts["projs"][i], matrix_view(p).shape).view_as(p))
-    if parts["free_params"]:
-        free = _group_tensors_by_device_and_dtype([parts["free_params"], parts["free_grads"]])
-        for (ps, rs), _ in free.values():
+    def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
+        parts = self._split_group(group, params)
+        batched = use_foreach(group["foreach"], params)
+        (beta1, beta2), lr, eps, wd = group["betas"], group["lr"], group["eps"], group["weight_decay"]
+        if wd != 0:
+            for idx in buckets(params, batched):
+                torch._foreach_mul_([params[i] for i in idx], 1 - lr * wd)
+        # Adam on whole tensors (decay done above), then in the subspaces, lifted back
+        adamw_update(self, parts["params"], parts["grads"], lr=lr, betas=group["betas"], eps=eps, weight_decay=0.0,
+                     foreach=batched)
+        low, low_grads = parts["low_params"], parts["low_grads"]
+        if low:
+            steps = parts["low_steps"]
+            torch._foreach_add_(steps, 1)
+            ts = [s.item() for s in steps]
+            for idx in buckets(low_grads, batched, ts):
+                t = ts[idx[0]]
+                denom = adam_denominator([parts["low_exp_avgs"][i] for i in idx],
+                                         [parts["low_exp_avg_sqs"][i] for i in idx], [low_grads[i] for i in idx],
+                                         t, beta1, beta2, eps)
+                lows = torch._foreach_div([parts["low_exp_avgs"][i] for i in idx], denom)
+                torch._foreach_mul_(lows, -lr / (1 - beta1 ** t))
+                for i, u in zip(idx, lows, strict=True):  # lifting is a matrix product per parameter
+                    low[i].add_(_lift(u, parts["projs"][i], matrix_view(low[i]).shape).view_as(low[i]))
+        sf_lr = lr if group["state_free_lr"] is None else group["state_free_lr"]
+        for idx in buckets(parts["free_params"], batched):  # the state-free rest of the gradient
+            rs = [parts["free_grads"][i] for i in idx]
             if group["state_free"] == "signsgd":
                 rs = torch._foreach_sign(rs)
-            torch._foreach_add_(ps, rs, alpha=-sf_lr)
+            torch._foreach_add_([parts["free_params"][i] for i in idx], rs, alpha=-sf_lr)

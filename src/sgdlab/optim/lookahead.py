@@ -29,6 +29,9 @@ schedulers and per-group hyperparameters act on the inner optimizer), ``zero_gra
 ``"lookahead"`` entry holding the slow weights, the step counter and ``k``/``alpha``/``pullback``.
 ``state`` is a read-only merged view: each parameter's inner state plus ``"slow_param"`` (and
 ``"slow_momentum"``), so memory accounting sees both; change state through ``base_optimizer.state``.
+The step protocol's attributes (``before_backward``, ``step_closure``, ``step_backward``,
+:mod:`sgdlab.optim.protocol`) are the inner optimizer's, so Lookahead around Sophia-G gets its Hessian
+estimates and around Sophia-H its closure.
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from ..errors import ConfigError, check_range
+from . import protocol
+from ._base import buckets, use_foreach
 
 __all__ = ["Lookahead", "lookahead"]
 
@@ -121,6 +125,19 @@ class Lookahead(torch.optim.Optimizer):
         self.base_optimizer.add_param_group(param_group)
         self._init_slow(self.param_groups[-1]["params"])
 
+    # --- the step protocol (sgdlab.optim.protocol): what the inner optimizer needs ------------------
+    @property
+    def before_backward(self) -> Callable[[protocol.StepContext], None] | None:
+        return protocol.needs(self.base_optimizer).before_backward
+
+    @property
+    def step_closure(self) -> bool:
+        return protocol.needs(self.base_optimizer).closure
+
+    @property
+    def step_backward(self) -> bool:
+        return protocol.needs(self.base_optimizer).backward
+
     # --- algorithm ---------------------------------------------------------------------------------
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -142,17 +159,10 @@ class Lookahead(torch.optim.Optimizer):
     def _synchronize(self) -> None:
         params = self._params()
         slows = [self.slow[p]["slow_param"] for p in params]
-        foreach = self.foreach
-        if foreach is None:
-            foreach = len({p.device.type for p in params}) == 1
-        if foreach:
-            for (ps, ss), _ in _group_tensors_by_device_and_dtype([params, slows]).values():
-                torch._foreach_lerp_(ss, ps, self.alpha)  # phi += alpha (theta - phi)
-                torch._foreach_copy_(ps, ss)  # theta <- phi
-        else:
-            for p, s in zip(params, slows, strict=True):
-                s.lerp_(p, self.alpha)
-                p.copy_(s)
+        for idx in buckets(params, use_foreach(self.foreach, params)):
+            ps, ss = [params[i] for i in idx], [slows[i] for i in idx]
+            torch._foreach_lerp_(ss, ps, self.alpha)  # phi += alpha (theta - phi)
+            torch._foreach_copy_(ps, ss)  # theta <- phi
         if self.pullback == "none":
             return
         for p in params:

@@ -55,18 +55,9 @@ import math
 
 import torch
 
-from ..errors import ConfigError, check_range
-from .auon import (
-    _check_bool,
-    adamw_update,
-    check_adamw_args,
-    collect_grads,
-    matrix_view,
-    momentum_matrix_step,
-    newton_schulz5_step,
-    split_matrix_params,
-    use_foreach,
-)
+from ..errors import ConfigError
+from ._base import defaults_from
+from ._matrix import MatrixOptimizer, direction_step, matrix_view, momentum, newton_schulz5_step
 
 __all__ = ["Muon", "orthogonalize"]
 
@@ -96,7 +87,7 @@ def shape_factor(p: torch.Tensor, adjust_lr: str) -> float:
     return 0.2 * math.sqrt(max(m, n))
 
 
-class Muon(torch.optim.Optimizer):
+class Muon(MatrixOptimizer):
     """Muon (Jordan et al., 2024; Liu et al., 2025, arXiv:2502.16982): Newton-Schulz-orthogonalised Nesterov
     momentum for matrices (conv weights flattened), AdamW for the rest. See the module docstring."""
 
@@ -105,45 +96,19 @@ class Muon(torch.optim.Optimizer):
                  ns_dtype: str | None = None, adamw_lr_ratio: float = 0.015,
                  adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-10, use_adamw: bool = False,
                  *, foreach: bool | None = None, maximize: bool = False):
-        check_range("lr", lr, low=0.0)
-        check_range("momentum", momentum, low=0.0, high=1.0, high_open=True)
-        check_range("weight_decay", weight_decay, low=0.0)
-        _check_bool("nesterov", nesterov)
-        check_range("ns_steps", ns_steps, low=1, high=100, integer=True)
-        check_range("eps", eps, low=0.0, low_open=True)
-        if adjust_lr not in ADJUST_LR:
-            raise ConfigError(f"adjust_lr must be one of {ADJUST_LR}, got {adjust_lr!r}")
-        if ns_dtype not in NS_DTYPES:
-            raise ConfigError(f"ns_dtype must be one of {tuple(NS_DTYPES)}, got {ns_dtype!r}")
-        adamw_betas = check_adamw_args(adamw_lr_ratio, adamw_betas, adamw_eps)
-        _check_bool("use_adamw", use_adamw)
-        _check_bool("maximize", maximize)
-        if foreach is not None:
-            _check_bool("foreach", foreach)
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps,
-                        eps=eps, adjust_lr=adjust_lr, ns_dtype=ns_dtype, adamw_lr_ratio=adamw_lr_ratio,
-                        adamw_betas=adamw_betas, adamw_eps=adamw_eps, use_adamw=use_adamw, foreach=foreach,
-                        maximize=maximize)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults_from(locals()))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params, grads = collect_grads(self, group)
-            foreach = use_foreach(group["foreach"], params)
-            (mat, mat_g), (vec, vec_g) = split_matrix_params(group, params, grads)
-            lr, wd = group["lr"], group["weight_decay"]
-            adamw_update(self, vec, vec_g, lr=lr * group["adamw_lr_ratio"], betas=group["adamw_betas"],
-                         eps=group["adamw_eps"], weight_decay=wd, foreach=foreach)
-            if not mat:
-                continue
-            direction = functools.partial(orthogonalize, ns_steps=group["ns_steps"], eps=group["eps"],
-                                          ns_dtype=group["ns_dtype"])
-            momentum_matrix_step(self, mat, mat_g, lr=lr, weight_decay=wd, momentum=group["momentum"],
-                                 nesterov=group["nesterov"], scales=[shape_factor(p, group["adjust_lr"]) for p in mat],
-                                 direction=direction, foreach=foreach)
-        return loss
+    @classmethod
+    def _validate(cls, group: dict) -> None:
+        super()._validate(group)
+        if group["adjust_lr"] not in ADJUST_LR:
+            raise ConfigError(f"adjust_lr must be one of {ADJUST_LR}, got {group['adjust_lr']!r}")
+        if group["ns_dtype"] not in NS_DTYPES:
+            raise ConfigError(f"ns_dtype must be one of {tuple(NS_DTYPES)}, got {group['ns_dtype']!r}")
+
+    def _matrix_step(self, group, params, grads, foreach) -> None:
+        vs = momentum(self, params, grads, group["momentum"], group["nesterov"], foreach)
+        direction = functools.partial(orthogonalize, ns_steps=group["ns_steps"], eps=group["eps"],
+                                      ns_dtype=group["ns_dtype"])
+        direction_step(params, vs, direction, lr=group["lr"], weight_decay=group["weight_decay"], foreach=foreach,
+                       scales=[shape_factor(p, group["adjust_lr"]) for p in params])

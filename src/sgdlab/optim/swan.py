@@ -36,20 +36,12 @@ as tunable. No ``pytorch_optimizer`` equivalent exists.
 
 from __future__ import annotations
 
-from collections import defaultdict
+import functools
 
 import torch
 
-from ..errors import check_range
-from .auon import (
-    _check_bool,
-    adamw_update,
-    check_adamw_args,
-    collect_grads,
-    matrix_view,
-    split_matrix_params,
-    use_foreach,
-)
+from ._base import check_flag, defaults_from
+from ._matrix import MatrixOptimizer, direction_step
 
 __all__ = ["SWAN", "grad_norm", "grad_whitening"]
 
@@ -78,7 +70,7 @@ def grad_whitening(g: torch.Tensor, ns_steps: int, eps: float) -> torch.Tensor:
     return out.mT if tall else out
 
 
-class SWAN(torch.optim.Optimizer):
+class SWAN(MatrixOptimizer):
     """SWAN (Ma et al., 2024, arXiv:2412.13148): stateless GradNorm + GradWhitening for matrices,
     AdamW for the rest. See the module docstring."""
 
@@ -86,20 +78,12 @@ class SWAN(torch.optim.Optimizer):
                  weight_decay: float = 0.0, adamw_lr_ratio: float = 1.0,
                  adamw_betas: tuple[float, float] = (0.9, 0.999), adamw_eps: float = 1e-8, use_adamw: bool = False,
                  *, foreach: bool | None = None, maximize: bool = False):
-        check_range("lr", lr, low=0.0)
-        check_range("ns_steps", ns_steps, low=1, high=100, integer=True)
-        _check_bool("rescale", rescale)
-        check_range("eps", eps, low=0.0, low_open=True)
-        check_range("weight_decay", weight_decay, low=0.0)
-        adamw_betas = check_adamw_args(adamw_lr_ratio, adamw_betas, adamw_eps)
-        _check_bool("use_adamw", use_adamw)
-        _check_bool("maximize", maximize)
-        if foreach is not None:
-            _check_bool("foreach", foreach)
-        defaults = dict(lr=lr, ns_steps=ns_steps, rescale=rescale, eps=eps, weight_decay=weight_decay,
-                        adamw_lr_ratio=adamw_lr_ratio, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
-                        use_adamw=use_adamw, foreach=foreach, maximize=maximize)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults_from(locals()))
+
+    @classmethod
+    def _validate(cls, group: dict) -> None:
+        super()._validate(group)
+        check_flag("rescale", group["rescale"])
 
     @staticmethod
     def _direction(g: torch.Tensor, group: dict) -> torch.Tensor:
@@ -110,36 +94,6 @@ class SWAN(torch.optim.Optimizer):
                      / (torch.linalg.matrix_norm(d, keepdim=True) + group["eps"]))
         return d
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params, grads = collect_grads(self, group)
-            foreach = use_foreach(group["foreach"], params)
-            (mat, mat_g), (vec, vec_g) = split_matrix_params(group, params, grads)
-            lr, wd = group["lr"], group["weight_decay"]
-            adamw_update(self, vec, vec_g, lr=lr * group["adamw_lr_ratio"], betas=group["adamw_betas"],
-                         eps=group["adamw_eps"], weight_decay=wd, foreach=foreach)
-            if not mat:
-                continue
-            if not foreach:
-                for p, g in zip(mat, mat_g, strict=True):
-                    d = self._direction(matrix_view(g), group)
-                    p.mul_(1 - lr * wd)
-                    p.add_(d.view_as(p), alpha=-lr)
-                continue
-            shapes: dict = defaultdict(list)
-            for i, g in enumerate(mat_g):
-                shapes[(tuple(matrix_view(g).shape), g.device, g.dtype)].append(i)
-            updates: list = [None] * len(mat)
-            for idx in shapes.values():  # batch same-shaped matrices
-                d = self._direction(torch.stack([matrix_view(mat_g[i]) for i in idx]), group)
-                for j, i in enumerate(idx):
-                    updates[i] = d[j].view_as(mat[i])
-            if wd != 0:
-                torch._foreach_mul_(mat, 1 - lr * wd)
-            torch._foreach_add_(mat, updates, alpha=-lr)
-        return loss
+    def _matrix_step(self, group, params, grads, foreach) -> None:
+        direction = functools.partial(self._direction, group=group)
+        direction_step(params, grads, direction, lr=group["lr"], weight_decay=group["weight_decay"], foreach=foreach)
