@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from sgdlab import optim
+from sgdlab.optim import protocol
 from sgdlab.optim.sophia import gnb_loss
 
 DT = torch.float64
@@ -165,21 +166,19 @@ def _solve(problem: Problem, name: str, lr: float, steps: int, extra: dict) -> f
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda k: min(1.0, (k + 1) / warmup if warmup else 1.0) * 0.5 * (1 + math.cos(math.pi * k / steps)))
     gen = torch.Generator().manual_seed(0)
+
+    def sampled_loss():  # Sophia-G's Gauss-Newton-Bartlett estimate (step protocol: before_backward)
+        if problem.logits is not None:
+            return gnb_loss(problem.logits(), generator=gen), problem.x.shape[0]
+        r = problem.residuals()
+        return (r * torch.randn(r.shape, generator=gen, dtype=DT)).sum(), 1
+
+    ctx = protocol.StepContext(loss=problem.loss, sampled_loss=sampled_loss)
     for _ in range(steps):
-        if getattr(opt, "needs_sampled_loss", False) and opt.hessian_due:
-            opt.zero_grad()
-            if problem.logits is not None:
-                gnb_loss(problem.logits(), generator=gen).backward()
-                opt.update_hessian(batch_size=problem.x.shape[0])
-            else:
-                r = problem.residuals()
-                (r * torch.randn(r.shape, generator=gen, dtype=DT)).sum().backward()
-                opt.update_hessian(batch_size=1)
         opt.zero_grad()
-        loss = problem.loss()
+        loss = protocol.forward_backward(opt, ctx)
         assert math.isfinite(loss.item()), f"{name} diverged"
-        loss.backward()
-        opt.step(problem.loss) if getattr(opt, "needs_closure", False) else opt.step()
+        protocol.step(opt, ctx)
         sched.step()
     return problem.distance()
 

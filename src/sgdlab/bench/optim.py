@@ -41,7 +41,7 @@ are timed in every row's rounds too; their table rows show the medians over all 
 
 Special cases:
 
-* Sophia-G: just ``step()``; its Hessian estimate is fed separately (``update_hessian``), not timed here.
+* Sophia-G: just ``step()``; its Hessian estimate (the step protocol's ``before_backward``) is not timed here.
 * Sophia-H: needs a closure with a differentiable loss on Hessian steps (every ``k``). Both
   implementations are built with ``k`` (``update_period``) = 10**9, so the only Hessian step is the very
   first (warm-up) step: ours gets a cheap quadratic-loss closure, pytorch_optimizer's gets ``hessian=``
@@ -72,6 +72,7 @@ import torch
 from .. import optim, tasks
 from ..config import resolve_device
 from ..errors import ConfigError
+from ..optim import protocol
 
 SLOW_STEP_S = 1.0  # contenders whose step takes longer get only one warm-up step
 HUGE_K = 10**9  # Sophia-H Hessian period: no Hessian step after the first (warm-up) one
@@ -219,12 +220,12 @@ def ours(name: str, params: list[torch.nn.Parameter], foreach: bool | None, **ex
         hp["foreach"] = foreach
     opt = optim.create(name, params, **hp)
     step: Callable[[], Any] = opt.step
-    if name == "sophia-h":  # Hessian step (the first one only, k = HUGE_K): a cheap quadratic-loss closure
-        def closure():
-            return sum((p * p).sum() for p in params) * 0.5
+    need = protocol.needs(opt)
+    if need.closure:  # Sophia-H: its Hessian step (the first one only, k = HUGE_K) gets a cheap quadratic loss
+        ctx = protocol.StepContext(loss=lambda: sum((p * p).sum() for p in params) * 0.5)
 
         def step():
-            return opt.step(closure) if opt.hessian_due else opt.step()
+            return protocol.step(opt, ctx, need)
     label = "ours" if foreach is not False else "ours eager"
     return Contender(label + "".join(f" {k}={v}" for k, v in extra.items()), opt, step)
 
