@@ -1,4 +1,3 @@
-import copy
 import math
 
 import pytest
@@ -85,20 +84,6 @@ def test_matches_reference(path, maximize):
     assert max(opt.state[p]["gsnr"].item() for p in ps) == 1.0
 
 
-def test_foreach_and_eager_agree_bitwise_close():
-    runs = []
-    for foreach in (True, False):
-        ps, _ = make_params()
-        opt = SGDSaI(ps, lr=0.03, momentum=0.8, weight_decay=0.05, foreach=foreach)
-        for t in range(10):
-            for p, g in zip(ps, grads_for(t, SHAPES), strict=True):
-                p.grad = g
-            opt.step()
-        runs.append(ps)
-    for a, b in zip(*runs, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
-
-
 def test_scale_fixed_after_first_step_and_single_entry_block():
     big = torch.zeros(4, 4, dtype=torch.float64, requires_grad=True)
     scalar = torch.zeros(1, dtype=torch.float64, requires_grad=True)
@@ -123,81 +108,6 @@ def test_zero_first_gradients_give_zero_scale_not_nan():
     opt.step()
     assert opt.state[p]["gsnr"].item() == 0.0
     assert torch.isfinite(p).all()
-
-
-def test_convergence_ill_conditioned_quadratic():
-    # f(x) = 0.5 * sum(d_i x_i^2) with condition number 100, split in two blocks; optimum 0.
-    d1 = torch.logspace(0, 1, 8, dtype=torch.float64)
-    d2 = torch.logspace(1, 2, 8, dtype=torch.float64).reshape(2, 4)
-    x1 = torch.ones(8, dtype=torch.float64, requires_grad=True)
-    x2 = torch.ones(2, 4, dtype=torch.float64, requires_grad=True)
-    opt = SGDSaI([x1, x2], lr=0.01, momentum=0.9, weight_decay=0.0)
-    for _ in range(1500):
-        opt.zero_grad()
-        loss = 0.5 * (d1 * x1**2).sum() + 0.5 * (d2 * x2**2).sum()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 1e-8
-    torch.testing.assert_close(x1.detach(), torch.zeros_like(x1), rtol=0, atol=1e-4)
-    torch.testing.assert_close(x2.detach(), torch.zeros_like(x2), rtol=0, atol=1e-4)
-
-
-@pytest.mark.parametrize("foreach", [True, False])
-def test_state_dict_round_trip(foreach):
-    ps, _ = make_params()
-    opt = SGDSaI([{"params": ps[:1]}, {"params": ps[1:], "lr": 0.02}], lr=0.05, foreach=foreach)
-    for t in range(5):
-        for p, g in zip(ps, grads_for(t, SHAPES), strict=True):
-            p.grad = g
-        opt.step()
-    sd = copy.deepcopy(opt.state_dict())
-    ps2 = [p.clone() for p in ps]
-    opt2 = SGDSaI([{"params": ps2[:1]}, {"params": ps2[1:]}], lr=0.9, foreach=foreach)
-    opt2.load_state_dict(sd)
-    assert opt2.param_groups[1]["lr"] == 0.02
-    for t in range(5, 12):
-        gs = grads_for(t, SHAPES)
-        for p, p2, g in zip(ps, ps2, gs, strict=True):
-            p.grad, p2.grad = g.clone(), g.clone()
-        opt.step()
-        opt2.step()
-    for p, p2 in zip(ps, ps2, strict=True):
-        assert torch.equal(p, p2)
-        assert torch.equal(opt.state[p]["momentum_buffer"], opt2.state[p2]["momentum_buffer"])
-
-
-def test_closure_and_none_grad_and_sparse():
-    p = torch.ones(3, requires_grad=True)
-    opt = SGDSaI([p], lr=0.1)
-    assert opt.step() is None  # no grads: nothing happens
-    assert torch.equal(p.detach(), torch.ones(3))
-
-    def closure():
-        opt.zero_grad()
-        loss = (p * torch.tensor([1.0, 2.0, 3.0])).sum()
-        loss.backward()
-        return loss
-
-    assert opt.step(closure).item() == pytest.approx(6.0)
-    emb = torch.nn.Embedding(5, 2, sparse=True)
-    opt = SGDSaI(emb.parameters())
-    emb(torch.tensor([1, 2])).sum().backward()
-    with pytest.raises(RuntimeError, match="sparse"):
-        opt.step()
-
-
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(lr=-1.0), "lr"), (dict(momentum=1.0), "momentum"), (dict(momentum=-0.1), "momentum"),
-    (dict(weight_decay=-1e-3), "weight_decay"), (dict(eps=0.0), "eps"), (dict(lr=float("nan")), "lr"),
-])
-def test_validation(kwargs, name):
-    with pytest.raises(ValueError, match=rf"^{name}"):
-        SGDSaI([torch.zeros(2, requires_grad=True)], **kwargs)
-
-
-def test_unknown_keyword():
-    with pytest.raises(TypeError):
-        SGDSaI([torch.zeros(2, requires_grad=True)], betas=(0.9, 0.99))
 
 
 def test_matches_pytorch_optimizer_where_they_coincide():

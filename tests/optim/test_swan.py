@@ -144,13 +144,7 @@ def test_validation(kw, name):
         SWAN([torch.zeros(2, 2, requires_grad=True)], **kw)
 
 
-def test_unknown_keyword_sparse_and_use_adamw():
-    with pytest.raises(TypeError):
-        SWAN([torch.zeros(2, 2, requires_grad=True)], momentum=0.9)
-    emb = torch.nn.Embedding(4, 3, sparse=True)
-    emb(torch.tensor([1])).sum().backward()
-    with pytest.raises(RuntimeError, match="sparse"):
-        SWAN(emb.parameters()).step()
+def test_use_adamw_routes_a_matrix_to_adamw():
     # use_adamw=True routes a matrix (e.g. an embedding) to AdamW: it gets Adam state.
     w = torch.zeros(4, 3, requires_grad=True)
     w.grad = torch.ones(4, 3)

@@ -2,7 +2,10 @@
 
 ``create(name, params, **hyperparameters)`` returns a ``torch.optim.Optimizer``. Every registered
 optimizer follows torch.optim conventions (param groups, ``state_dict``, LR schedulers). An unknown
-hyperparameter is a ``TypeError``; an out-of-range one is a ``ValueError`` naming it.
+hyperparameter is a ``TypeError``; an out-of-range one is a ``ValueError`` naming it. sgdlab's own
+optimizers derive from :class:`sgdlab.optim._base.Optimizer` (one ``step``, one validation, one
+sparse-gradient error, :class:`SparseGradientError`); what an optimizer needs from the training loop
+beyond ``backward(); step()`` it declares through :mod:`sgdlab.optim.protocol`.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import torch
 from ..errors import ConfigError
 from ..registry import Registry
 
-__all__ = ["create", "registry", "hyperparameters", "state_bytes", "AdamP", "SGDP", "AdEMAMix", "AuON", "HybridAuON",
+__all__ = ["create", "registry", "hyperparameters", "state_bytes", "SparseGradientError",
+           "AdamP", "SGDP", "AdEMAMix", "AuON", "HybridAuON",
            "DiffGrad", "FRUGAL", "Grams", "LaProp", "Lookahead", "MARS", "Muon", "SGDSaI", "SophiaG", "SophiaH", "SWAN"]
 
 registry: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
@@ -27,6 +31,7 @@ registry.register("adam", torch.optim.Adam, "torch.optim.Adam (Kingma & Ba, 2015
 registry.register("adamw", torch.optim.AdamW, "torch.optim.AdamW: Adam with decoupled weight decay "
                   "(Loshchilov & Hutter, 2019)", default_lr=1e-3)
 
+from ._base import SparseGradientError  # noqa: E402
 from .adamp import SGDP, AdamP  # noqa: E402
 from .ademamix import AdEMAMix  # noqa: E402
 from .auon import AuON, HybridAuON  # noqa: E402

@@ -123,9 +123,10 @@ class Optimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        for group in self.param_groups:  # groups pickled before a hyperparameter existed
+        for group in self.param_groups:  # groups saved before a hyperparameter existed get its default
             for k, v in self.defaults.items():
-                group.setdefault(k, v)
+                if k != "differentiable":  # torch.optim's bookkeeping, not ours
+                    group.setdefault(k, v)
 
     def _with_grad(self, group: dict[str, Any]) -> list[torch.Tensor]:
         """The parameters of ``group`` that have a gradient (a sparse one is an error)."""

@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigError
+
 #: Elements in a parameter group from which ``compiled=None`` compiles (see the module docstring).
 AUTO_MIN_NUMEL = 1 << 22
 
@@ -150,7 +152,7 @@ class Kernel:
 
 def check_compiled(value: Any) -> None:
     if not any(value is v if not isinstance(v, str) else value == v for v in COMPILED):
-        raise ValueError(f"compiled must be None (automatic), True or 'tensor' (one kernel per tensor), 'group' "
+        raise ConfigError(f"compiled must be None (automatic), True or 'tensor' (one kernel per tensor), 'group' "
                          f"(one kernel per parameter group) or False, got {value!r}")
 
 
