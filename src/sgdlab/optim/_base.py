@@ -37,7 +37,8 @@ from torch.optim.optimizer import _get_scalar_dtype
 from ..errors import ConfigError, check_range
 from ._compiled import Kernel, check_compiled, compiled_mode
 
-__all__ = ["AdamFamily", "ElementwiseOptimizer", "Optimizer", "SparseGradientError", "buckets", "check_betas",
+__all__ = ["AdamFamily", "ElementwiseOptimizer", "Optimizer", "SparseGradientError", "adam_denominator", "buckets",
+           "check_adam", "check_betas",
            "check_flag", "defaults_from", "use_foreach"]
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -94,6 +95,25 @@ def buckets(tensors: Sequence[torch.Tensor], batched: bool, keys: Sequence[Any] 
     for i, t in enumerate(tensors):
         out.setdefault((t.device, t.dtype, None if keys is None else keys[i]), []).append(i)
     return list(out.values())
+
+
+def adam_denominator(ms: list, vs: list, grads: list, t: float, beta1: float, beta2: float, eps: float) -> list:
+    """Adam's moments ``m <- lerp(m, g, 1 - beta1)``, ``v <- beta2 v + (1 - beta2) g^2`` in place, and the
+    denominators ``sqrt(v / (1 - beta2^t)) + eps`` (tensors of one device, dtype and step count ``t``)."""
+    torch._foreach_lerp_(ms, grads, 1 - beta1)
+    torch._foreach_mul_(vs, beta2)
+    torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
+    denom = torch._foreach_sqrt(vs)
+    torch._foreach_div_(denom, math.sqrt(1 - beta2 ** t))
+    torch._foreach_add_(denom, eps)
+    return denom
+
+
+def check_adam(group: dict[str, Any]) -> None:
+    """Adam's hyperparameters ``betas`` (normalised to a tuple of floats), ``eps`` and ``weight_decay``."""
+    group["betas"] = check_betas(group["betas"])
+    check_range("eps", group["eps"], low=0.0)
+    check_range("weight_decay", group["weight_decay"], low=0.0)
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -163,7 +183,16 @@ class Optimizer(torch.optim.Optimizer):
 
 
 class ElementwiseOptimizer(Optimizer):
-    """An elementwise update (module docstring): declared state, an eager ``_update`` and a compiled kernel."""
+    """An elementwise update (module docstring): declared state, an eager ``_update`` and a compiled kernel.
+
+    Hyperparameters every elementwise optimizer takes:
+
+    * ``foreach``: True: the multi-tensor path, False: one parameter at a time; None: :func:`use_foreach`
+      (the multi-tensor path when all parameters share one device type, for AdamP/SGDP on CUDA only).
+    * ``compiled``: the ``torch.compile``d kernel (one fused loop per tensor); None picks it for groups of at
+      least 4M elements (:mod:`sgdlab.optim._compiled`), else ``foreach`` decides.
+    * ``maximize``: ascend the objective (the gradient is negated; ``p.grad`` is left as it is).
+    """
 
     state_names: tuple[str, ...] = ()
     counted = True
@@ -227,8 +256,15 @@ class ElementwiseOptimizer(Optimizer):
 
 
 class AdamFamily(ElementwiseOptimizer):
-    """Hyperparameters (lr, betas, eps, weight_decay, foreach, compiled, maximize), state (``exp_avg``,
-    ``exp_avg_sq``) and kernel coefficients of the Adam-family optimizers.
+    """Hyperparameters, state (``exp_avg``, ``exp_avg_sq``) and kernel coefficients of the Adam-family optimizers.
+
+    Args:
+        params: parameters or param-group dicts.
+        lr: learning rate.
+        betas: decay rates (beta1, beta2) of the first and second moments, each in [0, 1).
+        eps: added to the square root of the bias-corrected second moment.
+        weight_decay: decoupled weight decay coefficient; theta <- theta (1 - lr * weight_decay) each step.
+        foreach, compiled, maximize: as for every :class:`ElementwiseOptimizer`.
 
     A kernel ``kernel(p, g, *states, step_size, bc2, eps_bc2, decay, beta1, beta2)`` gets ``step_size = lr /
     (1 - beta1^t)``, ``bc2 = sqrt(1 - beta2^t)``, ``eps_bc2 = eps * bc2`` and ``decay = 1 - lr * weight_decay``,
@@ -240,9 +276,7 @@ class AdamFamily(ElementwiseOptimizer):
     @classmethod
     def _validate(cls, group: dict[str, Any]) -> None:
         super()._validate(group)
-        group["betas"] = check_betas(group["betas"])
-        check_range("eps", group["eps"], low=0.0)
-        check_range("weight_decay", group["weight_decay"], low=0.0)
+        check_adam(group)
 
     def _coefficients(self, group: dict[str, Any], t: float) -> list[float]:
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]

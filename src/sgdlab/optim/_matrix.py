@@ -14,7 +14,6 @@ Each method's file keeps only its direction rule.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -22,9 +21,9 @@ from typing import Any
 import torch
 
 from ..errors import check_range
-from ._base import Optimizer, buckets, check_betas, check_flag, use_foreach
+from ._base import Optimizer, adam_denominator, buckets, check_betas, check_flag, use_foreach
 
-__all__ = ["MatrixOptimizer", "NS_COEFFICIENTS", "adam_denominator", "adamw_update", "by_shape", "direction_step",
+__all__ = ["MatrixOptimizer", "NS_COEFFICIENTS", "adamw_update", "by_shape", "direction_step",
            "matrix_view", "momentum", "newton_schulz5_step", "split_matrix_params"]
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -70,18 +69,6 @@ def split_matrix_params(group: dict, params: list, grads: list):
             vec.append(p)
             vec_g.append(g)
     return (mat, mat_g), (vec, vec_g)
-
-
-def adam_denominator(ms: list, vs: list, grads: list, t: float, beta1: float, beta2: float, eps: float) -> list:
-    """Adam's moments ``m <- lerp(m, g, 1 - beta1)``, ``v <- beta2 v + (1 - beta2) g^2`` in place, and the
-    denominators ``sqrt(v / (1 - beta2^t)) + eps`` (tensors of one device, dtype and step count ``t``)."""
-    torch._foreach_lerp_(ms, grads, 1 - beta1)
-    torch._foreach_mul_(vs, beta2)
-    torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
-    denom = torch._foreach_sqrt(vs)
-    torch._foreach_div_(denom, math.sqrt(1 - beta2 ** t))
-    torch._foreach_add_(denom, eps)
-    return denom
 
 
 def adamw_update(optimizer: torch.optim.Optimizer, params: list, grads: list, *, lr: float,

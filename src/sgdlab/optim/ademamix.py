@@ -92,11 +92,8 @@ class AdEMAMix(ElementwiseOptimizer):
             (integer >= 1), or None for no warm-up. With warm-up, ``beta1`` must be > 0.
         eps: added to ``sqrt(v_hat)`` (>= 0).
         weight_decay: decoupled weight decay ``lambda`` (>= 0), multiplied by ``lr``.
-        foreach: True: multi-tensor ``torch._foreach_*`` path; False: per-parameter loop; None: foreach
-            when all of a group's parameters are on one device type.
-        compiled: use the ``torch.compile``d kernel (one fused loop per tensor); None picks it for groups of
-            at least 4M elements (:mod:`sgdlab.optim._compiled`), else ``foreach`` decides.
-        maximize: maximize the objective instead of minimizing it.
+        foreach, compiled, maximize: code path and sign, as for every elementwise optimizer
+            (:class:`~sgdlab.optim._base.ElementwiseOptimizer`).
     """
 
     state_names = ("exp_avg_fast", "exp_avg_slow", "exp_avg_sq")

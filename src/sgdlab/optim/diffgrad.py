@@ -27,13 +27,12 @@ The method is elementwise and treats every parameter (matrices, biases, norms, e
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from ._base import AdamFamily, defaults_from
+from ._base import AdamFamily, adam_denominator, defaults_from
 from ._compiled import Kernel
 
 __all__ = ["DiffGrad"]
@@ -53,16 +52,8 @@ _DIFFGRAD_KERNEL = Kernel(_diffgrad_kernel, "DiffGrad")
 class DiffGrad(AdamFamily):
     """diffGrad (Dubey et al., 2020, arXiv:1909.11015); see the module docstring for the update rule.
 
-    Args:
-        params: parameters or param-group dicts.
-        lr: learning rate (paper: 1e-3).
-        betas: decay rates (beta1, beta2) of the first and second moments (paper: (0.9, 0.999)).
-        eps: added to sqrt of the bias-corrected second moment (paper: 1e-8).
-        weight_decay: decoupled weight decay coefficient; theta <- theta (1 - lr * weight_decay) each step.
-        foreach: use the multi-tensor path; None picks it when all parameters share one device type.
-        compiled: use the ``torch.compile``d kernel (one fused loop per tensor); None picks it for groups of
-            at least 4M elements (:mod:`sgdlab.optim._compiled`), else ``foreach`` decides.
-        maximize: ascend the objective instead of descending it.
+    Hyperparameters as for every Adam-family optimizer (:class:`~sgdlab.optim._base.AdamFamily`), with the
+    paper's defaults lr=1e-3, betas=(0.9, 0.999), eps=1e-8; weight_decay=0.
     """
 
     state_names = ("exp_avg", "exp_avg_sq", "prev_grad")
@@ -77,15 +68,10 @@ class DiffGrad(AdamFamily):
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         if wd != 0:
             torch._foreach_mul_(p, 1 - lr * wd)
-        torch._foreach_lerp_(m, g, 1 - beta1)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+        denom = adam_denominator(m, v, g, t, beta1, beta2, eps)
         xi = torch._foreach_sub(prev, g)
         torch._foreach_abs_(xi)
         torch._foreach_sigmoid_(xi)
         torch._foreach_mul_(xi, m)
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, math.sqrt(1 - beta2 ** t))
-        torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(p, xi, denom, -lr / (1 - beta1 ** t))
         torch._foreach_copy_(prev, g)

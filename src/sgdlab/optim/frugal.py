@@ -62,8 +62,8 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, check_range
-from ._base import Optimizer, buckets, check_betas, check_flag, use_foreach
-from ._matrix import adam_denominator, adamw_update, matrix_view
+from ._base import Optimizer, adam_denominator, buckets, check_adam, check_flag, use_foreach
+from ._matrix import adamw_update, matrix_view
 
 __all__ = ["FRUGAL"]
 
@@ -137,9 +137,7 @@ class FRUGAL(Optimizer):
     @classmethod
     def _validate(cls, group: dict[str, Any]) -> None:
         super()._validate(group)
-        group["betas"] = check_betas(group["betas"])
-        check_range("eps", group["eps"], low=0.0)
-        check_range("weight_decay", group["weight_decay"], low=0.0)
+        check_adam(group)
         check_range("rho", group["rho"], low=0.0, high=1.0)
         check_range("update_gap", group["update_gap"], low=1, integer=True)
         if group["projection"] not in _PROJECTIONS:

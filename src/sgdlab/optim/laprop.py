@@ -53,16 +53,8 @@ def _laprop_kernel(p, g, m, v, step_size, bc2, eps_bc2, decay, beta1: float, bet
 class LaProp(AdamFamily):
     """LaProp (Ziyin, Wang & Ueda, 2020, arXiv:2002.04839); see the module docstring for the update rule.
 
-    Args:
-        params: parameters or param-group dicts.
-        lr: learning rate (authors' default: 4e-4).
-        betas: decay rates (beta1, beta2) of the first and second moments (authors' default: (0.9, 0.999)).
-        eps: added to sqrt of the bias-corrected second moment (authors' default: 1e-15).
-        weight_decay: decoupled weight decay coefficient; theta <- theta (1 - lr * weight_decay) each step.
-        foreach: use the multi-tensor path; None picks it when all parameters share one device type.
-        compiled: use the ``torch.compile``d kernel (one fused loop per tensor); None picks it for groups of
-            at least 4M elements (:mod:`sgdlab.optim._compiled`), else ``foreach`` decides.
-        maximize: ascend the objective instead of descending it.
+    Hyperparameters as for every Adam-family optimizer (:class:`~sgdlab.optim._base.AdamFamily`), with the
+    authors' defaults lr=4e-4, betas=(0.9, 0.999), eps=1e-15; weight_decay=0.
     """
 
     kernel = Kernel(_laprop_kernel, "LaProp")

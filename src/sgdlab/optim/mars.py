@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from ..errors import check_range
-from ._base import ElementwiseOptimizer, check_betas, defaults_from
+from ._base import ElementwiseOptimizer, adam_denominator, check_betas, defaults_from
 from ._compiled import Kernel
 
 __all__ = ["MARS"]
@@ -77,11 +77,8 @@ class MARS(ElementwiseOptimizer):
         gamma: scale of the variance-reduction correction (>= 0); 0 gives AdamW on the clipped gradient.
         eps: added to ``sqrt(v_hat)`` (>= 0).
         weight_decay: decoupled weight decay ``lambda`` (>= 0), multiplied by ``lr``.
-        foreach: True: multi-tensor ``torch._foreach_*`` path; False: per-parameter loop; None: foreach
-            when all of a group's parameters are on one device type.
-        compiled: use the ``torch.compile``d kernel (one fused function per tensor); None picks it for groups
-            of at least 4M elements (:mod:`sgdlab.optim._compiled`), else ``foreach`` decides.
-        maximize: maximize the objective instead of minimizing it.
+        foreach, compiled, maximize: code path and sign, as for every elementwise optimizer
+            (:class:`~sgdlab.optim._base.ElementwiseOptimizer`).
     """
 
     state_names = ("exp_avg", "exp_avg_sq", "last_grad")
@@ -109,12 +106,7 @@ class MARS(ElementwiseOptimizer):
         norms = torch._foreach_norm(c)
         torch._foreach_clamp_min_(norms, 1.0)
         torch._foreach_div_(c, norms)
-        torch._foreach_lerp_(m, c, 1.0 - beta1)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, c, c, value=1.0 - beta2)
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, math.sqrt(1.0 - beta2 ** t))
-        torch._foreach_add_(denom, eps)
+        denom = adam_denominator(m, v, c, t, beta1, beta2, eps)
         if wd != 0.0:
             torch._foreach_mul_(p, 1.0 - lr * wd)
         torch._foreach_addcdiv_(p, m, denom, value=-lr / (1.0 - beta1 ** t))

@@ -72,9 +72,8 @@ class SGDSaI(ElementwiseOptimizer):
         weight_decay: decoupled weight decay ``lambda`` >= 0, applied as ``theta *= 1 - lr * lambda``
             (not scaled by the g-SNR; default 1e-2).
         eps: ``epsilon`` > 0 added to the gradient std (default 1e-8).
-        foreach: multi-tensor path; ``None`` picks it when all params of a group share a device type.
-        compiled: use the ``torch.compile``d kernel (one fused loop per tensor); None picks it for groups of
-            at least 4M elements (:mod:`sgdlab.optim._compiled`), else ``foreach`` decides.
+        foreach, compiled: code path, as for every elementwise optimizer
+            (:class:`~sgdlab.optim._base.ElementwiseOptimizer`).
         maximize: maximise the objective (the gradient is negated, Alg. 1 lines 3-4).
 
     Example::

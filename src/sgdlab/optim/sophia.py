@@ -136,9 +136,8 @@ class Sophia(ElementwiseOptimizer):
         k: the Hessian estimate is refreshed on steps ``1, k+1, 2k+1, ...`` (:attr:`hessian_due`).
         probe: Hutchinson probe distribution, ``"gaussian"`` (paper) or ``"rademacher"``.
         seed: seed of the optimizer's own probe generator (saved in ``state_dict``).
-        foreach: multi-tensor fast path; ``None`` picks it when a group's parameters share one device type.
-        compiled: use the ``torch.compile``d kernel for the update (one fused loop per tensor); None picks it
-            for groups of at least 4M elements (:mod:`sgdlab.optim._compiled`), else ``foreach`` decides.
+        foreach, compiled: code path, as for every elementwise optimizer
+            (:class:`~sgdlab.optim._base.ElementwiseOptimizer`).
     """
 
     state_names = ("exp_avg", "hessian")
