@@ -341,3 +341,47 @@ def test_exchange_spec_canonical_form():
     assert exchange.ExchangeSpec("int8").canonical() == exchange.ExchangeSpec("int8,block=128", "mean")
     assert exchange.ExchangeSpec("int4,block=64,feedback=toy-ef").canonical().compress == \
         "int4,block=64,feedback=toy-ef"
+
+
+# ---- the same stages through sgdlab's runner (config keys compress / aggregate) --------------------------
+def _digits(tmp_path, name, **kw):
+    from sgdlab import Config
+
+    return Config(task="digits", optimizer="sgd", lr=0.05, steps=8, batch_size=16, eval_every=4, log_every=1,
+                  device="cpu", step_time=0.01, out=str(tmp_path / name), **{"workers": N, **kw})
+
+
+def test_runner_counts_bytes_of_user_defined_stages(tmp_path):
+    from sgdlab import run
+
+    res = run(_digits(tmp_path, "ddp", strategy="ddp", compress="toy-every-other", aggregate="toy-max"))
+    n_params = res.summary["num_params"]
+    assert res.summary["bytes_sent_per_worker"] == pytest.approx(8 * (N - 1) * 4 * ((n_params + 1) // 2))
+    assert res.config.compress == "toy-every-other" and res.config.aggregate == "toy-max"
+
+
+def test_runner_resumes_feedback_memory_exactly(tmp_path):
+    from sgdlab import run
+
+    kw = dict(strategy="diloco", strategy_args={"sync_every": 2}, compress="int8,feedback=toy-ef")
+    whole = run(_digits(tmp_path, "whole", **kw))
+    run(_digits(tmp_path, "parts", **kw), stop_at=3)
+    parts = run(_digits(tmp_path, "parts", **kw), resume=True)
+    assert parts.summary["final_train_loss"] == whole.summary["final_train_loss"]
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(a["workers"][0]["model"][k], b["workers"][0]["model"][k]) for k in a["workers"][0]["model"])
+    mem = b["strategy"]["exchange"]["memory"]
+    assert sorted(mem) == [f"delta/{r}" for r in range(N)]
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    (dict(compress="int8", workers=1), "strategy 'single' exchanges nothing"),
+    (dict(strategy="ddp", compress="int8", strategy_args={"precision": "int4"}), "both choose the compressor"),
+    (dict(strategy="ddp", byzantine=f"count={N},attack=toy-push"), f"allowed: 0 <= count < workers={N}"),
+    (dict(strategy="ddp", byzantine="count=1"), "expected count=F,attack=NAME"),
+    (dict(strategy="diloco", compress="int8", dp="noise=1,clip=1,unit=client"), "needs precision=fp32"),
+])
+def test_bad_exchange_config(tmp_path, kw, match):
+    with pytest.raises(_ConfigError, match=match):
+        _digits(tmp_path, "bad", **kw).spec()

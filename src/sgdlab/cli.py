@@ -23,7 +23,8 @@ from .privacy.options import DPOptions
 # Config fields with a flag of their own (batch_size → --batch-size); every other one is set with --set.
 # Their help is the field's description and default (sgdlab.config.describe), the one source of both.
 FLAG_FIELDS = ("task", "optimizer", "lr", "steps", "batch_size", "seed", "eval_every", "log_every",
-               "checkpoint_every", "schedule", "warmup_steps", "grad_clip", "dp", "strategy", "workers", "backend",
+               "checkpoint_every", "schedule", "warmup_steps", "grad_clip", "dp", "strategy", "compress", "aggregate",
+               "byzantine", "workers", "backend",
                "data_split", "network", "worker_speeds", "step_time", "timeout", "data", "device", "name")
 # Flags of the run command that are not Config fields (a strategy option never takes their names).
 _OWN_FLAGS = ("config", "out", "set", "resume", "overwrite", "progress", "stop_at", "preset", "only")
@@ -179,8 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "directory), else ./report.png")
     p.add_argument("--no-plot", action="store_true", help="print the table only")
 
-    p = sub.add_parser("list", help="list tasks, optimizers, strategies, presets or settings")
+    p = sub.add_parser("list", help="list tasks, optimizers, strategies, exchange stages, presets or settings")
     p.add_argument("what", nargs="?", default="all", choices=["all", "tasks", "optimizers", "strategies",
+                                                              "compressors", "feedback", "aggregators", "attacks",
                                                               "presets", "settings"])
     p.add_argument("-v", "--verbose", action="store_true", help="also show options and their defaults")
 
@@ -352,19 +354,24 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from . import optim, presets, tasks
+    from . import exchange, optim, presets, tasks
 
     sections = {"tasks": tasks.registry, "optimizers": optim.registry, "strategies": strategies.registry,
-                "presets": presets.registry}
+                "compressors": exchange.compressors, "feedback": exchange.feedback,
+                "aggregators": exchange.aggregators, "attacks": exchange.attacks, "presets": presets.registry}
+    with_options = ("tasks", "strategies", "compressors", "aggregators", "attacks")
     for what, reg in sections.items():
         if args.what not in ("all", what):
             continue
         if args.what == "all":
             print(f"{what}:")
+        if not reg.names():
+            print("  (none registered)")
+            continue
         width = max(len(n) for n in reg.names())
         for e in reg:
             print(f"  {e.name:<{width}}  {e.description}")
-            if args.verbose and what in ("tasks", "strategies"):
+            if args.verbose and what in with_options:
                 opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(e.obj.Options))
                 print(f"  {'':<{width}}  options: {opts or '(none)'}")
             if args.verbose and what == "optimizers":

@@ -44,9 +44,10 @@ else:  # pragma: no cover
 from . import optim, strategies, tasks
 from .distributed.network import NetworkModel
 from .errors import ConfigError, UnknownNameError, check_range
+from .exchange import ExchangeSpec
 from .options import build_options, check_types
 from .privacy.options import DPOptions
-from .strategies.base import check_client_dp
+from .strategies.base import check_client_dp, exchange_spec
 
 SCHEDULES = ("constant", "cosine", "linear")
 BACKENDS = ("sim", "torch")
@@ -95,6 +96,13 @@ class Config:
     dp: str | None = setting(None, "differential privacy: DP-SGD, or client-level DP with unit=client",
                              none="off")
     strategy: str = setting("single", "training strategy (see `sgdlab list strategies`)")
+    compress: str | None = setting(None, "compressor of the strategy's exchange, NAME[,key=value...]"
+                                         "[,feedback=RULE] (see `sgdlab list compressors -v`)",
+                                   none="the strategy's precision (fp32)")
+    aggregate: str | None = setting(None, "aggregator of the strategy's exchange, NAME[,key=value...] (see "
+                                          "`sgdlab list aggregators -v`)", none="mean")
+    byzantine: str | None = setting(None, "count=F,attack=NAME[,key=value...]: the last F workers send the "
+                                          "attack's vector (see `sgdlab list attacks -v`)", none="none")
     workers: int = setting(1, "number of workers N (simulated, or torchrun processes)")
     backend: str = setting("sim", "sim (all workers in this process) or torch (one worker per torchrun "
                                   "process, torch.distributed)")
@@ -196,7 +204,7 @@ class Config:
             **plain, lr=float(lr), optimizer_args=_freeze(_json_form({**hp, **self.optimizer_args})),
             task_options=_json_options(p.task_options), strategy_options=_json_options(p.strategy_options),
             checkpoint_every=self.eval_every if self.checkpoint_every is None else self.checkpoint_every,
-            dp=p.dp, split=p.split, network_text=network_text,
+            dp=p.dp, split=p.split, network_text=network_text, exchange=p.exchange,
             network=NetworkModel(float(f"{p.network.bandwidth:g}"), float(f"{p.network.latency:g}")),
             worker_speeds=tuple(float(v) for v in (self.worker_speeds or [1.0] * self.workers)),
             device=resolve_device(self.device),
@@ -260,18 +268,29 @@ class Config:
             check_range("step_time", self.step_time, low=0, low_open=True)
         check_range("timeout", self.timeout, low=0, low_open=True)
         strategy_options = strategies.options(self.strategy, self.strategy_args)
+        exchange = self._exchange(strategy_options)
         dp = None if self.dp is None else DPOptions.parse(self.dp)
         if dp is not None:
-            self._check_dp(dp, strategy_options)
-        return _Parsed(hp, task_options, split, network, strategy_options, dp)
+            self._check_dp(dp, strategy_options, exchange)
+        return _Parsed(hp, task_options, split, network, strategy_options, dp, exchange)
 
-    def _check_dp(self, dp: DPOptions, strategy_options: Any) -> None:
+    def _exchange(self, strategy_options: Any) -> ExchangeSpec:
+        given = {k: v for k, v in (("compress", self.compress), ("aggregate", self.aggregate),
+                                   ("byzantine", self.byzantine)) if v is not None}
+        if given and self.strategy == "single":
+            raise ConfigError(f"{next(iter(given))} applies to the exchange of a distributed strategy; strategy "
+                              "'single' exchanges nothing")
+        spec = exchange_spec(strategy_options, ExchangeSpec(**given)).canonical()
+        spec.attack(self.workers)  # count < workers
+        return spec
+
+    def _check_dp(self, dp: DPOptions, strategy_options: Any, exchange: ExchangeSpec) -> None:
         if dp.unit == "example" and (self.workers != 1 or self.strategy != "single"):
             raise ConfigError(f"dp: DP-SGD (unit=example) runs on one worker with strategy 'single' (got "
                               f"strategy={self.strategy!r}, workers={self.workers}); for client-level DP of "
                               "localsgd or diloco add unit=client to dp")
         if dp.unit == "client":
-            check_client_dp(strategies.registry.get(self.strategy), strategy_options)
+            check_client_dp(strategies.registry.get(self.strategy), strategy_options, exchange)
             if self.steps < strategy_options.sync_every:
                 raise ConfigError(f"dp unit=client: steps={self.steps} < sync_every={strategy_options.sync_every}, "
                                   "so no round ends and nothing is released; allowed: steps >= sync_every")
@@ -287,6 +306,7 @@ class _Parsed(NamedTuple):
     network: NetworkModel
     strategy_options: Any
     dp: DPOptions | None
+    exchange: ExchangeSpec
 
 
 @dataclass(frozen=True)
@@ -321,6 +341,7 @@ class RunSpec:
     dp: DPOptions | None
     strategy: str
     strategy_options: Any
+    exchange: ExchangeSpec             # compressor (with feedback), aggregator, Byzantine workers; canonical
     workers: int
     backend: str
     data_split: str
@@ -357,10 +378,21 @@ class RunSpec:
         """The resolved :class:`Config` (what ``config.json`` holds; ``Config.resolve()`` returns it)."""
         return Config(**{k: getattr(self, k) for k in _PLAIN}, lr=self.lr, checkpoint_every=self.checkpoint_every,
                       device=self.device, dp=None if self.dp is None else self.dp.canonical(),
-                      network=self.network_text,
+                      network=self.network_text, **self._exchange_fields(),
                       worker_speeds=list(self.worker_speeds), optimizer_args=self.optimizer_kwargs(),
                       task_args=_json_form(dataclasses.asdict(self.task_options)),
                       strategy_args=_json_form(dataclasses.asdict(self.strategy_options)))
+
+    def _exchange_fields(self) -> dict[str, Any]:
+        """compress/aggregate/byzantine as config.json writes them: None where the strategy's default holds
+        (its precision and the mean), so configs from before these settings existed resume unchanged."""
+        if self.strategy == "single":
+            return {}
+        ex, precision = self.exchange, getattr(self.strategy_options, "precision", "fp32")
+        default = ExchangeSpec(precision).canonical()
+        return {"compress": None if ex.compress == default.compress else ex.compress,
+                "aggregate": None if ex.aggregate == default.aggregate else ex.aggregate,
+                "byzantine": ex.byzantine}
 
     def to_dict(self) -> dict[str, Any]:
         return self.to_config().to_dict()

@@ -56,6 +56,8 @@ class ExchangeSpec:
         if "attack" not in extra or "count" not in extra:
             raise ConfigError(f"byzantine={self.byzantine!r}: expected count=F,attack=NAME[,key=value...] "
                               f"(attacks: {', '.join(attacks.names()) or 'none registered'})")
+        if not attacks.names():
+            raise ConfigError(f"byzantine={self.byzantine!r}: no attack is registered (`sgdlab list attacks`)")
         count = extra["count"]
         if isinstance(count, bool) or not isinstance(count, int) or count < 0 or (world is not None and
                                                                                 count >= world):

@@ -106,7 +106,8 @@ def build_parts(spec: RunSpec, group: Group, task: tasks.Task | None = None) -> 
     if spec.client_dp is not None:  # clip + noise each round's updates
         client_dp = ClientDP.from_options(spec.client_dp, num_clients=spec.workers, steps=spec.steps,
                                           sync_every=spec.strategy_options.sync_every, seed=spec.seed)
-    strategy = strategies.create(spec.strategy, group, spec.strategy_options, client_dp=client_dp, seed=spec.seed)
+    strategy = strategies.create(spec.strategy, group, spec.strategy_options, client_dp=client_dp,
+                                 exchange=spec.exchange, seed=spec.seed)
     lr = spec.lr * strategy.lr_multiplier()
     shards = None
     if task.num_train is not None:

@@ -51,10 +51,12 @@ def exchange_spec(options: Any, spec: ExchangeSpec | None = None) -> ExchangeSpe
     precision = getattr(options, "precision", "fp32")
     if spec is None:
         return ExchangeSpec(compress=precision)
-    if precision != "fp32" and spec.compress != "fp32":
+    if precision == "fp32" or spec.compress.split(",")[0].strip() == precision:
+        return spec
+    if spec.compress != "fp32":
         raise ConfigError(f"precision={precision!r} and compress={spec.compress!r} both choose the compressor; "
                           "give one of them")
-    return spec if precision == "fp32" else dataclasses.replace(spec, compress=precision)
+    return dataclasses.replace(spec, compress=precision)
 
 
 def check_client_dp(cls: type[Strategy], options: Any, spec: ExchangeSpec | None = None) -> None:
