@@ -8,9 +8,9 @@
 __version__ = "0.1.0"
 
 from . import optim, tasks  # noqa: E402
-from .config import Config  # noqa: E402
+from .config import Config, RunSpec  # noqa: E402
 from .errors import ConfigError, DivergenceError, SgdlabError  # noqa: E402
 from .runner import RunResult, Trainer, load_run, run  # noqa: E402
 
-__all__ = ["Config", "run", "Trainer", "RunResult", "load_run", "optim", "tasks", "SgdlabError",
+__all__ = ["Config", "RunSpec", "run", "Trainer", "RunResult", "load_run", "optim", "tasks", "SgdlabError",
            "ConfigError", "DivergenceError", "__version__"]
