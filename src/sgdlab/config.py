@@ -45,13 +45,14 @@ from . import optim, strategies, tasks
 from .distributed.network import NetworkModel
 from .errors import ConfigError, UnknownNameError, check_range
 from .exchange import ExchangeSpec
-from .options import build_options, check_types
+from .options import build_options, check_types, parse_value
 from .privacy.options import DPOptions
 from .strategies.base import check_client_dp, exchange_spec
 
 SCHEDULES = ("constant", "cosine", "linear")
 BACKENDS = ("sim", "torch")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+MAX_TIMEOUT = 1e9  # seconds (about 31 years); torch's timedelta overflows near 8.6e13
 
 
 def setting(default: Any, help: str, *, none: str | None = None) -> Any:
@@ -245,6 +246,8 @@ class Config:
         unknown = sorted(set(self.optimizer_args) - set(hp))
         if unknown:
             raise UnknownNameError(f"hyperparameter of optimizer {self.optimizer!r}", unknown[0], hp)
+        for k, v in self.optimizer_args.items():
+            _check_plain(f"optimizer_args.{k}", v)
         if "lr" in self.optimizer_args:
             raise ConfigError("set the learning rate with lr (or --lr), not optimizer_args.lr")
         task_options = build_options(tasks.registry.get(self.task).Options, self.task_args,
@@ -264,9 +267,11 @@ class Config:
                                   f"(workers={self.workers})")
             for i, v in enumerate(self.worker_speeds):
                 check_range(f"worker_speeds[{i}]", v, low=0, low_open=True)
+                _check_finite(f"worker_speeds[{i}]", v)
         if self.step_time is not None:
             check_range("step_time", self.step_time, low=0, low_open=True)
-        check_range("timeout", self.timeout, low=0, low_open=True)
+            _check_finite("step_time", self.step_time)
+        check_range("timeout", self.timeout, low=0, high=MAX_TIMEOUT, low_open=True)
         strategy_options = strategies.options(self.strategy, self.strategy_args)
         exchange = self._exchange(strategy_options)
         dp = None if self.dp is None else DPOptions.parse(self.dp)
@@ -451,12 +456,26 @@ def _option_names(registry, name: str) -> list[str]:
     return [f.name for f in dataclasses.fields(registry.get(name).Options)]
 
 
-def parse_value(raw: str) -> Any:
-    """``"0.9"`` → 0.9, ``"[0.9, 0.95]"`` → [0.9, 0.95], ``"true"`` → True, ``"cnn"`` → "cnn"."""
+def _check_finite(name: str, value: Any) -> None:
     try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
+        ok = math.isfinite(float(value))
+    except OverflowError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"{name}={value!r:.40} is not finite; allowed: a finite number > 0")
+
+
+def _check_plain(name: str, value: Any) -> None:
+    """Numbers, strings, booleans and lists or tables of them (what config.json can hold)."""
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(f"{name}[{i}]", v)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_plain(f"{name}.{k}", v)
+    elif not (value is None or isinstance(value, (bool, int, float, str))):
+        raise ConfigError(f"{name}={value!r} is a {type(value).__name__}; allowed: a number, string, boolean, or a "
+                          "list or table of them")
 
 
 def resolve_device(device: str) -> str:

@@ -3,11 +3,30 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 from typing import Any
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
 from .errors import ConfigError, UnknownNameError
+
+
+def parse_value(raw: str) -> Any:
+    """One ``--set``/spec value: ``"0.9"`` → 0.9, ``"[0.9, 0.95]"`` → [0.9, 0.95], ``"true"`` → True, ``"cnn"``
+    → "cnn" (read as a TOML value, else taken as a string)."""
+    if "\n" in raw or "\r" in raw:
+        raise ConfigError(f"value {raw!r} spans several lines; a value is one line")
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+    except RecursionError:
+        raise ConfigError(f"value {raw[:40]!r}... is nested too deeply") from None
 
 
 def _accepts(tp: Any, val: Any) -> bool:
@@ -49,7 +68,12 @@ def check_types(cls: type, values: dict[str, Any], owner: str) -> dict[str, Any]
         if not _accepts(hints[key], val):
             raise ConfigError(f"{owner} {key} must be {_type_name(hints[key])}, got {val!r}")
         if hints[key] is float or hints[key] == (float | None):
-            val = float(val) if isinstance(val, int) and not isinstance(val, bool) else val
+            if isinstance(val, int) and not isinstance(val, bool):
+                try:
+                    val = float(val)
+                except OverflowError:
+                    raise ConfigError(f"{owner} {key} is too large ({len(str(val))} digits); allowed: a finite "
+                                      "number") from None
         out[key] = val
     return out
 

@@ -8,19 +8,13 @@ by every strategy on both backends. Vectors are flat float32 tensors, one per wo
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 from ..errors import ConfigError
-from ..options import build_options
+from ..options import build_options, parse_value
 from ..registry import Registry
 
 
@@ -137,14 +131,6 @@ class Attack(Stage):
 
     def __call__(self, own: torch.Tensor, honest: list[torch.Tensor] | None, slot: Slot, rank: int) -> torch.Tensor:
         raise NotImplementedError
-
-
-def parse_value(raw: str) -> Any:
-    """``"0.9"`` → 0.9, ``"[1, 2]"`` → [1, 2], ``"true"`` → True, ``"ef"`` → "ef" (TOML, else a string)."""
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
 
 
 def parse_spec(text: Any, registry: Registry | None, what: str, reserved: tuple[str, ...] = ()

@@ -126,7 +126,7 @@ def create(name: str, params: Iterable[Any], **hp: Any) -> torch.optim.Optimizer
             kwargs["fused"] = True
     try:
         return cls(params, **kwargs)
-    except ValueError as e:  # torch's own range checks, e.g. "Invalid momentum value: -1"
+    except (ValueError, TypeError) as e:  # torch's own checks, e.g. "Invalid momentum value: -1", "'<=' not supported"
         raise ConfigError(f"optimizer {name!r}: {e}") from None
 
 
