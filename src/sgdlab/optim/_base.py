@@ -196,6 +196,8 @@ class ElementwiseOptimizer(Optimizer):
 
     state_names: tuple[str, ...] = ()
     counted = True
+    #: whether ``_update`` uses the step count ``t`` (else it gets None and no counter is read back)
+    uses_step = True
     kernel: Kernel | None = None
     #: device types where ``foreach=None`` takes the multi-tensor path (None: any, see :func:`use_foreach`)
     foreach_devices: tuple[str, ...] | None = None
@@ -229,11 +231,15 @@ class ElementwiseOptimizer(Optimizer):
         if self.counted:
             steps = [st["step"] for st in states]
             torch._foreach_add_(steps, 1)
-            ts = [s.item() for s in steps]
-        batched = use_foreach(group["foreach"], params, self.foreach_devices)
-        for idx in buckets(params, batched, ts):
+            if self.uses_step:
+                ts = [s.item() for s in steps]
+        if not use_foreach(group["foreach"], params, self.foreach_devices):  # one parameter at a time
+            for i, p in enumerate(params):
+                self._update(group, ts[i], [p], [grads[i]], *[[col[i]] for col in columns], batched=False)
+            return
+        for idx in buckets(params, True, ts):
             self._update(group, ts[idx[0]], [params[i] for i in idx], [grads[i] for i in idx],
-                         *([col[i] for i in idx] for col in columns), batched=batched)
+                         *([col[i] for i in idx] for col in columns), batched=True)
 
     def _update(self, group: dict[str, Any], t: Any, params: list, grads: list, *states: list,
                 batched: bool) -> None:

@@ -260,16 +260,10 @@ class _Projected(ElementwiseOptimizer):
         """``lr * weight_decay`` (SGDP: divided by ``1 - momentum``)."""
         return group["lr"] * group["weight_decay"]
 
-    def _project_and_step(self, group, p, g, u, step_size: float, batched: bool) -> None:
+    def _project_and_step(self, group, p, g, u, step_size: float) -> None:
         """Project the updates ``u`` of the scale-invariant weights, decay, then ``p -= step_size * u``."""
-        if batched:
-            _projected_step_many(p, g, u, [step_size] * len(p), delta=group["delta"], eps=group["eps"],
-                                 decay=self._decay(group), wd_ratio=group["wd_ratio"])
-            return
-        projected = _project_one(p[0], g[0], u[0], group["delta"], group["eps"])
-        if group["weight_decay"] != 0.0:
-            p[0].mul_(self._eager_decay(group, group["wd_ratio"] if projected else 1.0))
-        p[0].add_(u[0], alpha=-step_size)
+        _projected_step_many(p, g, u, [step_size] * len(p), delta=group["delta"], eps=group["eps"],
+                             decay=self._decay(group), wd_ratio=group["wd_ratio"])
 
     def _compiled(self, mode, group, params, grads, states, columns) -> None:
         ts: list[Any] = [None] * len(params)
@@ -306,10 +300,10 @@ class AdamP(_Projected):
         super()._validate(group)
         group["betas"] = check_betas(group["betas"])
 
-    def _eager_decay(self, group: dict[str, Any], ratio: float) -> float:
-        return 1 - group["lr"] * group["weight_decay"] * ratio
-
     def _update(self, group, t, p, g, m, v, batched) -> None:
+        if not batched:  # the per-parameter path (the CPU's default): the projection one tensor at a time
+            self._update_one(group, t, p[0], g[0], m[0], v[0])
+            return
         beta1, beta2 = group["betas"]
         torch._foreach_mul_(m, beta1)
         torch._foreach_add_(m, g, alpha=1 - beta1)
@@ -319,12 +313,21 @@ class AdamP(_Projected):
         torch._foreach_div_(denom, math.sqrt(1 - beta2 ** t))
         torch._foreach_add_(denom, group["eps"])
         num = m
-        if group["nesterov"] and batched:
+        if group["nesterov"]:
             num = torch._foreach_mul(m, beta1)
             torch._foreach_add_(num, g, alpha=1 - beta1)
-        elif group["nesterov"]:
-            num = [m[0] * beta1 + g[0] * (1 - beta1)]
-        self._project_and_step(group, p, g, torch._foreach_div(num, denom), group["lr"] / (1 - beta1 ** t), batched)
+        self._project_and_step(group, p, g, torch._foreach_div(num, denom), group["lr"] / (1 - beta1 ** t))
+
+    def _update_one(self, group, t, p, g, m, v) -> None:
+        (beta1, beta2), lr, eps, wd = group["betas"], group["lr"], group["eps"], group["weight_decay"]
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
+        update = (m * beta1 + g * (1 - beta1) if group["nesterov"] else m) / denom
+        projected = _project_one(p, g, update, group["delta"], eps)
+        if wd != 0.0:
+            p.mul_(1 - lr * wd * (group["wd_ratio"] if projected else 1.0))
+        p.add_(update, alpha=-lr / (1 - beta1 ** t))
 
     def _coefficients(self, group: dict[str, Any], t: float) -> list[float]:
         (beta1, beta2), lr, wd = group["betas"], group["lr"], group["weight_decay"]
@@ -367,18 +370,21 @@ class SGDP(_Projected):
     def _decay(self, group: dict[str, Any]) -> float:
         return group["lr"] * group["weight_decay"] / (1 - group["momentum"])
 
-    def _eager_decay(self, group: dict[str, Any], ratio: float) -> float:
-        return 1 - group["lr"] * group["weight_decay"] * ratio / (1 - group["momentum"])
-
     def _update(self, group, t, p, g, buf, batched) -> None:
-        mom = group["momentum"]
-        torch._foreach_mul_(buf, mom)
-        torch._foreach_add_(buf, g, alpha=1 - group["dampening"])
-        if not group["nesterov"]:
-            u = buf if batched else [buf[0].clone()]  # the per-parameter projection works in place
-        else:
-            u = torch._foreach_add(g, buf, alpha=mom) if batched else [g[0] + mom * buf[0]]
-        self._project_and_step(group, p, g, u, group["lr"], batched)
+        mom, damp, lr, wd = group["momentum"], group["dampening"], group["lr"], group["weight_decay"]
+        if batched:
+            torch._foreach_mul_(buf, mom)
+            torch._foreach_add_(buf, g, alpha=1 - damp)
+            self._project_and_step(group, p, g, torch._foreach_add(g, buf, alpha=mom) if group["nesterov"] else buf,
+                                   lr)
+            return
+        p, g, buf = p[0], g[0], buf[0]  # the per-parameter path (the CPU's default)
+        buf.mul_(mom).add_(g, alpha=1 - damp)
+        update = g + mom * buf if group["nesterov"] else buf.clone()  # the projection works in place
+        projected = _project_one(p, g, update, group["delta"], group["eps"])
+        if wd != 0.0:
+            p.mul_(1 - lr * wd * (group["wd_ratio"] if projected else 1.0) / (1 - mom))
+        p.add_(update, alpha=-lr)
 
     def _coefficients(self, group: dict[str, Any], t: None) -> list[float]:
         decay = self._decay(group)

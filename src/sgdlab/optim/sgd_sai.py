@@ -124,6 +124,14 @@ class SGDSaI(ElementwiseOptimizer):
 
     def _update(self, group, t, p, g, m, scale, batched) -> None:
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+        if not batched:  # one tensor: plain tensor ops, the same arithmetic with less overhead per call
+            x, m0 = p[0], m[0]
+            if id(x) not in self._fresh:
+                m0.mul_(mu).add_(g[0], alpha=1.0 - mu)
+            if wd != 0:
+                x.mul_(1.0 - lr * wd)
+            x.add_(m0 * scale[0], alpha=-lr)
+            return
         old = [i for i, x in enumerate(p) if id(x) not in self._fresh]
         if old:  # line 8; on the first step line 10 (m = g) was done in _initialize
             old_m = [m[i] for i in old]

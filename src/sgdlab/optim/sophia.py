@@ -141,6 +141,7 @@ class Sophia(ElementwiseOptimizer):
     """
 
     state_names = ("exp_avg", "hessian")
+    uses_step = False  # no bias correction
     kernel = Kernel(_sophia_kernel, "Sophia")
 
     def __init__(self, params, lr: float = 3e-4, betas: tuple[float, float] = (0.96, 0.99), gamma: float = 0.01,
@@ -304,8 +305,11 @@ class Sophia(ElementwiseOptimizer):
         den = torch._foreach_mul(h, gamma)
         torch._foreach_clamp_min_(den, eps)
         ratio = torch._foreach_div(m, den)
-        torch._foreach_clamp_min_(ratio, -1.0)
-        torch._foreach_clamp_max_(ratio, 1.0)
+        if batched:
+            torch._foreach_clamp_min_(ratio, -1.0)
+            torch._foreach_clamp_max_(ratio, 1.0)
+        else:  # one pass over the tensor (torch has no two-sided foreach clamp)
+            ratio[0].clamp_(-1.0, 1.0)
         torch._foreach_add_(p, ratio, alpha=-lr)
 
     def _coefficients(self, group: dict, t: float) -> list[float]:
