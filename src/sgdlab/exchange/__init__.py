@@ -18,13 +18,13 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..registry import Registry
-from .base import Aggregator, Attack, Compressor, Feedback, Slot, build_stage, canonical, parse_spec, parse_value
+from .base import Aggregator, Attack, Compressor, Feedback, Slot, build_stage, canonical, parse_spec
 from .mean import Mean
 from .pipeline import Exchange, flatten, unflatten_into
 from .precision import PRECISION_COMPRESSORS, PRECISIONS
 
 __all__ = ["Exchange", "ExchangeSpec", "Compressor", "Feedback", "Aggregator", "Attack", "Slot", "compressors",
-           "feedback", "aggregators", "attacks", "PRECISIONS", "flatten", "unflatten_into", "parse_value"]
+           "feedback", "aggregators", "attacks", "PRECISIONS", "flatten", "unflatten_into"]
 
 compressors: Registry[type[Compressor]] = Registry("compressor")
 feedback: Registry[type[Feedback]] = Registry("error-feedback rule")
@@ -95,10 +95,3 @@ class ExchangeSpec:
         attack, count = self.attack(group.world)
         return Exchange(group, compressor, fb, aggregator, client_dp=client_dp, seed=seed, attack=attack,
                         byzantine=count)
-
-
-def describe(registry: Registry) -> list[tuple[str, str, dict[str, Any]]]:
-    """(name, description, option defaults) of every entry, for ``sgdlab list``."""
-    import dataclasses
-    return [(e.name, e.description, {f.name: f.default for f in dataclasses.fields(e.obj.Options)})
-            for e in registry]

@@ -54,12 +54,6 @@ class Exchange:
         self.memory: dict[str, dict[str, torch.Tensor]] = {}   # "<stream>/<rank>" → that worker's memory
         self.shared: dict[str, dict[str, torch.Tensor]] = {}   # "<stream>" → state every worker shares
 
-    @property
-    def lossless_mean(self) -> bool:
-        """True when the exchange returns exactly the mean of the workers' tensors (up to rounding)."""
-        return (self.compressor.lossless and type(self.feedback) is Feedback and self.aggregator.linear
-                and self.client_dp is None)
-
     def mean_(self, per_worker: list[list[torch.Tensor]], *, key: str, step: int, wait: bool = True) -> float:
         """Replace every local worker's tensors by the round's aggregate.
 
