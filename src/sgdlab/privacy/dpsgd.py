@@ -68,6 +68,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import ConfigError, check_range
 from .ghost import GhostClipper, Unsupported
+from .ghost.rules.recurrent import Unrolled
 
 CLIPPINGS = ("flat", "per_layer")
 GRAD_SAMPLES = ("auto", "ghost", "vmap")
@@ -219,7 +220,8 @@ class DPSGD:
         buffers = {f"model.{n}": b for n, b in self.model.named_buffers()}
         with warnings.catch_warnings():  # SDPA has no vmap rule on the CPU: torch loops over the batch
             warnings.filterwarnings("ignore", message="There is a performance drop")
-            grads, losses = self._per_example(params, buffers, batch)
+            with Unrolled():  # recurrent layers step by step: vmap cannot batch torch's fused kernels
+                grads, losses = self._per_example(params, buffers, batch)
         return {n[len("model."):]: g for n, g in grads.items()}, losses.detach()
 
     def clip_factors(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

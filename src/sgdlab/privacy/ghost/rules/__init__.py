@@ -1,5 +1,5 @@
 """The built-in rules, one module per operation kind; importing this package registers them."""
 
-from . import conv, elementwise, embedding, linear, norm, views
+from . import conv, elementwise, embedding, linear, norm, recurrent, views
 
-__all__ = ["conv", "elementwise", "embedding", "linear", "norm", "views"]
+__all__ = ["conv", "elementwise", "embedding", "linear", "norm", "recurrent", "views"]

@@ -1,0 +1,185 @@
+"""Recurrent layers: ``torch.lstm``, ``torch.gru``, ``torch.rnn_tanh``, ``torch.rnn_relu`` (what ``nn.LSTM``,
+``nn.GRU`` and ``nn.RNN`` call), any number of layers, both directions, ``proj_size``, batch first or not; not
+packed sequences.
+
+A recurrent layer reuses its weights at every time step, so an example's weight gradient is a sum over its
+``T`` steps of outer products, ``G_i = Σ_t g_{i,t} a_{i,t}ᵀ``: the same form as a linear layer over a sequence.
+The rule runs the layer's recurrence itself (the cell equations of ``torch.nn``'s documentation) with one
+linear map per weight:
+
+* the input weights ``W_ih`` (and ``b_ih``) act on the whole input sequence at once: one
+  :class:`~.linear.Linear` use with ``T`` positions;
+* the recurrent weights ``W_hh`` (``b_hh``, and ``W_hr`` of a projected LSTM) act step by step on the previous
+  state; their output at step ``t`` is ``h_{t-1} W_hhᵀ + b_hh + z[:, t]`` with ``z`` a (B, T, ·) zero tensor
+  that requires a gradient, so that the backward's gradient with respect to ``z`` is the gradient with
+  respect to every step's output at once; with ``a`` the stacked previous states that is again one
+  :class:`~.linear.Linear` use with ``T`` positions (its ghost norms, kept gradients and clipped sums).
+
+The recurrence is also what :class:`Unrolled` runs in place of torch's fused kernels under ``torch.func``,
+whose ``vmap`` cannot batch them (``nn.GRU``, ``nn.RNN``, and ``nn.LSTM`` in float64, end in a RuntimeError).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from ..recorder import Recorder
+from ..rule import Rule, Unsupported, register
+from .linear import Linear
+
+KINDS = {torch.lstm: "lstm", torch.gru: "gru", torch.rnn_tanh: "tanh", torch.rnn_relu: "relu"}
+_GATES = {"lstm": 4, "gru": 3, "tanh": 1, "relu": 1}
+
+
+class _Plain:
+    """The linear maps of the recurrence as plain ``F.linear`` calls."""
+
+    def sequence(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, w, b)
+
+    def steps(self, w: torch.Tensor, b: torch.Tensor | None, x: torch.Tensor, steps: int):
+        return lambda h, t: F.linear(h, w, b)
+
+    def done(self) -> None:
+        pass
+
+
+class _Recorded(_Plain):
+    """The linear maps of the recurrence, each recorded as one :class:`~.linear.Linear` use."""
+
+    def __init__(self, rec: Recorder):
+        self.rec = rec
+        self.pending: list[tuple[Linear, list[Any], torch.Tensor]] = []
+
+    def _use(self, w: torch.Tensor, b: torch.Tensor | None) -> Linear | None:
+        weight, bias = self.rec.param(w, "a weight"), self.rec.param(b, "a bias")
+        return None if weight is None and bias is None else Linear(weight=weight, bias=bias, layout="W")
+
+    def sequence(self, x, w, b):
+        use = self._use(w, b)
+        if use is None:
+            return F.linear(x, w, b)
+        use.x = use.keep(x)
+        return self.rec.record(use, F.linear(x, w, b))
+
+    def steps(self, w, b, x, steps):
+        use = self._use(w, b)
+        if use is None:
+            return super().steps(w, b, x, steps)
+        z = x.new_zeros(x.shape[0], steps, w.shape[0]).requires_grad_()
+        inputs: list[Any] = [None] * steps  # step t's input, in the order of z
+        self.pending.append((use, inputs, z))
+
+        def step(h: torch.Tensor, t: int) -> torch.Tensor:
+            inputs[t] = h.detach()
+            return F.linear(h, w, b) + z[:, t]
+        return step
+
+    def done(self) -> None:
+        for use, inputs, z in self.pending:
+            use.x = use.keep(torch.stack(inputs, 1))
+            self.rec.record(use, z)
+        self.pending.clear()
+
+
+def _layer(kind: str, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None, weights: list, reverse: bool,
+           ops: _Plain) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One direction of one layer on ``x`` (B, T, D) from state ``h`` (and ``c``): (outputs, h_T, c_T)."""
+    w_ih, w_hh, b_ih, b_hh, w_hr = weights
+    steps = x.shape[1]
+    gi = ops.sequence(x, w_ih, b_ih)
+    hh = ops.steps(w_hh, b_hh, x, steps)
+    hr = ops.steps(w_hr, None, x, steps) if w_hr is not None else None
+    outs: list[Any] = [None] * steps
+    for t in (reversed(range(steps)) if reverse else range(steps)):
+        a, gh = gi[:, t], hh(h, t)
+        if kind == "lstm":
+            i, f, g, o = (a + gh).chunk(4, 1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            if hr is not None:
+                h = hr(h, t)
+        elif kind == "gru":
+            ir, iz, in_ = a.chunk(3, 1)
+            hr_, hz, hn = gh.chunk(3, 1)
+            r, u = torch.sigmoid(ir + hr_), torch.sigmoid(iz + hz)
+            n = torch.tanh(in_ + r * hn)
+            h = n + u * (h - n)  # (1 - u) n + u h
+        else:
+            h = torch.tanh(a + gh) if kind == "tanh" else torch.relu(a + gh)
+        outs[t] = h
+    return torch.stack(outs, 1), h, c
+
+
+def unrolled(kind: str, args: tuple, ops: _Plain) -> tuple:
+    """What ``torch.lstm`` / ``gru`` / ``rnn_*`` return for ``args`` (not packed), computed step by step."""
+    x, hx, params, has_biases, layers, dropout, train, bidirectional, batch_first = args
+    dirs = 2 if bidirectional else 1
+    per = len(params) // (layers * dirs)
+    projected = per == (5 if has_biases else 3)
+    if kind == "lstm":
+        h0, c0 = hx
+    else:
+        h0, c0 = hx, None
+    x = x if batch_first else x.transpose(0, 1)
+    hs, cs = [], []
+    for layer in range(layers):
+        outs = []
+        for d in range(dirs):
+            k = layer * dirs + d
+            w = list(params[k * per:(k + 1) * per])
+            w_hr = w.pop() if projected else None
+            w_ih, w_hh, b_ih, b_hh = w if has_biases else (*w, None, None)
+            out, h, c = _layer(kind, x, h0[k], None if c0 is None else c0[k], [w_ih, w_hh, b_ih, b_hh, w_hr],
+                               d == 1, ops)
+            outs.append(out)
+            hs.append(h)
+            cs.append(c)
+        x = outs[0] if dirs == 1 else torch.cat(outs, 2)
+        if dropout > 0 and train and layer < layers - 1:
+            x = F.dropout(x, dropout, training=True)
+    ops.done()
+    out = x if batch_first else x.transpose(0, 1)
+    if kind == "lstm":
+        return out, torch.stack(hs), torch.stack(cs)
+    return out, torch.stack(hs)
+
+
+def _packed(args: tuple) -> bool:
+    """Whether a call is the packed-sequence overload (``data, batch_sizes, hx, params, …``)."""
+    return len(args) != 9 or not isinstance(args[3], bool)
+
+
+@register(*KINDS)
+class Recurrent(Rule):
+    """Records the linear maps of a recurrent layer (see the module docstring); the uses are
+    :class:`~.linear.Linear` ones, so this rule itself records none."""
+
+    @classmethod
+    def record(cls, rec: Recorder, func: Any, args: tuple, kwargs: dict) -> Any:
+        if kwargs or _packed(args):
+            raise Unsupported("packed sequences are not supported; pad the batch instead")
+        x, hx, batch_first = args[0], args[1], args[8]
+        rec.input(x if batch_first else x.transpose(0, 1), 3)
+        for h in (hx if isinstance(hx, (tuple, list)) else (hx,)):
+            if rec.info(h) is not None:
+                raise Unsupported("a parameter as the initial state")
+            if h.dim() != 3 or h.shape[1] != rec.batch:
+                raise Unsupported("the initial state is not a batch")
+        return unrolled(KINDS[func], args, _Recorded(rec))
+
+
+class Unrolled(TorchFunctionMode):
+    """Runs recurrent layers step by step (as :func:`unrolled`), e.g. under ``torch.func.vmap``, which cannot
+    batch torch's fused recurrent kernels."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        kind = KINDS.get(func)
+        if kind is None or kwargs or _packed(args):
+            return func(*args, **kwargs)
+        return unrolled(kind, args, _Plain())
