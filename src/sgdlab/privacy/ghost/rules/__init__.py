@@ -1,5 +1,7 @@
-"""The built-in rules, one module per operation kind; importing this package registers them."""
+"""The built-in rules, one module per operation kind; importing this package registers them (a later module's
+registration of the same function replaces an earlier one's: :mod:`.broadcast` extends :mod:`.embedding`)."""
 
-from . import conv, elementwise, embedding, linear, norm, recurrent, views
+from . import addmm, attention, broadcast, conv, elementwise, embedding, linear, norm, recurrent, views
 
-__all__ = ["conv", "elementwise", "embedding", "linear", "norm", "recurrent", "views"]
+__all__ = ["addmm", "attention", "broadcast", "conv", "elementwise", "embedding", "linear", "norm", "recurrent",
+           "views"]
