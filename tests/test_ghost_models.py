@@ -1,0 +1,228 @@
+"""The fast path's rules for layers of models sgdlab did not write (issue 12): recurrent layers (``nn.LSTM``,
+``nn.GRU``, ``nn.RNN``), ``nn.MultiheadAttention``, and Hugging Face GPT-2 (``Conv1D`` is ``torch.addmm``,
+positions are looked up with an index broadcast over the batch). Each is checked against the oracle: a plain
+loop of per-example backward passes (float64), for the per-example norms and the clipped sum."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sgdlab.privacy import DPSGD
+
+from . import zoo
+
+
+def _loop(model, loss_fn, batch, clip):
+    """The oracle: per-example flat norms and ``Σ_i min(1, C / (‖g_i‖ + 1e-6)) g_i`` by one backward each."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    total = {k: torch.zeros_like(p) for k, p in params.items()}
+    norms = []
+    for i in range(batch[0].shape[0]):
+        one = tuple(t[i:i + 1] for t in batch)
+        grads = torch.autograd.grad(loss_fn(model, one), list(params.values()), allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.values(), strict=True)]
+        norm = torch.cat([g.flatten() for g in grads]).norm()
+        norms.append(norm)
+        c = min(1.0, clip / (norm.item() + 1e-6))
+        for k, g in zip(params, grads, strict=True):
+            total[k] += c * g
+    return total, torch.stack(norms)
+
+
+def _check(model, loss_fn, batch, *, grad_sample="ghost", budget=None, rtol=1e-10):
+    """The engine's norms and clipped sums against the loop, with clipping inactive and then active for every
+    example; the engine must take ``grad_sample`` without a fallback."""
+    clips = [1e9]
+    for clip in clips:
+        engine = DPSGD(model, loss_fn, noise_multiplier=0.0, max_grad_norm=clip, expected_batch_size=1.0,
+                       grad_sample=grad_sample)
+        if budget is not None:
+            engine._ghost.budget = budget
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="DP-SGD")
+            sums, _ = engine.clipped_sum(batch)
+            norms = engine.per_sample_norms(batch)
+        assert engine.method == grad_sample
+        flat = torch.stack(list(norms.values())).norm(dim=0)
+        ref, ref_norms = _loop(model, loss_fn, batch, clip)
+        torch.testing.assert_close(flat, ref_norms, rtol=rtol, atol=0)
+        for k in ref:
+            torch.testing.assert_close(sums[k], ref[k], rtol=rtol, atol=rtol * ref[k].abs().max().item(),
+                                       msg=lambda m, k=k: f"clipped sum {k}: {m}")
+        if len(clips) == 1:
+            clips.append(0.5 * ref_norms.min().item())
+
+
+def _ce(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+# ---- recurrent layers -----------------------------------------------------------------------------------
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, cls, batch_first=True, **kw):
+        super().__init__()
+        self.rnn = cls(5, 4, batch_first=batch_first, **kw)
+        self.batch_first = batch_first
+        out = (kw.get("proj_size") or 4) * (2 if kw.get("bidirectional") else 1)
+        self.head = nn.Linear(out, 3)
+
+    def forward(self, x):
+        out, _ = self.rnn(x if self.batch_first else x.transpose(0, 1))
+        return self.head((out if self.batch_first else out.transpose(0, 1)).mean(1))
+
+
+RECURRENT = {
+    "lstm": (nn.LSTM, {}), "gru": (nn.GRU, {}), "rnn": (nn.RNN, {}),
+    "lstm-2-layers-bidirectional": (nn.LSTM, {"num_layers": 2, "bidirectional": True}),
+    "gru-2-layers-bidirectional": (nn.GRU, {"num_layers": 2, "bidirectional": True}),
+    "rnn-relu-2-layers": (nn.RNN, {"num_layers": 2, "nonlinearity": "relu"}),
+    "lstm-proj": (nn.LSTM, {"proj_size": 3}),
+    "gru-sequence-first-no-bias": (nn.GRU, {"batch_first": False, "bias": False}),
+}
+
+
+def _sequences(n=5, steps=6, features=5, classes=3):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(n, steps, features, generator=g, dtype=torch.float64),
+            torch.randint(0, classes, (n,), generator=g))
+
+
+@pytest.mark.parametrize("which", list(RECURRENT))
+@pytest.mark.parametrize("grad_sample", ["ghost", "vmap"])
+def test_recurrent_layers_match_the_loop(which, grad_sample):
+    torch.manual_seed(0)
+    cls, kw = RECURRENT[which]
+    _check(_Recurrent(cls, **kw).double(), _ce, _sequences(), grad_sample=grad_sample)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_recurrent_zoo_models_take_the_fast_path_within_any_budget(kind):
+    model, make_batch = zoo.recurrent(kind)
+    x, y = make_batch(6)
+    for budget in (None, 0):  # kept per-example gradients, then Gram matrices / chunks
+        _check(model.double(), _ce, (x.double(), y), budget=budget)
+
+
+def test_recurrent_layer_trains_with_the_default():
+    # the issue: GRU and RNN ended in a raw RuntimeError; now the default takes the fast path, and vmap works
+    model, make_batch = zoo.recurrent("gru")
+    x, y = make_batch(8)
+    engine = DPSGD(model, _ce, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=8)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="DP-SGD")
+        engine.backward((x, y))
+    assert engine.method == "ghost" and engine._checked
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# ---- multi-head attention -------------------------------------------------------------------------------
+
+
+class _Attention(nn.Module):
+    def __init__(self, batch_first=True, mask=None, padding=False, weights=False, bias=True):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first, bias=bias)
+        self.head = nn.Linear(8, 3)
+        self.batch_first, self.mask, self.padding, self.weights = batch_first, mask, padding, weights
+
+    def forward(self, x):
+        xx = x if self.batch_first else x.transpose(0, 1)
+        padding = (x[..., 0] > 1.0) if self.padding else None
+        y, w = self.attn(xx, xx, xx, need_weights=self.weights, attn_mask=self.mask, key_padding_mask=padding)
+        y = y if self.batch_first else y.transpose(0, 1)
+        out = self.head(y.mean(1))
+        return out + w[:, 0, :3] if self.weights else out
+
+
+ATTENTION = {"plain": {}, "sequence-first": {"batch_first": False},
+             "causal": {"mask": torch.triu(torch.ones(5, 5, dtype=torch.bool), 1)},
+             "float-mask": {"mask": torch.randn(5, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)},
+             "key-padding": {"padding": True}, "weights-returned": {"weights": True}, "no-bias": {"bias": False}}
+
+
+@pytest.mark.parametrize("which", list(ATTENTION))
+def test_multihead_attention_matches_the_loop(which):
+    torch.manual_seed(3)
+    g = torch.Generator().manual_seed(4)
+    batch = torch.randn(6, 5, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
+    _check(_Attention(**ATTENTION[which]).double(), _ce, batch)
+
+
+def test_zoo_attention_takes_the_fast_path_within_any_budget():
+    model, make_batch = zoo.attention()
+    x, y = make_batch(6)
+    for budget in (None, 0):
+        _check(model.double(), _ce, (x.double(), y), budget=budget)
+
+
+class _CrossAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x.flip(1), x.flip(1), need_weights=False)[0].mean((1, 2))
+
+
+def test_cross_attention_falls_back_naming_the_reason():
+    torch.manual_seed(5)
+    model = _CrossAttention().double()
+    x = torch.randn(4, 5, 8, dtype=torch.float64)
+    engine = DPSGD(model, lambda m, b: m(b).pow(2).mean(), noise_multiplier=0.0, max_grad_norm=1.0,
+                   expected_batch_size=4)
+    with pytest.warns(UserWarning, match="query, key and value are not the same tensor"):
+        engine.clipped_sum(x)
+    assert engine.method == "vmap"
+
+
+# ---- Hugging Face GPT-2, and the operations it needs -------------------------------------------------------
+
+
+def _lm(model, batch):
+    return zoo.lm_loss(model(batch[0]), batch[1])
+
+
+def test_hf_gpt2_takes_the_fast_path_and_matches_the_loop():
+    lm, make_batch = zoo.gpt2(dropout=0.0)
+    model = zoo.HFLoss(lm).double()
+    batch = make_batch(5)
+    for budget in (None, 0):
+        _check(model, _lm, batch, budget=budget)
+
+
+class _Pieces(nn.Module):
+    """Conv1D-style ``addmm`` (with ``W`` and with ``W.t()``), a broadcast position lookup with ``padding_idx``,
+    and ``Tensor.to`` that changes nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(11, 6)
+        self.pos = nn.Embedding(9, 6, padding_idx=2)
+        self.w1 = nn.Parameter(torch.randn(6, 7))  # (d_in, d_out), as Conv1D
+        self.b1 = nn.Parameter(torch.randn(7))
+        self.w2 = nn.Parameter(torch.randn(3, 7))  # used as w2.t()
+        self.b2 = nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        positions = torch.arange(x.shape[1]).unsqueeze(0)  # (1, T): broadcast over the batch
+        h = self.tok(x) + self.pos(positions).to(torch.float64)
+        h = torch.tanh(torch.addmm(self.b1, h.view(-1, 6), self.w1))
+        return torch.addmm(self.b2, h, self.w2.t()).view(x.shape[0], x.shape[1], 3)
+
+
+def test_addmm_broadcast_embedding_and_to_match_the_loop():
+    torch.manual_seed(6)
+    model = _Pieces().double()
+    g = torch.Generator().manual_seed(7)
+    batch = torch.randint(0, 11, (5, 4), generator=g), torch.randint(0, 3, (5, 4), generator=g)
+
+    def loss(m, b):
+        return F.cross_entropy(m(b[0]).flatten(0, 1), b[1].flatten())
+
+    for budget in (None, 0):
+        _check(model, loss, batch, budget=budget)
