@@ -46,6 +46,22 @@ CCS 2016 (arXiv:1607.00133), Algorithm 1, with Poisson sampling as the accountan
 
 The ``(ε, δ)`` bound of ``T`` such steps is computed by :mod:`sgdlab.privacy.accounting`.
 
+**Random layers** (dropout in train mode, attention dropout, ``rrelu``) draw from torch's default generators
+(the CPU's, and the CUDA device's for CUDA tensors), so ``torch.manual_seed`` before a step fixes them, and
+every example gets its own draws, as in ordinary training: ``ghost`` runs one forward per micro-batch and its
+norms, clipped sum and loss all come from that forward's masks; ``vmap`` runs with
+``vmap(..., randomness="different")``, one independent draw per example (on the CPU, torch 2.13 draws them as
+the batched forward would, so the same seed gives the same masks either way: observed, not promised). Each
+micro-batch draws afresh, as consecutive forwards do. The self-check draws nothing from the training's
+stream: its reference forward replays the generators from where the fast path's forward started (the same
+masks), and its per-example comparison with ``torch.func`` runs with dropout off
+(:class:`~sgdlab.privacy.ghost.replay.NoDropout`), skipped for randomness it cannot switch off. So with
+``σ = 0`` and ``C = ∞``, ``ghost``'s private gradient is the ordinary mean gradient under the same masks (the
+same seed, the same micro-batches; ``vmap``'s too, on the CPU as observed), and a step leaves the generators
+where a plain forward and backward of those micro-batches would. A layer that draws from a
+``torch.Generator`` of its own is not replayed: its check fails, and ``auto`` uses ``vmap``. The masks do not
+depend on the data, so clipping still bounds each example's contribution and the guarantee is the same.
+
 Layers that mix examples of a batch (BatchNorm, SyncBatchNorm, InstanceNorm with running statistics)
 have no per-example gradient and are refused before training; GroupNorm and LayerNorm are per-example.
 
@@ -55,6 +71,7 @@ whose states :meth:`DPSGD.state_dict` returns, so a checkpointed run resumes bit
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import warnings
@@ -68,6 +85,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import ConfigError, check_range
 from .ghost import GhostClipper, Unsupported
+from .ghost.replay import Generators, NoDropout
 from .ghost.rules.recurrent import Unrolled
 
 CLIPPINGS = ("flat", "per_layer")
@@ -150,6 +168,10 @@ class DPSGD:
         grad_sample: ``"auto"``, ``"ghost"`` or ``"vmap"``: how per-example norms and the clipped sum are
             computed (see the module docstring). ``ghost`` raises ``ConfigError`` for a model it cannot
             handle; ``auto`` then uses ``vmap``. Both give the same gradients up to rounding.
+
+    Random layers (dropout in train mode) give each example its own draws from torch's default generators,
+    in every mode; with ``ghost`` a step uses and consumes the draws of a plain forward of the same
+    micro-batches (see the module docstring).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], *,
@@ -178,7 +200,9 @@ class DPSGD:
         device = next(iter(self.params.values())).device
         self.sample_generator = torch.Generator().manual_seed(_seed(seed, "sample"))
         self.noise_generator = torch.Generator(device=device).manual_seed(_seed(seed, "noise"))
-        self._per_example = vmap(grad_and_value(self._example_loss), in_dims=(None, None, 0))
+        self._generators = Generators({p.device for p in self.params.values()})
+        self._per_example = {r: vmap(grad_and_value(self._example_loss), in_dims=(None, None, 0), randomness=r)
+                             for r in ("different", "error")}
         self.grad_sample = grad_sample
         self._ghost: GhostClipper | None = None
         self._checked = False  # the fast path has been compared with torch.func on this model
@@ -214,14 +238,18 @@ class DPSGD:
         one = tree_map(lambda t: t.unsqueeze(0), example)
         return functional_call(self._loss_module, {**params, **buffers}, (one,))
 
-    def per_sample_gradients(self, batch: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """``({name: tensor of shape (B, *param.shape)}, per-example losses (B,))`` for one micro-batch."""
+    def per_sample_gradients(self, batch: Any, *, randomness: str = "different"
+                             ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """``({name: tensor of shape (B, *param.shape)}, per-example losses (B,))`` for one micro-batch.
+
+        Random layers draw for each example on its own (``vmap(..., randomness="different")``), from torch's
+        default generators; ``randomness="error"`` refuses them (torch's ``RuntimeError``)."""
         params = {f"model.{n}": p.detach() for n, p in self.params.items()}
         buffers = {f"model.{n}": b for n, b in self.model.named_buffers()}
         with warnings.catch_warnings():  # SDPA has no vmap rule on the CPU: torch loops over the batch
             warnings.filterwarnings("ignore", message="There is a performance drop")
             with Unrolled():  # recurrent layers step by step: vmap cannot batch torch's fused kernels
-                grads, losses = self._per_example(params, buffers, batch)
+                grads, losses = self._per_example[randomness](params, buffers, batch)
         return {n[len("model."):]: g for n, g in grads.items()}, losses.detach()
 
     def clip_factors(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -251,32 +279,47 @@ class DPSGD:
         grads, _ = self.per_sample_gradients(batch)
         return {k: g.flatten(1).norm(dim=1) for k, g in grads.items()}
 
-    def _check(self, micro: Any, n: int, params: dict[str, Any], norms: dict[str, torch.Tensor]) -> None:
-        """Check the fast path once per engine, on its first micro-batch of ``n`` ≥ 2 examples:
+    def _check(self, micro: Any, n: int, params: dict[str, Any], norms: dict[str, torch.Tensor],
+               start: list[torch.Tensor]) -> None:
+        """Check the fast path once per engine, on its first micro-batch of ``n`` ≥ 2 examples, whose forward
+        started from generator state ``start``:
 
         1. the sum of its per-example gradients equals autograd's gradient of the summed loss (catches a
-           parameter reaching the loss through something the fast path did not see);
+           parameter reaching the loss through something the fast path did not see); the reference forward
+           replays the generators from ``start``, so random layers draw the same masks as the fast path did;
         2. its per-example norms of the first few examples equal torch.func's (catches a loss that is not the
            mean of its examples' losses, or a layer that does not keep the batch in dimension 0) — skipped
-           when torch.func cannot run the model.
+           when torch.func cannot run the model. If the forward drew random numbers, each example alone
+           cannot get the mask it had in the batch: both sides are then recomputed on those examples with
+           dropout off (:class:`~sgdlab.privacy.ghost.replay.NoDropout`), and other randomness skips this.
+
+        Afterwards the generators are where the fast path's forward left them.
         """
         exact = all(p.dtype == torch.float64 for p in self.params.values())
         rtol = 1e-8 if exact else 1e-2  # float32 (or TF32 convolutions on CUDA): structural errors are O(1)
         ones = torch.ones(n, device=next(iter(self.params.values())).device)
         ours = {k: params[k].clipped_sum(ones) for k in self.params}
-        reference = torch.autograd.grad(self.loss_fn(self.model, micro) * n, list(self.params.values()),
-                                        allow_unused=True)
+        random = not self._generators.same(start, self._generators.state())
+        with self._generators.replay(start):
+            reference = torch.autograd.grad(self.loss_fn(self.model, micro) * n, list(self.params.values()),
+                                            allow_unused=True)
         for (k, mine), ref in zip(ours.items(), reference, strict=True):
             ref = torch.zeros_like(mine) if ref is None else ref
             scale = norms[k].sum().item() + ref.norm().item()
             if (mine - ref).norm().item() > rtol * scale:
-                raise Unsupported(f"the per-example gradients of {k!r} do not add up to the batch gradient")
+                hint = " (or a random layer drawing from a generator of its own)" if random else ""
+                raise Unsupported(f"the per-example gradients of {k!r} do not add up to the batch gradient{hint}")
         k = min(_CHECK_EXAMPLES, n)
-        try:
-            grads, _ = self.per_sample_gradients(tree_map(lambda t: t[:k], micro))
-        except Exception:  # torch.func cannot run this model (e.g. random layers): nothing to compare with
-            self._checked = True
-            return
+        first = tree_map(lambda t: t[:k], micro)
+        with self._generators.replay(), NoDropout() if random else contextlib.nullcontext():
+            if random:  # the fast path again, on the first examples without dropout (its last use of params)
+                params, _ = self._ghost.run(first, k)
+                norms = {name: params[name].norms(k) for name in self.params}
+            try:
+                grads, _ = self.per_sample_gradients(first, randomness="error")
+            except Exception:  # torch.func cannot run this model (e.g. random layers): nothing to compare with
+                self._checked = True
+                return
         ref = torch.stack([grads[name].flatten(1).norm(dim=1) for name in self.params]).double()
         got = torch.stack([norms[name][:k] for name in self.params]).double()
         bad = ((got - ref).abs() > rtol * ref + rtol * 1e-2 * ref.max()).any(dim=1)
@@ -290,12 +333,15 @@ class DPSGD:
     def _micro_clipped_sum(self, micro: Any, n: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         if self._ghost is not None:
             try:
-                params, loss_sum = self._ghost.run(micro, n)
+                check = not self._checked and n >= 2
+                start = self._generators.state() if check else None
+                params, loss_sum = self._ghost.run(micro, n)  # one forward: the masks the gradients use
                 norms = {k: params[k].norms(n) for k in self.params}
-                if not self._checked and n >= 2:
-                    self._check(micro, n, params, norms)
                 factors = self.factors(norms)
-                return {k: params[k].clipped_sum(factors[k]) for k in self.params}, loss_sum
+                sums = {k: params[k].clipped_sum(factors[k]) for k in self.params}  # new tensors
+                if check:  # after the sums: the check may run the fast path again
+                    self._check(micro, n, params, norms, start)
+                return sums, loss_sum
             except Unsupported as e:
                 self._refuse(str(e))
         grads, losses = self.per_sample_gradients(micro)
@@ -310,13 +356,15 @@ class DPSGD:
         if 0 < n <= self.max_physical_batch:
             return self._micro_clipped_sum(batch, n)
         sums = {k: torch.zeros_like(p) for k, p in self.params.items()}
-        loss_sum = torch.zeros((), device=next(iter(self.params.values())).device)
+        loss_sum = None  # in the loss's dtype
         for start in range(0, n, self.max_physical_batch):
             micro = tree_map(lambda t, s=start: t[s:s + self.max_physical_batch], batch)
             part, losses = self._micro_clipped_sum(micro, min(self.max_physical_batch, n - start))
             for k, g in part.items():
                 sums[k] += g
-            loss_sum += losses
+            loss_sum = losses if loss_sum is None else loss_sum + losses
+        if loss_sum is None:  # an empty batch
+            loss_sum = torch.zeros((), device=next(iter(self.params.values())).device)
         return sums, loss_sum
 
     def backward(self, batch: Any) -> torch.Tensor:
