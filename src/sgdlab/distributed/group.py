@@ -68,6 +68,30 @@ class Group:
             raise ValueError(f"expected payloads of {len(self.local)} local workers, got {len(payloads)}")
         return self._gather(payloads)
 
+    def mean_exact_(self, per_worker: list[list[torch.Tensor]]) -> float:
+        """Replace every local worker's tensors by their mean over all workers, in their own dtype, outside
+        the exchange (no compressor, no aggregator): one ring all-reduce, charged by the tensors' bytes.
+        For model state that must stay exact (BatchNorm running statistics). Returns the completion time."""
+        flats = [_flat_by_dtype(ts) for ts in per_worker]
+        totals = self.sum_payloads(flats)
+        for ts in per_worker:
+            _unflat_by_dtype([t / self.world for t in totals], ts)
+        return self.charge(*self.network.all_reduce(_nbytes(flats[0]), self.world))
+
+    def broadcast_exact_(self, per_worker: list[list[torch.Tensor]]) -> float:
+        """Replace every local worker's tensors by rank 0's (counted, unlike the set-up :meth:`broadcast_`):
+        one broadcast, charged by the tensors' bytes. Returns the completion time."""
+        if len(per_worker) != len(self.local):
+            raise ValueError(f"expected tensors of {len(self.local)} local workers, got {len(per_worker)}")
+        flats = self._broadcast([_flat_by_dtype(ts) for ts in per_worker])
+        for ts in per_worker:
+            _unflat_by_dtype(flats, ts)
+        return self.charge(*self.network.broadcast(_nbytes(flats), self.world))
+
+    def _broadcast(self, payloads: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        """Rank 0's payload tensors (``payloads[i]``: local worker i's)."""
+        raise NotImplementedError
+
     def charge(self, sent: float, seconds: float, wait: bool = True) -> float:
         """Count a collective that sends ``sent`` bytes per worker and takes ``seconds``; it starts when
         the slowest worker arrives. Returns its completion time; ``wait`` advances the clocks to it."""
@@ -132,6 +156,28 @@ class Group:
         return max(steps, default=None)
 
 
+def _dtypes(tensors: list[torch.Tensor]) -> list[torch.dtype]:
+    return sorted({t.dtype for t in tensors}, key=str)
+
+
+def _flat_by_dtype(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One flat tensor per dtype (in a fixed order), holding ``tensors`` of that dtype in order."""
+    return [torch.cat([t.detach().reshape(-1) for t in tensors if t.dtype == d]) for d in _dtypes(tensors)]
+
+
+def _unflat_by_dtype(flats: list[torch.Tensor], tensors: list[torch.Tensor]) -> None:
+    for d, flat in zip(_dtypes(tensors), flats, strict=True):
+        offset = 0
+        for t in tensors:
+            if t.dtype == d:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+
+def _nbytes(flats: list[torch.Tensor]) -> int:
+    return sum(f.numel() * f.element_size() for f in flats)
+
+
 class SimGroup(Group):
     """All ``world`` workers in this process."""
 
@@ -147,6 +193,9 @@ class SimGroup(Group):
 
     def _gather(self, payloads):
         return [[t.clone() for t in p] for p in payloads]
+
+    def _broadcast(self, payloads):
+        return payloads[0]  # local worker 0 is rank 0
 
     def max_clock(self) -> float:
         return max(self.clocks)
@@ -223,6 +272,12 @@ class TorchGroup(Group):
             for r in range(self.world):
                 out[r].append(bufs[r])
         return out
+
+    def _broadcast(self, payloads):
+        (mine,) = payloads
+        for t in mine:
+            self._call(dist.broadcast, t, src=0)
+        return mine
 
     def max_clock(self) -> float:
         t = torch.tensor([self.clocks[0]], dtype=torch.float64, device=self.device)

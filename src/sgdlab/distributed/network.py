@@ -5,7 +5,9 @@
 * all-reduce of S bytes (reduce-scatter + all-gather): each worker sends ``2(N-1)/N · S`` bytes and it
   takes ``2(N-1)·α + 2(N-1)/N · 8S/β`` seconds;
 * all-gather of s bytes from each worker: each worker sends ``(N-1)·s`` bytes, in
-  ``(N-1)·α + (N-1) · 8s/β`` seconds.
+  ``(N-1)·α + (N-1) · 8s/β`` seconds;
+* broadcast of S bytes from one worker (pipelined along the ring: every worker but the last forwards
+  it): ``(N-1)/N · S`` bytes per worker on average, in ``(N-1)·α + 8S/β`` seconds.
 
 With one worker nothing is sent and nothing costs time. Synchronous strategies wait for the slowest
 worker before a collective starts.
@@ -89,3 +91,10 @@ class NetworkModel:
             return 0.0, 0.0
         sent = (n - 1) * nbytes
         return sent, (n - 1) * self.latency + 8 * sent / self.bandwidth
+
+    def broadcast(self, nbytes: float, n: int) -> tuple[float, float]:
+        """(bytes sent per worker, on average, seconds) of a pipelined ring broadcast of ``nbytes`` from one
+        worker to ``n``: N - 1 of the N workers each send the payload once."""
+        if n <= 1:
+            return 0.0, 0.0
+        return (n - 1) / n * nbytes, (n - 1) * self.latency + 8 * nbytes / self.bandwidth

@@ -16,6 +16,12 @@ called ``optimizer.step()``::
         opt.zero_grad()
     print(dd.bytes_sent)                       # bytes this worker sent, by the ring cost model
 
+At construction every rank takes rank 0's parameters, buffers and optimizer state (every tensor in
+``optimizer.state``: state that mirrors the weights, such as Lookahead's slow weights, must follow them;
+the ranks' optimizers must hold state of the same layout, which is checked). Buffers (BatchNorm running
+statistics) are then synchronised as the strategy's ``buffers`` option says (default ``average``: their
+exact mean, after every ddp step and at every sync of the local strategies).
+
 Without torchrun it runs one worker (nothing is exchanged). Strategy options are those of
 ``sgdlab list strategies -v``; the strategy's LR multiplier (ddp ``lr_scaling``) is not applied to an
 optimizer you built yourself: scale its lr yourself. ``compress="NAME[,key=value...]"`` and
@@ -36,6 +42,7 @@ Client-level DP (localsgd, diloco; :mod:`sgdlab.privacy.client`)::
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -72,7 +79,8 @@ class Distributed:
                 raise ConfigError("dp target_epsilon needs steps= (the number of steps the loop will take)")
             check_client_dp(registry.get(strategy), opts, spec)
         self.group = TorchGroup(net, device, timeout) if torchrun_env() else SimGroup(1, net)
-        self.group.broadcast_([p.data for p in model.parameters()])
+        self.group.broadcast_([p.data for p in model.parameters()] + [b.data for b in model.buffers()])
+        broadcast_optimizer_state(self.group, optimizer)
         if dp is not None:
             self.client_dp = ClientDP.from_options(
                 dp, num_clients=self.group.world, sync_every=opts.sync_every,
@@ -102,7 +110,8 @@ class Distributed:
         return self.group.bytes_sent
 
     def eval_model(self) -> nn.Module:
-        """The model that represents the run (the last synchronised parameters for local strategies)."""
+        """The model that represents the run (the last synchronised parameters and buffers for local
+        strategies)."""
         return self.strategy.eval_model([self.worker])
 
     def state_dict(self) -> dict[str, Any]:
@@ -115,3 +124,32 @@ class Distributed:
 
     def close(self) -> None:
         self.group.close()
+
+
+def broadcast_optimizer_state(group: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Make every tensor of ``optimizer.state`` rank 0's (set-up traffic, not counted), after the weights
+    were broadcast: state that copies the weights when the optimizer is built (Lookahead's slow weights,
+    EMA or SWA copies) would otherwise keep this rank's own initial weights. Raises ``ConfigError`` unless
+    every rank's state has the same layout (parameter, name, shape, dtype of each tensor)."""
+    from ..errors import ConfigError
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = optimizer.state
+    tensors, layout = [], []
+    for i, p in enumerate(params):
+        for name, v in sorted(state.get(p, {}).items(), key=lambda kv: str(kv[0])):
+            if torch.is_tensor(v):
+                tensors.append(v)
+                layout.append((i, str(name), tuple(v.shape), str(v.dtype)))
+    if not isinstance(group, TorchGroup):  # one process: nothing to share
+        return
+    digest = int.from_bytes(hashlib.sha256(repr(layout).encode()).digest()[:7], "big")
+    bad = [r for r, (d,) in enumerate(group.gather_ints([digest])) if d != digest]
+    if bad:
+        raise ConfigError(f"rank {group.rank}: ranks {bad} hold optimizer state of another layout; build the "
+                          "same optimizer on every rank before Distributed(...)")
+    on_device = [v.data.to(group.device) for v in tensors]  # the tensor itself where it is on the device
+    group.broadcast_(on_device)  # (NCCL needs device tensors: a CPU ``step`` counter goes there and back)
+    for v, d in zip(tensors, on_device, strict=True):
+        if v.device != group.device:
+            v.data.copy_(d)

@@ -11,6 +11,10 @@ Per training step the runner calls, for the workers that live in this process::
 strategy decides when to talk and what to send; it hands those tensors to ``self.exchange``
 (:class:`sgdlab.exchange.Exchange`), which compresses, communicates, aggregates and applies client-level
 DP as configured, so every compressor and aggregator works with every strategy.
+
+Buffers (BatchNorm running statistics) are model state, not gradients or updates: they bypass the
+exchange and are synchronised exactly by :meth:`Strategy.sync_buffers` (option ``buffers``), whose bytes
+the group counts like any collective's. See :func:`synced_buffers` for which buffers.
 """
 
 from __future__ import annotations
@@ -75,6 +79,33 @@ def check_precision(precision: str) -> None:
         raise UnknownNameError("precision", precision, PRECISIONS)
 
 
+#: How a strategy synchronises the model's floating buffers when it synchronises (``buffers`` option):
+#: ``average`` — the exact mean over workers (one all-reduce); ``broadcast`` — rank 0's values (one
+#: broadcast; what ``torch.nn.parallel.DistributedDataParallel`` does with ``broadcast_buffers=True``);
+#: ``local`` — never: every worker keeps its own.
+BUFFER_RULES = ("average", "broadcast", "local")
+
+
+def check_buffers(buffers: str) -> None:
+    if buffers not in BUFFER_RULES:
+        raise UnknownNameError("buffers", buffers, BUFFER_RULES)
+
+
+def synced_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """The buffers a strategy synchronises: ``model``'s persistent floating-point buffers (BatchNorm's
+    ``running_mean`` and ``running_var``, ...), in ``named_buffers`` order. Integer buffers
+    (``num_batches_tracked``, which counts forward passes and is equal on workers that step alike) and
+    non-persistent ones (caches derived from the configuration) stay each worker's own."""
+    out, seen = [], set()
+    for module in model.modules():
+        for name, b in module.named_buffers(recurse=False):
+            if (b is not None and id(b) not in seen and name not in module._non_persistent_buffers_set
+                    and torch.is_floating_point(b)):
+                seen.add(id(b))
+                out.append(b)
+    return out
+
+
 class Strategy:
     name: ClassVar[str]
     description: ClassVar[str]
@@ -105,6 +136,24 @@ class Strategy:
     def after_step(self, workers: list[Worker], step: int) -> None:
         pass
 
+    @property
+    def buffer_rule(self) -> str:
+        """The ``buffers`` option (``local`` for a strategy without one)."""
+        return getattr(self.options, "buffers", "local")
+
+    def sync_buffers(self, workers: list[Worker]) -> None:
+        """Synchronise every worker's :func:`synced_buffers` by :attr:`buffer_rule`, exactly and outside the
+        exchange (no compressor, aggregator, attack or client-level DP acts on them); the bytes are counted."""
+        rule = self.buffer_rule
+        per_worker = [synced_buffers(w.model) for w in workers]
+        if rule == "local" or not per_worker[0]:
+            return
+        with torch.no_grad():
+            if rule == "average":
+                self.group.mean_exact_(per_worker)
+            else:
+                self.group.broadcast_exact_(per_worker)
+
     def eval_model(self, workers: list[Worker]) -> nn.Module:
         """The model that represents the run at this point (what is evaluated and reported)."""
         return workers[0].model
@@ -117,27 +166,52 @@ class Strategy:
 
 
 class GlobalModelMixin:
-    """Keeps ``self.global_params``, the last synchronised parameters, and a model replica to evaluate."""
+    """Keeps ``self.global_params``, the last synchronised parameters, ``self.global_buffers``, the last
+    synchronised buffers (:func:`synced_buffers`), and a model replica to evaluate: the global parameters
+    with the global buffers (under ``buffers=local``, local worker 0's current buffers; other buffers are
+    always local worker 0's)."""
 
     global_params: list[torch.Tensor]
+    global_buffers: list[torch.Tensor]
+    exchange: Any       # provided by Strategy
+    buffer_rule: str    # provided by Strategy
 
     def init_global(self, workers: list[Worker]) -> None:
         self.global_params = [p.detach().clone() for p in workers[0].params]
+        self.global_buffers = [b.detach().clone() for b in synced_buffers(workers[0].model)]
         self._eval_model = copy.deepcopy(workers[0].model)
+        if self.exchange.client_dp is not None and self.global_buffers and self.buffer_rule != "local":
+            raise ConfigError(f"dp unit=client does not cover the model's buffers (BatchNorm running statistics), "
+                              f"which buffers={self.buffer_rule} would share exactly; "
+                              "set buffers=local or use a model without them (GroupNorm, LayerNorm)")
+
+    def sync_buffers(self, workers: list[Worker]) -> None:
+        """Synchronise the workers' buffers (:meth:`Strategy.sync_buffers`); they become the global ones."""
+        super().sync_buffers(workers)  # type: ignore[misc]
+        if self.buffer_rule != "local" and self.global_buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(self.global_buffers, synced_buffers(workers[0].model))
 
     def eval_model(self, workers: list[Worker]) -> nn.Module:
         with torch.no_grad():
             for p, g in zip(self._eval_model.parameters(), self.global_params, strict=True):
                 p.copy_(g)
+            for b, w in zip(self._eval_model.buffers(), workers[0].model.buffers(), strict=True):
+                b.copy_(w)
+            if self.buffer_rule != "local" and self.global_buffers:
+                torch._foreach_copy_(synced_buffers(self._eval_model), self.global_buffers)
         return self._eval_model
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "global_params": [g.clone() for g in self.global_params]}  # type: ignore[misc]
+        return {**super().state_dict(), "global_params": [g.clone() for g in self.global_params],  # type: ignore[misc]
+                "global_buffers": [b.clone() for b in self.global_buffers]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)  # type: ignore[misc]
         for g, s in zip(self.global_params, state["global_params"], strict=True):
             g.copy_(s)
+        for b, s in zip(self.global_buffers, state.get("global_buffers", self.global_buffers), strict=True):
+            b.copy_(s)  # absent in checkpoints before buffers were synchronised: keep the initial ones
 
     def pseudo_gradients(self, workers: list[Worker], indices: list[int] | None = None) -> list[list[torch.Tensor]]:
         """Every local worker's θ − θ_i (of the parameters at ``indices``, default all)."""

@@ -8,6 +8,12 @@ step, so the replicas stay identical: SGD on a batch N times larger.
 LR scaling (off by default): ``lr_scaling="linear"`` multiplies the learning rate by N (the paper's
 linear scaling rule; pair it with gradual warm-up, ``--warmup-steps``, as the paper does over its first
 5 epochs); ``"sqrt"`` multiplies by √N, the square-root rule usually used for Adam-type optimizers.
+
+Buffers (``buffers``): after every step the model's floating buffers (BatchNorm running statistics) are
+made equal on every worker, exactly and outside the gradient exchange: ``"average"`` (default) takes their
+mean over workers (one all-reduce, ``2(N-1)/N · 4B`` bytes for B fp32 buffer elements), ``"broadcast"``
+rank 0's (``DistributedDataParallel``'s ``broadcast_buffers``; ``(N-1)/N · 4B`` bytes on average),
+``"local"`` leaves every worker its own (no bytes).
 """
 
 from __future__ import annotations
@@ -18,18 +24,20 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UnknownNameError
-from .base import Strategy, Worker, check_precision
+from .base import Strategy, Worker, check_buffers, check_precision
 
 
 @dataclass
 class DDPOptions:
     lr_scaling: str = "none"  # none | linear | sqrt
     precision: str = "fp32"   # precision of the gradient exchange
+    buffers: str = "average"  # average | broadcast | local: floating buffers after every step
 
     def validate(self) -> None:
         if self.lr_scaling not in ("none", "linear", "sqrt"):
             raise UnknownNameError("lr_scaling", self.lr_scaling, ["none", "linear", "sqrt"])
         check_precision(self.precision)
+        check_buffers(self.buffers)
 
 
 class DDP(Strategy):
@@ -49,3 +57,6 @@ class DDP(Strategy):
                     p.grad = torch.zeros_like(p)
             grads.append([p.grad for p in w.params])
         self.exchange.mean_(grads, key="grad", step=step)
+
+    def after_step(self, workers: list[Worker], step: int) -> None:
+        self.sync_buffers(workers)

@@ -13,6 +13,10 @@ on every worker. With outer SGD, lr 1 and no momentum this is Local SGD; with on
 training with a lookahead-like outer step. The paper uses H = 500; ``sync_every`` defaults to 50 for
 sgdlab's small runs. With client-level DP (``--dp unit=client,...``) Δ is the clipped, noised average of
 :mod:`sgdlab.privacy.client` (DP-FedAvg with an outer optimizer).
+
+Buffers (``buffers``, default ``"average"``): at each sync the model's floating buffers (BatchNorm running
+statistics) are averaged exactly over workers (``"broadcast"``: rank 0's; ``"local"``: not synchronised),
+outside the pseudo-gradient exchange and without an outer step; the evaluated model takes them.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 
 from .. import optim
 from ..errors import ConfigError, check_range
-from .base import GlobalModelMixin, Strategy, Worker, check_precision
+from .base import GlobalModelMixin, Strategy, Worker, check_buffers, check_precision
 
 
 @dataclass
@@ -34,11 +38,13 @@ class DiLoCoOptions:
     outer_lr: float = 0.7
     outer_args: dict | None = None          # default for sgd: momentum 0.9, nesterov true (the paper)
     precision: str = "fp32"                 # precision of the pseudo-gradient exchange
+    buffers: str = "average"                # average | broadcast | local: floating buffers at each sync
 
     def validate(self) -> None:
         check_range("sync_every", self.sync_every, low=1, integer=True)
         check_range("outer_lr", self.outer_lr, low=0)
         check_precision(self.precision)
+        check_buffers(self.buffers)
         optim.registry.entry(self.outer_optimizer)
         hp = optim.hyperparameters(self.outer_optimizer)
         unknown = sorted(set(self.resolved_outer_args()) - set(hp))
@@ -83,6 +89,7 @@ class DiLoCo(GlobalModelMixin, Strategy):
         self.exchange.mean_(deltas, key="delta", step=step)
         outer_step(self.outer, self.global_params, deltas[0])
         self.restart_from_global(workers)
+        self.sync_buffers(workers)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "outer": self.outer.state_dict()}

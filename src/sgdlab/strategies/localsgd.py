@@ -10,6 +10,10 @@ The round exchanges the updates ``Δ_i = θ − θ_i`` and sets ``θ ← θ − 
 the same average (up to rounding), and what a compressor, an aggregator or client-level DP
 (``--dp unit=client,...``, :mod:`sgdlab.privacy.client`; DP-FedAvg) must act on — an update, not the
 parameters themselves.
+
+Buffers (``buffers``, default ``"average"``): at each sync the model's floating buffers (BatchNorm running
+statistics) are averaged exactly over workers (``"broadcast"``: rank 0's; ``"local"``: not synchronised),
+outside the update exchange; the evaluated model takes the synchronised buffers.
 """
 
 from __future__ import annotations
@@ -19,17 +23,19 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import check_range
-from .base import GlobalModelMixin, Strategy, Worker, check_precision
+from .base import GlobalModelMixin, Strategy, Worker, check_buffers, check_precision
 
 
 @dataclass
 class LocalSGDOptions:
     sync_every: int = 50      # H: local steps between averages
     precision: str = "fp32"   # precision of the update exchange
+    buffers: str = "average"  # average | broadcast | local: floating buffers at each sync
 
     def validate(self) -> None:
         check_range("sync_every", self.sync_every, low=1, integer=True)
         check_precision(self.precision)
+        check_buffers(self.buffers)
 
 
 class LocalSGD(GlobalModelMixin, Strategy):
@@ -48,3 +54,4 @@ class LocalSGD(GlobalModelMixin, Strategy):
         self.exchange.mean_(updates, key="delta", step=step)
         torch._foreach_sub_(self.global_params, updates[0])
         self.restart_from_global(workers)
+        self.sync_buffers(workers)

@@ -12,6 +12,9 @@ fragments' syncs are staggered and peak bandwidth drops by P. A sync of fragment
 The exchange overlaps the next τ inner steps (τ = ``overlap``, 0 ≤ τ < H/P); a worker only waits if the
 transfer takes longer than those τ steps. α = ``mix_alpha`` (the paper uses 0.5); α = 0 replaces the
 local fragment by the global one. With P = 1, τ = 0, α = 0 and fp32 this is exactly DiLoCo.
+
+Buffers (``buffers``, default ``"average"``) are not fragmented: every H steps (when the last fragment
+syncs) all floating buffers are synchronised at once, exactly and without overlap, as in DiLoCo.
 """
 
 from __future__ import annotations
@@ -90,6 +93,8 @@ class StreamingDiLoCo(DiLoCo):
             done = self.exchange.mean_(deltas, key=f"fragment{p}", step=step, wait=False)
             outer_step(self.outers[p], [self.global_params[i] for i in frag], deltas[0])
             self.pending.append((step + o.overlap, p, done))
+        if step % o.sync_every == 0:
+            self.sync_buffers(workers)
         while self.pending and self.pending[0][0] == step:
             _, p, done = self.pending.pop(0)
             self.group.wait_until(done)
