@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .optim._matrix import io_parameters  # noqa: F401  (the CLI's io_adamw rule, one source with param_groups)
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int):
@@ -92,19 +94,3 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.view(-1, 1, 8, 8))
-
-
-def io_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters of the input and output layers: every embedding, the first and the last module that owns
-    parameters (for ByteTransformer the output layer is tied to the token embedding). Matrix optimizers (Muon,
-    AuON, SWAN) leave these to AdamW in their papers; ``--set io_adamw=true`` does that."""
-    owners = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
-    chosen = [m for m in owners if isinstance(m, nn.Embedding)] + owners[:1] + owners[-1:]
-    seen: set[int] = set()
-    out = []
-    for m in chosen:
-        for p in m.parameters(recurse=False):
-            if id(p) not in seen:
-                seen.add(id(p))
-                out.append(p)
-    return out

@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from ..registry import Registry
 
 __all__ = ["create", "registry", "hyperparameters", "state_bytes", "SparseGradientError",
-           "AdamP", "SGDP", "AdEMAMix", "AuON", "HybridAuON",
+           "param_groups", "AdamP", "SGDP", "AdEMAMix", "AuON", "HybridAuON",
            "DiffGrad", "FRUGAL", "Grams", "LaProp", "Lookahead", "MARS", "Muon", "SGDSaI", "SophiaG", "SophiaH", "SWAN"]
 
 registry: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
@@ -45,6 +45,7 @@ from .muon import Muon  # noqa: E402
 from .sgd_sai import SGDSaI  # noqa: E402
 from .sophia import SophiaG, SophiaH  # noqa: E402
 from .swan import SWAN  # noqa: E402
+from ._matrix import param_groups  # noqa: E402  (groups for Muon/SWAN/AuON/FRUGAL from a model)
 
 registry.register("sgd-sai", SGDSaI, "SGD-SaI: SGD with momentum, per-tensor lr scaled once by the first "
                   "gradient's g-SNR (Xu et al., 2024, arXiv:2412.11768)", default_lr=1e-2)

@@ -28,6 +28,11 @@ head) are updated by AdamW with the same betas/eps semantics as ``torch.optim.Ad
 ``lr * adamw_lr_ratio``. The reference code trains small parameters with Adam at lr 0.008 next to AuON
 at lr 0.08, hence ``adamw_lr_ratio=0.1``.
 
+Orientation: ``m x n`` is ``out x in``. A group with ``orientation="in_out"`` holds weights stored ``(in, out)``
+(transformers' ``Conv1D``, GPT-2); AuON works on their transpose, so such a weight gets exactly the transposed
+update of the equivalent ``nn.Linear`` (same ``sqrt(max(1, m/n))``). :func:`sgdlab.optim.param_groups` builds
+the groups for a model.
+
 Defaults: ``lr=0.08, momentum=0.95, weight_decay=0.01`` come from the repository's README example;
 ``nesterov=True`` and the ``1e-7``/``1e-8`` constants from the paper's description and code;
 ``adamw_betas=(0.8, 0.95)`` from the README's Adam for small parameters.
@@ -44,7 +49,7 @@ import math
 import torch
 
 from ._base import defaults_from
-from ._matrix import MatrixOptimizer, direction_step, matrix_view, momentum, newton_schulz5_step
+from ._matrix import MatrixOptimizer, direction_step, matrix_shape, momentum, newton_schulz5_step
 
 __all__ = ["AuON", "HybridAuON"]
 
@@ -60,8 +65,8 @@ class AuON(MatrixOptimizer):
 
     def __init__(self, params, lr: float = 0.08, momentum: float = 0.95, weight_decay: float = 0.01,
                  nesterov: bool = True, adamw_lr_ratio: float = 0.1, adamw_betas: tuple[float, float] = (0.8, 0.95),
-                 adamw_eps: float = 1e-8, use_adamw: bool = False, *, foreach: bool | None = None,
-                 maximize: bool = False):
+                 adamw_eps: float = 1e-8, use_adamw: bool = False, orientation: str = "out_in", *,
+                 foreach: bool | None = None, maximize: bool = False):
         super().__init__(params, defaults_from(locals()))
 
     def _direction(self, v: torch.Tensor) -> torch.Tensor:
@@ -74,9 +79,10 @@ class AuON(MatrixOptimizer):
 
     def _matrix_step(self, group, params, grads, foreach) -> None:
         vs = momentum(self, params, grads, group["momentum"], group["nesterov"], foreach)
-        scales = [math.sqrt(max(1.0, matrix_view(p).shape[0] / matrix_view(p).shape[1])) for p in params]
+        shapes = [matrix_shape(p, group["orientation"]) for p in params]
+        scales = [math.sqrt(max(1.0, m / n)) for m, n in shapes]
         direction_step(params, vs, self._direction, lr=group["lr"], weight_decay=group["weight_decay"],
-                       foreach=foreach, scales=scales)
+                       foreach=foreach, scales=scales, orientation=group["orientation"])
 
 
 class HybridAuON(AuON):

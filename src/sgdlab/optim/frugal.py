@@ -23,7 +23,9 @@ Subspaces (``projection``):
   as ``(out, in*kh*kw)``) is projected on its smaller side with the top-``r`` singular vectors of the
   gradient at the refresh step: if ``m >= n``, ``P(G) = G Q`` with ``Q`` the first ``r`` right singular
   vectors (``n x r``) and ``P^{-1}(X) = X Q^T``; otherwise ``P(G) = U^T G`` with ``U`` the first ``r`` left
-  singular vectors. ``r = round(rho * min(m, n))`` unless ``rank`` is given. If ``r = min(m, n)`` the
+  singular vectors (``m x n`` is ``out x in``: a group with ``orientation="in_out"``, weights stored
+  ``(in, out)`` as transformers' ``Conv1D``'s, is projected on the transpose). ``r = round(rho * min(m, n))``
+  unless ``rank`` is given. If ``r = min(m, n)`` the
   residual is zero in exact arithmetic and no state-free step is taken.
 - ``"blocks"`` (BAdam-style): whole tensors are the blocks. Every T steps ``round(rho * N)`` of the group's
   ``N`` split matrices are drawn uniformly at random (a fresh draw each time, as the authors' default
@@ -63,7 +65,7 @@ import torch
 
 from ..errors import ConfigError, check_range
 from ._base import Optimizer, adam_denominator, buckets, check_adam, check_flag, use_foreach
-from ._matrix import adamw_update, matrix_view
+from ._matrix import adamw_update, check_orientation, matrix_shape, matrix_view, unview
 
 __all__ = ["FRUGAL"]
 
@@ -117,6 +119,10 @@ class FRUGAL(Optimizer):
         rank: explicit subspace rank for ``"svd"`` (clipped to the matrix's smaller side); overrides ``rho``.
         split: False makes every parameter of the group plain AdamW (the paper's treatment of embeddings and
             the output layer).
+        orientation: ``"out_in"`` (matrices stored ``(out, in)``, as ``nn.Linear``'s) or ``"in_out"`` (stored
+            ``(in, out)``, transformers' ``Conv1D``): the SVD projection then works on the transpose, so such a
+            weight gets exactly the transposed update of the equivalent ``nn.Linear`` (which side is projected
+            matters for square matrices). :func:`sgdlab.optim.param_groups` builds the groups for a model.
         seed: seed of the generator that draws the active blocks.
         foreach: use the multi-tensor path; None picks it when all parameters share one device type.
         maximize: ascend the objective instead of descending it.
@@ -125,14 +131,14 @@ class FRUGAL(Optimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, rho: float = 0.25, update_gap: int = 200,
                  projection: str = "svd", state_free: str = "signsgd", state_free_lr: float | None = None,
-                 rank: int | None = None, split: bool = True, *, seed: int = 0, foreach: bool | None = None,
-                 maximize: bool = False):
+                 rank: int | None = None, split: bool = True, orientation: str = "out_in", *, seed: int = 0,
+                 foreach: bool | None = None, maximize: bool = False):
         check_range("seed", seed, low=0, integer=True)
         self._generator = torch.Generator().manual_seed(seed)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rho=rho,
                                       update_gap=update_gap, projection=projection, state_free=state_free,
-                                      state_free_lr=state_free_lr, rank=rank, split=split, foreach=foreach,
-                                      maximize=maximize))
+                                      state_free_lr=state_free_lr, rank=rank, split=split, orientation=orientation,
+                                      foreach=foreach, maximize=maximize))
 
     @classmethod
     def _validate(cls, group: dict[str, Any]) -> None:
@@ -149,6 +155,7 @@ class FRUGAL(Optimizer):
         if group["rank"] is not None:
             check_range("rank", group["rank"], low=0, integer=True)
         check_flag("split", group["split"])
+        check_orientation(group["orientation"])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         param_group.setdefault("block_step", 0)  # group steps taken, drives the block refresh schedule
@@ -206,7 +213,7 @@ class FRUGAL(Optimizer):
                 parts["free_params"].append(p)
                 parts["free_grads"].append(g)
             else:
-                gm = matrix_view(g)
+                gm = matrix_view(g, group["orientation"])
                 if "proj" not in state or state["step"].item() % group["update_gap"] == 0:
                     state["proj"] = _svd_projector(gm, _svd_rank(gm.shape, group))
                     self._adam_state(state, _project(gm, state["proj"]))
@@ -219,7 +226,8 @@ class FRUGAL(Optimizer):
                 parts["low_exp_avg_sqs"].append(state["exp_avg_sq"])
                 if state["proj"].shape[1] < min(gm.shape):
                     parts["free_params"].append(p)
-                    parts["free_grads"].append((gm - _lift(low, state["proj"], gm.shape)).view_as(p))
+                    rest = gm - _lift(low, state["proj"], gm.shape)
+                    parts["free_grads"].append(unview(rest, p, group["orientation"]))
         return parts
 
     def _step_group(self, group: dict, params: list[torch.Tensor]) -> None:
@@ -244,8 +252,9 @@ class FRUGAL(Optimizer):
                                          t, beta1, beta2, eps)
                 lows = torch._foreach_div([parts["low_exp_avgs"][i] for i in idx], denom)
                 torch._foreach_mul_(lows, -lr / (1 - beta1 ** t))
+                o = group["orientation"]
                 for i, u in zip(idx, lows, strict=True):  # lifting is a matrix product per parameter
-                    low[i].add_(_lift(u, parts["projs"][i], matrix_view(low[i]).shape).view_as(low[i]))
+                    low[i].add_(unview(_lift(u, parts["projs"][i], matrix_shape(low[i], o)), low[i], o))
         sf_lr = lr if group["state_free_lr"] is None else group["state_free_lr"]
         for idx in buckets(parts["free_params"], batched):  # the state-free rest of the gradient
             rs = [parts["free_grads"][i] for i in idx]

@@ -35,6 +35,11 @@ gains) and every parameter of a group with ``use_adamw=True`` (put embeddings an
 the blog advises) are trained by AdamW with learning rate ``lr * adamw_lr_ratio``, betas ``adamw_betas``,
 ``adamw_eps`` and the group's ``weight_decay``.
 
+Orientation: ``m x n`` is ``out x in``. A group with ``orientation="in_out"`` holds weights stored ``(in, out)``
+(transformers' ``Conv1D``, GPT-2); Muon works on their transpose, so such a weight gets exactly the transposed
+update of the equivalent ``nn.Linear`` (same shape factor). :func:`sgdlab.optim.param_groups` builds the
+groups for a model.
+
 Defaults and where they come from: ``lr=0.02, momentum=0.95, nesterov=True, ns_steps=5`` and the NS
 coefficients are the blog's and reference code's; ``weight_decay=0`` is the reference code's default
 (Moonlight uses 0.1 together with ``adjust_lr="match_rms_adamw"`` and AdamW-scale lr); ``eps=1e-7`` as in the
@@ -57,7 +62,7 @@ import torch
 
 from ..errors import ConfigError
 from ._base import defaults_from
-from ._matrix import MatrixOptimizer, direction_step, matrix_view, momentum, newton_schulz5_step
+from ._matrix import MatrixOptimizer, direction_step, matrix_shape, momentum, newton_schulz5_step
 
 __all__ = ["Muon", "orthogonalize"]
 
@@ -79,9 +84,9 @@ def orthogonalize(x: torch.Tensor, ns_steps: int = 5, eps: float = 1e-7, ns_dtyp
     return x
 
 
-def shape_factor(p: torch.Tensor, adjust_lr: str) -> float:
+def shape_factor(p: torch.Tensor, adjust_lr: str, orientation: str = "out_in") -> float:
     """Multiplier of ``lr`` for the orthogonalised update of ``p`` (sizes of its matrix view)."""
-    m, n = matrix_view(p).shape
+    m, n = matrix_shape(p, orientation)
     if adjust_lr == "original":
         return math.sqrt(max(1.0, m / n))
     return 0.2 * math.sqrt(max(m, n))
@@ -95,7 +100,7 @@ class Muon(MatrixOptimizer):
                  nesterov: bool = True, ns_steps: int = 5, eps: float = 1e-7, adjust_lr: str = "original",
                  ns_dtype: str | None = None, adamw_lr_ratio: float = 0.015,
                  adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-10, use_adamw: bool = False,
-                 *, foreach: bool | None = None, maximize: bool = False):
+                 orientation: str = "out_in", *, foreach: bool | None = None, maximize: bool = False):
         super().__init__(params, defaults_from(locals()))
 
     @classmethod
@@ -111,4 +116,5 @@ class Muon(MatrixOptimizer):
         direction = functools.partial(orthogonalize, ns_steps=group["ns_steps"], eps=group["eps"],
                                       ns_dtype=group["ns_dtype"])
         direction_step(params, vs, direction, lr=group["lr"], weight_decay=group["weight_decay"], foreach=foreach,
-                       scales=[shape_factor(p, group["adjust_lr"]) for p in params])
+                       scales=[shape_factor(p, group["adjust_lr"], group["orientation"]) for p in params],
+                       orientation=group["orientation"])

@@ -26,6 +26,11 @@ Non-matrix parameters (``ndim < 2``: biases, norm gains) and all parameters of a
 ``use_adamw=True`` are trained by AdamW at learning rate ``lr * adamw_lr_ratio``: the paper keeps Adam
 for 1-D parameters and for the embedding and output layers, so put those in a ``use_adamw=True`` group.
 
+Orientation: GradNorm standardises along the input axis, so it matters which axis that is. A group with
+``orientation="in_out"`` holds weights stored ``(in, out)`` (transformers' ``Conv1D``, GPT-2); SWAN works on
+their transpose, so such a weight gets exactly the transposed update of the equivalent ``nn.Linear``.
+:func:`sgdlab.optim.param_groups` builds the groups for a model.
+
 Defaults and where they come from: ``lr=1e-3`` (Adam-scale; with ``rescale=True`` the update has
 entrywise RMS about 1, like Adam's); ``ns_steps=10`` coupled Newton-Schulz iterations; ``eps=1e-8``
 guards the row std and the norms. We could not read the paper's algorithm box directly; the whitening
@@ -77,7 +82,7 @@ class SWAN(MatrixOptimizer):
     def __init__(self, params, lr: float = 1e-3, ns_steps: int = 10, rescale: bool = True, eps: float = 1e-8,
                  weight_decay: float = 0.0, adamw_lr_ratio: float = 1.0,
                  adamw_betas: tuple[float, float] = (0.9, 0.999), adamw_eps: float = 1e-8, use_adamw: bool = False,
-                 *, foreach: bool | None = None, maximize: bool = False):
+                 orientation: str = "out_in", *, foreach: bool | None = None, maximize: bool = False):
         super().__init__(params, defaults_from(locals()))
 
     @classmethod
@@ -96,4 +101,5 @@ class SWAN(MatrixOptimizer):
 
     def _matrix_step(self, group, params, grads, foreach) -> None:
         direction = functools.partial(self._direction, group=group)
-        direction_step(params, grads, direction, lr=group["lr"], weight_decay=group["weight_decay"], foreach=foreach)
+        direction_step(params, grads, direction, lr=group["lr"], weight_decay=group["weight_decay"], foreach=foreach,
+                       orientation=group["orientation"])
