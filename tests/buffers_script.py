@@ -20,6 +20,7 @@ from bn_task import RUNS, bn_config, bn_task
 
 from sgdlab import run
 from sgdlab.distributed import Distributed
+from sgdlab.errors import ConfigError
 from sgdlab.optim import Lookahead
 
 rank, out = int(os.environ["RANK"]), sys.argv[1]
@@ -53,6 +54,11 @@ for _ in range(5):
     dd.step()
     opt.zero_grad()
 result["lookahead"] = lin.weight.detach().clone()
+inner = torch.optim.SGD(lin.parameters(), lr=0.1)  # rank 0 wraps it in Lookahead, rank 1 does not: refused
+try:
+    Distributed(lin, Lookahead(inner) if rank == 0 else inner, "ddp")
+except ConfigError as e:
+    result["layout_error"] = f"{type(e).__name__}: {e}"
 torch.save(result, f"{out}/rank{rank}.pt")
 dd.close()
 

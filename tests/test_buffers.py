@@ -210,3 +210,5 @@ def test_torchrun_buffers_and_lookahead_follow_rank0(tmp_path):
             w = slow.clone()
     for got in ranks:
         torch.testing.assert_close(got["lookahead"], w, atol=1e-6, rtol=0)
+    assert "ConfigError: rank 0: ranks [1] hold optimizer state of another layout" in ranks[0]["layout_error"]
+    assert "ConfigError: rank 1: ranks [0] hold optimizer state of another layout" in ranks[1]["layout_error"]

@@ -31,7 +31,9 @@ schedulers and per-group hyperparameters act on the inner optimizer), ``zero_gra
 ``"slow_momentum"``), so memory accounting sees both; change state through ``base_optimizer.state``.
 The step protocol's attributes (``before_backward``, ``step_closure``, ``step_backward``,
 :mod:`sgdlab.optim.protocol`) are the inner optimizer's, so Lookahead around Sophia-G gets its Hessian
-estimates and around Sophia-H its closure.
+estimates and around Sophia-H its closure. The slow weights are copied when the wrapper is built; under
+:class:`sgdlab.distributed.Distributed` they follow the broadcast of rank 0's weights, because the wrapper
+broadcasts every tensor of ``optimizer.state`` (this merged view) too.
 """
 
 from __future__ import annotations
