@@ -14,6 +14,7 @@ from torch import nn
 from sgdlab.errors import ConfigError
 from sgdlab.privacy import DPSGD
 from sgdlab.privacy.ghost.replay import NoDropout
+from sgdlab.privacy.ghost.rules.recurrent import Unrolled
 
 from . import zoo
 
@@ -119,6 +120,25 @@ def test_attention_dropout_private_gradient_is_the_mean_gradient_under_the_same_
     model.double()
     x, y = make_batch(6)
     engine = _oracle(model, _ce, (x.double(), y), mode, micro=4, rtol=1e-10)
+    assert engine.method == ("vmap" if mode == "vmap" else "ghost")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_recurrent_dropout_between_layers_draws_as_the_step_by_step_recurrence(kind, mode):
+    # both paths run nn.LSTM/GRU step by step (Unrolled), whose inter-layer dropout draws differently from
+    # torch's fused kernel (same distribution): the oracle is the plain forward run the same way
+    torch.manual_seed(0)
+    model = zoo.Recurrent(kind, layers=2).double()
+    model.rnn.dropout = 0.3
+    x, y = zoo.recurrent(kind)[1](6)
+    batch = (x.double(), y)
+    got, dp_loss, dp_state, engine = _private(model, _ce, batch, mode, seed=7, micro=4)
+    with Unrolled():
+        want, loss_mean, plain_state = _plain(model, _ce, batch, seed=7, micro=4)
+    _assert_grads(got, want, rtol=1e-10)
+    assert dp_loss.item() == pytest.approx(loss_mean, rel=1e-10)
+    assert torch.equal(dp_state, plain_state)
     assert engine.method == ("vmap" if mode == "vmap" else "ghost")
 
 

@@ -52,13 +52,15 @@ every example gets its own draws, as in ordinary training: ``ghost`` runs one fo
 norms, clipped sum and loss all come from that forward's masks; ``vmap`` runs with
 ``vmap(..., randomness="different")``, one independent draw per example (on the CPU, torch 2.13 draws them as
 the batched forward would, so the same seed gives the same masks either way: observed, not promised). Each
-micro-batch draws afresh, as consecutive forwards do. The self-check draws nothing from the training's
-stream: its reference forward replays the generators from where the fast path's forward started (the same
-masks), and its per-example comparison with ``torch.func`` runs with dropout off
-(:class:`~sgdlab.privacy.ghost.replay.NoDropout`), skipped for randomness it cannot switch off. So with
-``σ = 0`` and ``C = ∞``, ``ghost``'s private gradient is the ordinary mean gradient under the same masks (the
-same seed, the same micro-batches; ``vmap``'s too, on the CPU as observed), and a step leaves the generators
-where a plain forward and backward of those micro-batches would. A layer that draws from a
+micro-batch draws afresh, as consecutive forwards do. Recurrent layers run step by step in both modes (see
+:mod:`sgdlab.privacy.ghost.rules.recurrent`), so the dropout between the layers of a multi-layer ``nn.LSTM``
+or ``nn.GRU`` draws as that recurrence does, not as torch's fused kernel (the same distribution). The
+self-check draws nothing from the training's stream: its reference forward replays the generators from where
+the fast path's forward started (the same masks), and its per-example comparison with ``torch.func`` runs with
+dropout off (:class:`~sgdlab.privacy.ghost.replay.NoDropout`), skipped for randomness it cannot switch off. So
+with ``σ = 0`` and ``C = ∞``, ``ghost``'s private gradient is the ordinary mean gradient under the same masks
+(the same seed, the same micro-batches; ``vmap``'s too, on the CPU as observed), and a step leaves the
+generators where a plain forward and backward of those micro-batches would. A layer that draws from a
 ``torch.Generator`` of its own is not replayed: its check fails, and ``auto`` uses ``vmap``. The masks do not
 depend on the data, so clipping still bounds each example's contribution and the guarantee is the same.
 
@@ -286,7 +288,8 @@ class DPSGD:
 
         1. the sum of its per-example gradients equals autograd's gradient of the summed loss (catches a
            parameter reaching the loss through something the fast path did not see); the reference forward
-           replays the generators from ``start``, so random layers draw the same masks as the fast path did;
+           replays the generators from ``start``, so random layers draw the same masks as the fast path did
+           (recurrent layers then run step by step, as the fast path ran them, for their dropout's draws);
         2. its per-example norms of the first few examples equal torch.func's (catches a loss that is not the
            mean of its examples' losses, or a layer that does not keep the batch in dimension 0) — skipped
            when torch.func cannot run the model. If the forward drew random numbers, each example alone
@@ -300,7 +303,8 @@ class DPSGD:
         ones = torch.ones(n, device=next(iter(self.params.values())).device)
         ours = {k: params[k].clipped_sum(ones) for k in self.params}
         random = not self._generators.same(start, self._generators.state())
-        with self._generators.replay(start):
+        # with random draws, recurrent layers as the fast path ran them (their dropout draws in its order)
+        with self._generators.replay(start), Unrolled() if random else contextlib.nullcontext():
             reference = torch.autograd.grad(self.loss_fn(self.model, micro) * n, list(self.params.values()),
                                             allow_unused=True)
         for (k, mine), ref in zip(ours.items(), reference, strict=True):
