@@ -226,3 +226,13 @@ def test_addmm_broadcast_embedding_and_to_match_the_loop():
 
     for budget in (None, 0):
         _check(model, loss, batch, budget=budget)
+
+
+def test_bench_dp_has_a_gpt2_row():
+    zoo.transformers_or_skip()
+    from sgdlab.bench import dp
+
+    lines = []
+    res = dp.bench_model("gpt2", batch_size=4, steps=1, rounds=1, device="cpu", opacus=False, log=lines.append)
+    assert set(res["ms_per_step"]) == {"non-private", "sgdlab", "sgdlab-vmap"}
+    assert any(line.startswith("| sgdlab |") for line in lines)

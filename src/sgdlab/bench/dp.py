@@ -1,8 +1,11 @@
 """``sgdlab bench dp``: the cost of a DP-SGD step, against non-private training and against Opacus.
 
-For each model (the ``digits`` CNN, the ``charlm`` transformer, and ``charlm-untied``, the same transformer
+For each model (the ``digits`` CNN, the ``charlm`` transformer, ``charlm-untied``, the same transformer
 with a separate output layer and positions looked up through their embedding module, the form Opacus's
-hooks can follow) it times one optimizer step
+hooks can follow, and ``gpt2``, Hugging Face's ``GPT2LMHeadModel`` built from a config of charlm's shape —
+byte vocabulary, context 128, width 128, 2 layers, 4 heads, dropout off, tied head, positions passed as a
+batch so that Opacus's hooks can follow them — on charlm's data, when ``transformers`` is installed; else
+the row is skipped with a message) it times one optimizer step
 (forward, backward, clipping and noise where private, ``SGD.step``, ``zero_grad``) on the same fixed
 batch of ``--batch`` examples (one physical batch; a fixed batch rather than a Poisson one, so every
 method does the same work), for:
@@ -36,7 +39,8 @@ from ..config import resolve_device
 from ..errors import ConfigError, UnknownNameError
 from ..privacy import DPSGD
 
-MODELS = {"digits": ("digits", {"model": "cnn"}), "charlm": ("charlm", {}), "charlm-untied": ("charlm", {})}
+MODELS = {"digits": ("digits", {"model": "cnn"}), "charlm": ("charlm", {}), "charlm-untied": ("charlm", {}),
+          "gpt2": ("charlm", {})}
 OPACUS_MODES = ("hooks", "functorch", "ew", "ghost")
 NOISE, CLIP, LR = 1.0, 1.0, 0.01
 
@@ -66,6 +70,36 @@ class _UntiedByteTransformer(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         return self.head(self.ln_f(x))
+
+
+class _HFGPT2(nn.Module):
+    """Hugging Face GPT-2 (``transformers.GPT2LMHeadModel``, random init, nothing downloaded) in charlm's shape,
+    returning the logits: ``Conv1D`` linears (``torch.addmm``), a tied head, dropout off (so that every method
+    computes the same gradient). Positions are passed as a (B, T) index (``batched_positions``): with GPT-2's
+    own (1, T) one, which sgdlab follows too, every Opacus mode fails."""
+
+    def __init__(self, task: tasks.Task):
+        import transformers
+
+        super().__init__()
+        o = task.options
+        cfg = transformers.GPT2Config(vocab_size=256, n_positions=o.context, n_embd=o.d_model, n_layer=o.n_layers,
+                                      n_head=o.n_heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                      bos_token_id=0, eos_token_id=0, use_cache=False)
+        self.lm = transformers.GPT2LMHeadModel(cfg).to(task.device)
+        self.batched_positions = True
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(idx.shape[1], device=idx.device).expand_as(idx) if self.batched_positions else None
+        return self.lm(input_ids=idx, position_ids=positions).logits
+
+
+def _transformers_missing() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return True
+    return False
 
 
 def _model(task: tasks.Task) -> nn.Module:
@@ -181,6 +215,8 @@ def bench_model(name: str, *, batch_size: int, steps: int, rounds: int, device: 
     if name == "charlm-untied":
         tied = task.build_model
         task.build_model = lambda: _UntiedByteTransformer(tied())  # type: ignore[method-assign]
+    elif name == "gpt2":
+        task.build_model = lambda: _HFGPT2(task)  # type: ignore[method-assign]
     batch = _fixed_batch(task, batch_size)
     methods: dict[str, Callable[[], None]] = {"non-private": _plain(task, batch),
                                               "sgdlab": _sgdlab(task, batch, batch_size, "auto"),
@@ -238,9 +274,9 @@ def bench_model(name: str, *, batch_size: int, steps: int, rounds: int, device: 
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--models", default="digits,charlm,charlm-untied",
+    p.add_argument("--models", default="digits,charlm,charlm-untied,gpt2",
                    help="comma-separated: digits (CNN), charlm, charlm-untied (separate output layer; Opacus can "
-                        "run it)")
+                        "run it), gpt2 (Hugging Face GPT-2 in charlm's shape; needs transformers)")
     p.add_argument("--batch", type=int, default=256, help="logical = physical batch (default 256)")
     p.add_argument("--steps", type=int, default=5, help="steps per method per round (default 5)")
     p.add_argument("--rounds", type=int, default=5, help="rounds, rotating the order of methods (default 5)")
@@ -268,8 +304,13 @@ def main(args) -> int:
     with warnings.catch_warnings():  # Opacus warns on every ghost-mode backward; the table says what matters
         warnings.filterwarnings("ignore", category=UserWarning, module=r"opacus\..*")
         warnings.filterwarnings("ignore", message=r".*[Ff]ull backward hook.*")
-        results = [bench_model(m, batch_size=args.batch, steps=args.steps, rounds=args.rounds, device=device,
-                               opacus=opacus) for m in names]
+        results = []
+        for m in names:
+            if m == "gpt2" and _transformers_missing():
+                print("\ngpt2: skipped (transformers is not installed: pip install transformers)")
+                continue
+            results.append(bench_model(m, batch_size=args.batch, steps=args.steps, rounds=args.rounds,
+                                       device=device, opacus=opacus))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

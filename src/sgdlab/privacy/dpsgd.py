@@ -13,11 +13,15 @@ CCS 2016 (arXiv:1607.00133), Algorithm 1, with Poisson sampling as the accountan
 
    * ``ghost``: one forward and one backward of the micro-batch (no weight gradients), with per-example
      norms and the clipped sum formed from each layer's inputs and output gradients ("ghost norms" and
-     "book-keeping", Li et al. 2021, Bu et al. 2022; :mod:`sgdlab.privacy.ghost`). Linear, convolution
-     (1-d, 2-d), embedding, LayerNorm, GroupNorm, and a matrix product or broadcast sum/product with a
-     parameter (tied and sliced weights included) are supported; anything else is refused;
-   * ``vmap``: ``torch.func`` (``vmap(grad(functional_call(...)))``) materialises every ``g_i``: any model,
-     about ``max_physical_batch`` copies of the gradients in memory;
+     "book-keeping", Li et al. 2021, Bu et al. 2022; :mod:`sgdlab.privacy.ghost`). Linear (``F.linear``,
+     ``torch.addmm`` as in Hugging Face's ``Conv1D``, ``x @ W``), convolution (1-d, 2-d), embedding (an index
+     that is a batch, or one broadcast over it, as GPT-2's positions), LayerNorm, GroupNorm, ``nn.LSTM``,
+     ``nn.GRU`` and ``nn.RNN`` (any layers and directions; not packed sequences), ``nn.MultiheadAttention``
+     self-attention, and a matrix product or broadcast sum/product with a parameter (tied and sliced
+     weights included) are supported; anything else is refused;
+   * ``vmap``: ``torch.func`` (``vmap(grad(functional_call(...)))``) materialises every ``g_i``: any model
+     (recurrent layers are run step by step, as ``vmap`` cannot batch torch's fused kernels), about
+     ``max_physical_batch`` copies of the gradients in memory;
    * ``auto`` (the default): ``ghost`` where the model allows it, else ``vmap``, with a warning.
 
    Before trusting ``ghost``, the engine checks it once, on its first micro-batch of at least two
@@ -29,7 +33,9 @@ CCS 2016 (arXiv:1607.00133), Algorithm 1, with Poisson sampling as the accountan
    Measured (``sgdlab bench dp``, 2-core CPU, two threads, batch 256 in one micro-batch; BENCHMARKS.md):
    ``ghost`` costs 1.24x the non-private step on the digits CNN, 1.16x on charlm and 1.08x on charlm with
    an untied head, against 1.5–1.7x for ``vmap`` and 1.15–2.4x for Opacus 1.6's modes (whose fastest,
-   expanded weights, is 1.39x and 1.06x slower than ``ghost``). ``ghost`` also bounds memory
+   expanded weights, is 1.39x and 1.06x slower than ``ghost``); on Hugging Face GPT-2 in charlm's shape,
+   1.20x, against 2.34x for ``vmap`` and 1.84x for Opacus's fastest mode that runs it (hooks; a loaded
+   machine, one run). ``ghost`` also bounds memory
    (:data:`sgdlab.privacy.ghost.MATERIALISE_BUDGET`).
 
 3. **Clip** each ``g_i`` to norm ``C``:

@@ -24,11 +24,16 @@ used outside its module (a tied output embedding ``h @ E.t()``, a sliced positio
 
 =========================================  =============================================================
 ``F.linear``, ``x @ W``, ``x @ W.t()``     :mod:`.rules.linear`: the outer-product rule (``T`` = positions)
+``torch.addmm(b, x, W)`` (HF ``Conv1D``)   :mod:`.rules.addmm`: the same, ``x``'s rows read as (B, T)
 ``F.conv1d``, ``F.conv2d`` (any groups)    :mod:`.rules.conv`: the same with the input's patches
 ``F.embedding``                            :mod:`.rules.embedding`: ``G_i`` by scatter, or token-equality
+``F.embedding``, index broadcast (1, T)    :mod:`.rules.broadcast`: a view, recorded where it meets the batch
+``torch.lstm``, ``gru``, ``rnn_*``         :mod:`.rules.recurrent`: run step by step, linear uses over ``T``
+``F.multi_head_attention_forward``         :mod:`.rules.attention`: self-attention, its two projections
 ``F.layer_norm``, ``F.group_norm``         :mod:`.rules.norm`: per-example ``Σ g ⊙ x̂`` and ``Σ g``
 ``x + P``, ``x - P``, ``x * P``            :mod:`.rules.elementwise`: ``P`` broadcast over the batch
-``P.t()``, ``P.T``, ``P[ints, slices]``    :mod:`.rules.views`: followed back to the parameter
+``P.t()``, ``P.T``, ``P[ints, slices]``    :mod:`.rules.views`: followed back to the parameter (and
+                                           ``P.to(...)`` that returns ``P``)
 =========================================  =============================================================
 
 A rule is a :class:`Rule` subclass registered in :data:`RULES` for torch functions or for a module type
