@@ -8,6 +8,7 @@ import fnmatch
 import os
 import sys
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,15 @@ from .exchange import PRECISIONS
 from .privacy.accounting import ACCOUNTANTS, DEFAULT_ACCOUNTANT
 from .privacy.dpsgd import CLIPPINGS, GRAD_SAMPLES
 from .privacy.options import DPOptions
+from .runner.rundir import AUTO, check_resume_config
 
 # Config fields with a flag of their own (batch_size → --batch-size); every other one is set with --set.
 # Their help is the field's description and default (sgdlab.config.describe), the one source of both.
 FLAG_FIELDS = ("task", "optimizer", "lr", "steps", "batch_size", "seed", "eval_every", "log_every",
                "checkpoint_every", "schedule", "warmup_steps", "grad_clip", "dp", "strategy", "compress", "aggregate",
                "byzantine", "workers", "backend",
-               "data_split", "network", "worker_speeds", "step_time", "timeout", "data", "device", "name")
+               "data_split", "network", "worker_speeds", "step_time", "timeout", "data", "device", "name",
+               "tensorboard")
 # Flags of the run command that are not Config fields (a strategy option never takes their names).
 _OWN_FLAGS = ("config", "out", "set", "resume", "overwrite", "progress", "stop_at", "preset", "only")
 # What a strategy option means, where its Options field has no "help" metadata (its default and the
@@ -48,12 +51,13 @@ def _flag(name: str) -> str:
 
 
 def _flag_type(tp: Any) -> Any:
-    """int, float, str or "floats" (a comma-separated list) for a field's type; None if no flag fits."""
+    """int, float, str, bool (a switch) or "floats" (a comma-separated list) for a field's type; None if no
+    flag fits."""
     args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) else [tp]
     t = args[0] if len(args) == 1 else None
     if typing.get_origin(t) is list:
         return "floats"
-    return t if t in (int, float, str) else None
+    return t if t in (int, float, str, bool) else None
 
 
 def _dp_help() -> str:
@@ -83,7 +87,7 @@ def _strategy_flags() -> list[tuple[str, str, Any, str]]:
         hints = typing.get_type_hints(e.obj.Options)
         for f in dataclasses.fields(e.obj.Options):
             tp = _flag_type(hints[f.name])
-            if tp is None or tp == "floats" or f.name in taken:
+            if tp in (None, bool, "floats") or f.name in taken:
                 continue
             help_ = f.metadata.get("help") or STRATEGY_OPTION_HELP.get(f.name, f.name.replace("_", " "))
             found.setdefault(f.name, (tp, help_, []))[2].append((e.name, f.default))
@@ -104,6 +108,10 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = _run_flags()
 STRATEGY_FLAGS: list[tuple[str, str, Any, str]] = _strategy_flags()
 
 
+def _bad_resume(value: str) -> Any:
+    raise argparse.ArgumentTypeError(f"--resume takes no value or {AUTO!r}, got {value!r}")
+
+
 def _config_default(name: str) -> Any:
     return Config.__dataclass_fields__[name].default
 
@@ -117,7 +125,10 @@ def _floats(text: str) -> list[float]:
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     for flag, dest, typ, help_ in RUN_FLAGS:
-        p.add_argument(flag, dest=dest, type=_floats if typ == "floats" else typ, default=None, help=help_)
+        if typ is bool:
+            p.add_argument(flag, dest=dest, action="store_true", default=None, help=help_)
+        else:
+            p.add_argument(flag, dest=dest, type=_floats if typ == "floats" else typ, default=None, help=help_)
     g = p.add_argument_group("strategy options (also settable with --set KEY=VALUE)")
     for flag, dest, typ, help_ in STRATEGY_FLAGS:
         g.add_argument(flag, dest=f"strategy_{dest}", type=typ, default=None, help=help_, metavar=dest.upper())
@@ -126,8 +137,15 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
                         "task option (d_model=256); repeatable")
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--resume", action="store_true", help="continue the run(s) in --out from the checkpoint")
+def _add_common(p: argparse.ArgumentParser, auto_resume: bool = False) -> None:
+    if auto_resume:  # run: --resume or --resume auto
+        p.add_argument("--resume", nargs="?", const=True, default=False, choices=[True, AUTO], metavar=AUTO,
+                       type=lambda v: v if v == AUTO else _bad_resume(v),
+                       help="continue the run in --out from its checkpoint; --resume auto: continue it if --out "
+                            "holds this configuration's run with a checkpoint, else start it (for torchrun "
+                            "--max-restarts: a restarted worker continues from the newest common checkpoint)")
+    else:
+        p.add_argument("--resume", action="store_true", help="continue the run(s) in --out from the checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run already in --out (deletes its config, metrics, summary, checkpoint)")
     g = p.add_mutually_exclusive_group()
@@ -156,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="TOML file with settings (flags override it)")
     p.add_argument("--out", type=str, help=describe("out"))
     _add_run_flags(p)
-    _add_common(p)
+    _add_common(p, auto_resume=True)
     p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                    help="stop after STEP steps leaving a checkpoint (continue later with --resume)")
 
@@ -235,7 +253,7 @@ def _add_dp_commands(sub: Any) -> None:
     p.add_argument("--accountant", default=DEFAULT_ACCOUNTANT, help=acc_help)
 
 
-def config_from_args(args: argparse.Namespace, base: Any = None):
+def config_from_args(args: argparse.Namespace, base: Any = None, sets: bool = True):
     from .config import Config
 
     cfg = base if base is not None else Config()
@@ -245,7 +263,7 @@ def config_from_args(args: argparse.Namespace, base: Any = None):
                       if getattr(args, f"strategy_{k}") is not None}
     if strategy_given:
         cfg = cfg.replace(strategy_args={**cfg.strategy_args, **strategy_given})
-    for s in args.sets:
+    for s in args.sets if sets else ():
         cfg = cfg.set(s)
     return cfg
 
@@ -254,14 +272,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .config import Config
     from .runner import Trainer
 
+    saved = None
     if args.config:
         base = Config.from_toml(args.config)
-    elif args.resume and args.out and (Path(args.out) / "config.json").is_file():
-        base = Config.from_dict(_load_json(Path(args.out) / "config.json"), f"key in {args.out}/config.json:")
+    elif args.resume is True and args.out and (Path(args.out) / "config.json").is_file():
+        base = saved = Config.from_dict(_load_json(Path(args.out) / "config.json"), f"key in {args.out}/config.json:")
     else:
         base = Config()
     if args.resume and not args.out and not base.out:
-        raise SgdlabError("--resume needs --out DIR (the run directory to continue)")
+        raise SgdlabError(f"--resume{'' if args.resume is True else ' ' + args.resume} needs --out DIR (the run "
+                          "directory to continue)")
+    if saved is not None:  # the saved run's options belong to its task, optimizer and strategy: those stay
+        check_resume_config(saved, config_from_args(args, saved, sets=False), keys=("task", "optimizer", "strategy"))
+        for s in args.sets:
+            key = s.partition("=")[0].strip()
+            if key in ("task", "optimizer", "strategy"):
+                check_resume_config(saved, saved.set(s), keys=(key,))
     cfg = config_from_args(args, base)
     if args.out:
         cfg = cfg.replace(out=args.out)
@@ -447,6 +473,10 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    print(f"sgdlab: warning: {message}", file=sys.stderr)
+
+
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -456,7 +486,9 @@ def _main(argv: list[str] | None) -> int:
     commands = {"run": cmd_run, "compare": cmd_compare, "report": cmd_report, "list": cmd_list,
                 "bench": cmd_bench, "dp-epsilon": cmd_dp_epsilon, "dp-noise": cmd_dp_noise}
     try:
-        return commands[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return commands[args.command](args)
     except (DivergenceError, WorkerLostError) as e:
         print(f"sgdlab: error: {e}", file=sys.stderr)
         return 1

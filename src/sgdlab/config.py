@@ -118,6 +118,8 @@ class Config:
     data: str | None = setting(None, "input file for tasks that read one (textfile)")
     device: str = setting("auto", f"{', '.join(DEVICES[:-1])} or {DEVICES[-1]} (auto: CUDA when available, "
                                   "else MPS, else CPU)")
+    tensorboard: bool = setting(False, "also write the metrics as TensorBoard event files into the run directory "
+                                       "(needs the tensorboard package: pip install 'sgdlab[tensorboard]')")
     name: str | None = setting(None, "label of the run in reports",
                                none="the optimizer name (the strategy name for distributed runs)")
     out: str | None = setting(None, "run directory", none="runs/<task>-<name>-<time>")
@@ -181,7 +183,7 @@ class Config:
         strategy_keys = _option_names(strategies.registry, self.strategy)
         if key in strategy_keys:
             return self._set_arg("strategy_args", key, value)
-        raise UnknownNameError("config key", key, [*top, *opt_keys, *task_keys, *strategy_keys])
+        raise UnknownNameError("config key", key, dict.fromkeys([*top, *opt_keys, *task_keys, *strategy_keys]))
 
     def _set_arg(self, table: str, key: str, value: Any) -> Config:
         return dataclasses.replace(self, **{table: {**getattr(self, table), key: value}})
@@ -250,6 +252,7 @@ class Config:
             _check_plain(f"optimizer_args.{k}", v)
         if "lr" in self.optimizer_args:
             raise ConfigError("set the learning rate with lr (or --lr), not optimizer_args.lr")
+        optim.check(self.optimizer, {**self.optimizer_args, **({} if self.lr is None else {"lr": self.lr})})
         task_options = build_options(tasks.registry.get(self.task).Options, self.task_args,
                                      f"option of task {self.task!r}")
         check_range("workers", self.workers, low=1, integer=True)
@@ -356,6 +359,7 @@ class RunSpec:
     worker_speeds: tuple[float, ...]
     step_time: float | None
     timeout: float
+    tensorboard: bool
     device: str
     name: str
     out: str | None
@@ -411,7 +415,7 @@ class RunSpec:
 # Config fields that RunSpec holds unchanged.
 _PLAIN = ("task", "optimizer", "steps", "batch_size", "seed", "eval_every", "log_every", "schedule", "warmup_steps",
           "min_lr_ratio", "grad_clip", "io_adamw", "strategy", "workers", "backend", "data_split", "step_time",
-          "timeout", "data", "name", "out")
+          "timeout", "tensorboard", "data", "name", "out")
 
 
 def describe(name: str) -> str:

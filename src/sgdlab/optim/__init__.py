@@ -2,7 +2,9 @@
 
 ``create(name, params, **hyperparameters)`` returns a ``torch.optim.Optimizer``. Every registered
 optimizer follows torch.optim conventions (param groups, ``state_dict``, LR schedulers). An unknown
-hyperparameter is a ``TypeError``; an out-of-range one is a ``ValueError`` naming it. sgdlab's own
+hyperparameter is a ``TypeError``; one of the wrong type (checked against the optimizer's signature,
+:func:`check_hyperparameters`) a :class:`HyperparameterTypeError` (a ``TypeError`` and a ``ConfigError``);
+an out-of-range one is a ``ValueError`` naming it. sgdlab's own
 optimizers derive from :class:`sgdlab.optim._base.Optimizer` (one ``step``, one validation, one
 sparse-gradient error, :class:`SparseGradientError`); what an optimizer needs from the training loop
 beyond ``backward(); step()`` it declares through :mod:`sgdlab.optim.protocol`.
@@ -11,7 +13,9 @@ beyond ``backward(); step()`` it declares through :mod:`sgdlab.optim.protocol`.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -19,7 +23,8 @@ import torch
 from ..errors import ConfigError
 from ..registry import Registry
 
-__all__ = ["create", "registry", "hyperparameters", "state_bytes", "SparseGradientError",
+__all__ = ["create", "registry", "hyperparameters", "check", "check_hyperparameters", "HyperparameterTypeError",
+           "state_bytes", "SparseGradientError",
            "param_groups", "AdamP", "SGDP", "AdEMAMix", "AuON", "HybridAuON",
            "DiffGrad", "FRUGAL", "Grams", "LaProp", "Lookahead", "MARS", "Muon", "SGDSaI", "SophiaG", "SophiaH", "SWAN"]
 
@@ -99,9 +104,90 @@ def hyperparameters(name: str, base: str | None = None) -> dict[str, Any]:
             continue
         out[p.name] = None if p.default is inspect.Parameter.empty else p.default
     if entry.extra.get("wraps"):
-        return {**hyperparameters(base or out["base"]), **out}
+        return {**hyperparameters(base if isinstance(base, str) else out["base"]), **out}
     out["lr"] = entry.extra.get("default_lr", out.get("lr"))
     return out
+
+
+def check(name: str, hp: Mapping[str, Any]) -> None:
+    """Raise a :class:`ConfigError` naming the first bad hyperparameter of optimizer ``name`` (unknown, of the
+    wrong type, or refused by the optimizer's own checks), before any model exists: ``hp`` is type-checked
+    and the optimizer built once over a stand-in parameter."""
+    create(name, [torch.zeros(2, 2, requires_grad=True)], **hp)
+
+
+class HyperparameterTypeError(ConfigError, TypeError):
+    """A hyperparameter of the wrong type (``momentum=True``, ``betas=0.9``, ``eps="abc"``)."""
+
+
+def check_hyperparameters(name: str, hp: Mapping[str, Any]) -> None:
+    """Raise :class:`HyperparameterTypeError` unless every value in ``hp`` has the type optimizer ``name``
+    declares for it (its annotation, else its default's type): a float takes an int or a float (not a bool
+    or a string), a bool only a bool, a tuple a list or tuple of that length, a ``None`` default anything."""
+    types_ = _hyperparameter_types(name, hp.get("base"))
+    for key, value in hp.items():
+        tp = types_.get(key, Any)
+        if not _accepts(tp, value):
+            raise HyperparameterTypeError(f"hyperparameter {key} of optimizer {name!r} must be {_describe(tp)}, "
+                                          f"got {value!r:.60}")
+
+
+def _hyperparameter_types(name: str, base: str | None = None) -> dict[str, Any]:
+    entry = registry.entry(name)
+    fn = entry.obj.__init__ if isinstance(entry.obj, type) else entry.obj
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # annotations that do not evaluate here: fall back to the defaults
+        hints = {}
+    out: dict[str, Any] = {}
+    for p in inspect.signature(fn).parameters.values():
+        if p.name in _NOT_HYPER or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        d = p.default
+        out[p.name] = hints.get(p.name, Any if d is None or d is inspect.Parameter.empty else (
+            tuple[(float,) * len(d)] if isinstance(d, tuple) else type(d)))
+    if entry.extra.get("wraps"):  # a base that is not a name is refused by the wrapper's own type (str)
+        return {**_hyperparameter_types(base if isinstance(base, str) else hyperparameters(name)["base"]), **out}
+    return out
+
+
+def _accepts(tp: Any, v: Any) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(a, v) for a in args)
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return v is None
+    if tp is bool:
+        return isinstance(v, bool)
+    if tp is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if tp is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if tp is str:
+        return isinstance(v, str)
+    if origin is tuple or tp is tuple:
+        if not isinstance(v, (list, tuple)):
+            return False
+        if args and args[-1] is not Ellipsis:
+            return len(v) == len(args) and all(_accepts(a, x) for a, x in zip(args, v, strict=True))
+        return all(_accepts(args[0], x) for x in v) if args else True
+    if isinstance(tp, type):
+        return isinstance(v, tp)
+    return True
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        parts = [_describe(a) for a in args if a is not torch.Tensor]
+        return " or ".join(dict.fromkeys(parts))
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        return f"a list of {len(args)} numbers" if all(_describe(a) == "a number" for a in args) else \
+            f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
+    names = {float: "a number", int: "an integer", bool: "true or false", str: "a string", type(None): "none"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def create(name: str, params: Iterable[Any], **hp: Any) -> torch.optim.Optimizer:
@@ -111,6 +197,7 @@ def create(name: str, params: Iterable[Any], **hp: Any) -> torch.optim.Optimizer
     >>> opt = create("sgd", model.parameters(), lr=0.1, momentum=0.9)
     """
     cls = registry.get(name)
+    check_hyperparameters(name, {k: v for k, v in hp.items() if k != "lr"})
     valid = hyperparameters(name, hp.get("base"))
     unknown = sorted(set(hp) - set(valid))
     if unknown:

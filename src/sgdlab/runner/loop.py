@@ -23,7 +23,7 @@ import torch
 from .. import __version__, checkpoint
 from ..config import RunSpec
 from ..distributed.group import Group
-from ..errors import CheckpointError, DivergenceError
+from ..errors import CheckpointError, ConfigError, DivergenceError
 from ..metrics import MetricsLog
 from ..optim import protocol
 from .build import Parts
@@ -108,6 +108,9 @@ class TrainingLoop:
                                   f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
         checkpoint.set_rng_state(ck["rng"])
         self.st.load(ck["trainer"])
+        if self.st.step > self.spec.steps:
+            raise ConfigError(f"cannot resume with steps={self.spec.steps}: the run in {self.spec.out} is already at "
+                              f"step {self.st.step} (a run is not shortened); allowed: steps >= {self.st.step}")
         if self.lead:
             self.log.truncate_after(self.st.step)
 
@@ -142,6 +145,11 @@ class TrainingLoop:
     # ---- the loop ---------------------------------------------------------------------------------
     def run(self, stop_at: int | None = None, handle_signals: bool = False) -> str:
         """Train to ``spec.steps`` (or ``stop_at``); returns the status, "completed" or "stopped"."""
+        if stop_at is not None and stop_at <= self.st.step < self.spec.steps:
+            raise ConfigError(f"stop_at={stop_at} but the run is already at step {self.st.step}; allowed: "
+                              f"{self.st.step} < stop_at")
+        if self.lead and self.spec.tensorboard:
+            self.log.open_tensorboard(Path(self.spec.out or "."), purge_step=self.st.step + 1 if self.st.step else None)
         self.bar = _progress_bar(self.progress, self.spec, self.st.step)
         try:
             with StopFlag(handle_signals) as stop:
@@ -154,7 +162,7 @@ class TrainingLoop:
         finally:
             self.bar.close()
             if self.lead:
-                self.log.flush()
+                self.log.close()
 
     def _train(self, stop: StopFlag, stop_at: int | None) -> str:
         spec, st = self.spec, self.st

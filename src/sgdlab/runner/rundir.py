@@ -19,7 +19,12 @@ from ..metrics import read_metrics, write_json
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt")
 # Settings that may differ between a run and its resumption (they do not change the trajectory,
 # except ``steps``, which extends or shortens the run).
-RESUMABLE_CHANGES = ("steps", "device", "eval_every", "log_every", "checkpoint_every", "name", "out", "timeout")
+RESUMABLE_CHANGES = ("steps", "device", "eval_every", "log_every", "checkpoint_every", "name", "out", "timeout",
+                     "tensorboard")
+#: ``resume="auto"`` (``--resume auto``): continue the run in ``--out`` when it holds one of the same
+#: configuration with a checkpoint of every process, else start it (again) from step 0 (what a worker that
+#: torchrun restarts after a failure needs: the same command line, whatever happened before).
+AUTO = "auto"
 
 
 def default_out(spec: Config | RunSpec) -> Path:
@@ -36,7 +41,8 @@ def prepare_out(out: Path, resume: bool, overwrite: bool, create: bool = True) -
         return
     if overwrite:
         if create:  # only the lead process deletes
-            for f in (*RUN_FILES, "report.png", *(p.name for p in out.glob("checkpoint*.pt"))):
+            for f in (*RUN_FILES, "report.png", *(p.name for p in out.glob("checkpoint*.pt")),
+                      *(p.name for p in out.glob("events.out.tfevents.*"))):
                 (out / f).unlink(missing_ok=True)
     elif any((out / f).exists() for f in RUN_FILES):
         raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it, --overwrite "
@@ -49,21 +55,28 @@ def prepare_out(out: Path, resume: bool, overwrite: bool, create: bool = True) -
         raise ConfigError(f"cannot create --out {out}: {e.strerror}") from None
 
 
-def check_resume_config(saved: Config, given: Config | RunSpec) -> None:
+def check_resume_config(saved: Config, given: Config | RunSpec, keys: tuple[str, ...] | None = None) -> None:
+    """Raise a :class:`ConfigError` naming the first setting (of ``keys``, default all) that ``given`` changes
+    and a resumed run may not change."""
     a, b = saved.to_dict(), given.to_dict()
-    changed = [k for k in a if k not in RESUMABLE_CHANGES and a[k] != b[k]]
+    changed = [k for k in (keys or a) if k not in RESUMABLE_CHANGES and a[k] != b[k]]
     if changed:
         k = changed[0]
         raise ConfigError(f"cannot change {k} when resuming (the run used {a[k]!r}, now {b[k]!r}); only "
                           f"{', '.join(RESUMABLE_CHANGES)} may change")
 
 
-def open_run_dir(group: Group, spec: RunSpec, *, resume: bool, overwrite: bool) -> RunSpec:
+def open_run_dir(group: Group, spec: RunSpec, *, resume: bool | str, overwrite: bool) -> tuple[RunSpec, bool]:
     """Check the run directory (every process), prepare it (the lead) and, to resume, check the run against
-    its ``config.json``. Returns ``spec`` with its run directory decided."""
+    its ``config.json``. Returns ``spec`` with its run directory decided, and whether the run resumes
+    (``resume`` may be :data:`AUTO`)."""
     out = Path(spec.out) if spec.out else default_out(spec)
     if group.needs_out and not spec.out:
         raise ConfigError(f"--backend {spec.backend} needs --out DIR (the same directory on every rank)")
+    if resume == AUTO:
+        resume, overwrite = _auto_resume(group, out, spec, overwrite)
+    elif not isinstance(resume, bool):
+        raise ConfigError(f"resume={resume!r}; allowed: true, false or {AUTO!r}")
     prepare_out(out, resume, overwrite, create=False)
     group.barrier()  # every process has checked --out before the lead writes into it
     if group.is_lead:
@@ -71,7 +84,29 @@ def open_run_dir(group: Group, spec: RunSpec, *, resume: bool, overwrite: bool) 
     if resume:
         saved = Config.from_dict(read_json(out / "config.json"), source=f"key in {out / 'config.json'}:")
         check_resume_config(saved, spec)
-    return spec.placed(out=str(out))
+    return spec.placed(out=str(out)), resume
+
+
+def _auto_resume(group: Group, out: Path, spec: RunSpec, overwrite: bool) -> tuple[bool, bool]:
+    """(resume, overwrite) for ``resume="auto"``: resume when ``out`` holds this configuration's run and every
+    process has a checkpoint there; start again when it holds this configuration without (a process died
+    before its first checkpoint); refuse another configuration's run unless ``overwrite``. Every process
+    decides the same (on what every rank sees)."""
+    mine = [int(out.is_dir() and (out / "config.json").is_file()), int(checkpoint_path(out, group).is_file())]
+    gather = getattr(group, "gather_ints", None)  # torch backend: what every rank sees
+    seen = gather(mine) if gather is not None else [mine]
+    if not seen[0][0]:  # no run here yet
+        return False, overwrite
+    try:
+        check_resume_config(Config.from_dict(read_json(out / "config.json"), source=f"key in {out / 'config.json'}:"),
+                            spec)
+    except ConfigError as e:
+        if overwrite:
+            return False, True
+        raise ConfigError(f"--resume {AUTO}: {out} holds another run: {e}; pass --overwrite to replace it") from None
+    if all(has_ckpt for _, has_ckpt in seen):
+        return True, False
+    return False, True  # this run, started before, without a checkpoint on every process: start it again
 
 
 def checkpoint_path(out: Path, group: Group) -> Path:

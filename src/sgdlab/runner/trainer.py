@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,8 @@ from typing import Any
 from .. import tasks
 from ..config import Config, RunSpec
 from ..distributed.group import Group
-from .build import build_parts, make_group
+from ..metrics import require_tensorboard
+from .build import build_parts, make_group, restarted_process_group
 from .loop import TrainingLoop
 from .rundir import checkpoint_path, open_run_dir
 
@@ -32,19 +34,29 @@ class Trainer:
         self.progress = progress
         self.handle_signals = handle_signals
 
-    def run(self, *, resume: bool = False, stop_at: int | None = None, overwrite: bool = False) -> RunResult:
-        group, spec = make_group(self.spec)
-        try:
-            result = self._run(group, spec, resume=resume, stop_at=stop_at, overwrite=overwrite)
-        except BaseException:
-            group.close(clean=False)
-            raise
-        group.close()
+    def run(self, *, resume: bool | str = False, stop_at: int | None = None, overwrite: bool = False) -> RunResult:
+        """Train; ``resume``: True continues the run in ``spec.out``, ``"auto"`` continues it when it holds this
+        configuration's run with a checkpoint and starts it otherwise (for restarts under torchrun)."""
+        if self.spec.tensorboard:
+            require_tensorboard()  # before anything is written
+        with restarted_process_group(self.spec):
+            group, spec = make_group(self.spec)
+            try:
+                result = self._run(group, spec, resume=resume, stop_at=stop_at, overwrite=overwrite)
+            except BaseException:
+                group.close(clean=False)
+                raise
+            group.close()
         return result
 
-    def _run(self, group: Group, spec: RunSpec, *, resume: bool, stop_at: int | None, overwrite: bool) -> RunResult:
-        spec = open_run_dir(group, spec, resume=resume, overwrite=overwrite)
+    def _run(self, group: Group, spec: RunSpec, *, resume: bool | str, stop_at: int | None,
+             overwrite: bool) -> RunResult:
+        spec, resume = open_run_dir(group, spec, resume=resume, overwrite=overwrite)
         out = Path(spec.out or ".")
+        sync_every = getattr(spec.strategy_options, "sync_every", None)
+        if group.is_lead and sync_every is not None and spec.steps < sync_every:
+            warnings.warn(f"strategy {spec.strategy!r}: steps={spec.steps} < sync_every={sync_every}, so no round "
+                          "ends and the workers never synchronise; lower --sync-every or raise --steps", stacklevel=3)
         loop = TrainingLoop(spec, group, build_parts(spec, group, self.task), checkpoint_path(out, group),
                             self.progress)
         if resume:
@@ -56,7 +68,7 @@ class Trainer:
         return RunResult(out, spec.to_config(), loop.finish(status))
 
 
-def run(config: Config | RunSpec, *, resume: bool = False, stop_at: int | None = None, overwrite: bool = False,
+def run(config: Config | RunSpec, *, resume: bool | str = False, stop_at: int | None = None, overwrite: bool = False,
         progress: bool | None = False, task: tasks.Task | None = None) -> RunResult:
     """Train ``config`` and return its :class:`RunResult` (run directory, resolved config, summary).
 
