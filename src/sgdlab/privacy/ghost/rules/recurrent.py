@@ -71,12 +71,13 @@ class _Recorded(_Plain):
         if use is None:
             return super().steps(w, b, x, steps)
         z = x.new_zeros(x.shape[0], steps, w.shape[0]).requires_grad_()
+        zs = z.unbind(1)  # one backward node for all steps (z[:, t] would zero-fill a (B, T, ·) gradient each)
         inputs: list[Any] = [None] * steps  # step t's input, in the order of z
         self.pending.append((use, inputs, z))
 
         def step(h: torch.Tensor, t: int) -> torch.Tensor:
             inputs[t] = h.detach()
-            return F.linear(h, w, b) + z[:, t]
+            return F.linear(h, w, b) + zs[t]
         return step
 
     def done(self) -> None:
@@ -91,12 +92,12 @@ def _layer(kind: str, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None, 
     """One direction of one layer on ``x`` (B, T, D) from state ``h`` (and ``c``): (outputs, h_T, c_T)."""
     w_ih, w_hh, b_ih, b_hh, w_hr = weights
     steps = x.shape[1]
-    gi = ops.sequence(x, w_ih, b_ih)
+    gi = ops.sequence(x, w_ih, b_ih).unbind(1)
     hh = ops.steps(w_hh, b_hh, x, steps)
     hr = ops.steps(w_hr, None, x, steps) if w_hr is not None else None
     outs: list[Any] = [None] * steps
     for t in (reversed(range(steps)) if reverse else range(steps)):
-        a, gh = gi[:, t], hh(h, t)
+        a, gh = gi[t], hh(h, t)
         if kind == "lstm":
             i, f, g, o = (a + gh).chunk(4, 1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
