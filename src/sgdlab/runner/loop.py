@@ -170,7 +170,8 @@ class TrainingLoop:
             r = self._record(0)
             self._evaluate(r)
             r.update(bytes_sent=0.0, sim_time_s=0.0)
-            self.log.append(r)
+            if self.lead:  # the lead writes the records (the others would only buffer them)
+                self.log.append(r)
         for w in self.workers:
             w.model.train()
         self._t_start, self._t_train = time.perf_counter(), st.wall_time
@@ -252,7 +253,8 @@ class TrainingLoop:
                        bytes_sent=group.bytes_sent, sim_time_s=group.sim_time())
             if is_eval:
                 self._evaluate(rec)
-            self.log.append(rec)
+            if self.lead:
+                self.log.append(rec)
             self.bar.set_postfix(_postfix(rec, self.task.metric), refresh=False)
         else:  # stopping between records: carry the losses over in the checkpoint
             st.carry = losses
