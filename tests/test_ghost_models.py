@@ -161,21 +161,49 @@ def test_zoo_attention_takes_the_fast_path_within_any_budget():
 
 
 class _CrossAttention(nn.Module):
-    def __init__(self):
+    """Attention from a sequence to a shorter memory: key and value the same tensor (``"kv"``), or all three
+    different (``"all"``), with the packed projection or separate ones (``kdim``), and a key padding mask."""
+
+    def __init__(self, mode, kdim=None, batch_first=True, bias=True):
         super().__init__()
-        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first, kdim=kdim, vdim=kdim, bias=bias)
+        self.mk, self.mv = nn.Linear(8, kdim or 8), nn.Linear(8, kdim or 8)
+        self.head = nn.Linear(8, 3)
+        self.mode, self.batch_first = mode, batch_first
 
     def forward(self, x):
-        return self.attn(x, x.flip(1), x.flip(1), need_weights=False)[0].mean((1, 2))
+        k = torch.tanh(self.mk(x[:, :4]))  # a memory of 4 positions
+        v = k if self.mode == "kv" else torch.tanh(self.mv(x[:, 1:5]))
+        padding = torch.zeros(x.shape[0], 4, dtype=torch.bool)
+        padding[:, -1] = x[:, 0, 0] > 0  # the last memory position, for some examples
+        q = x
+        if not self.batch_first:
+            q, k, v = q.transpose(0, 1), k.transpose(0, 1), (k.transpose(0, 1) if v is k else v.transpose(0, 1))
+        y, _ = self.attn(q, k, v, need_weights=False, key_padding_mask=padding)
+        return self.head((y if self.batch_first else y.transpose(0, 1)).mean(1))
 
 
-def test_cross_attention_falls_back_naming_the_reason():
+CROSS = {"kv": {"mode": "kv"}, "all": {"mode": "all"}, "separate-projections": {"mode": "all", "kdim": 6},
+         "kv-no-bias": {"mode": "kv", "bias": False}, "all-sequence-first": {"mode": "all", "batch_first": False}}
+
+
+@pytest.mark.parametrize("which", list(CROSS))
+def test_cross_attention_matches_the_loop(which):
     torch.manual_seed(5)
-    model = _CrossAttention().double()
+    g = torch.Generator().manual_seed(6)
+    batch = torch.randn(6, 5, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
+    model = _CrossAttention(**CROSS[which]).double()
+    for budget in (None, 0):
+        _check(model, _ce, batch, budget=budget)
+
+
+def test_attention_with_bias_kv_falls_back_naming_the_reason():
+    torch.manual_seed(5)
+    model = nn.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True).double()
     x = torch.randn(4, 5, 8, dtype=torch.float64)
-    engine = DPSGD(model, lambda m, b: m(b).pow(2).mean(), noise_multiplier=0.0, max_grad_norm=1.0,
-                   expected_batch_size=4)
-    with pytest.warns(UserWarning, match="query, key and value are not the same tensor"):
+    engine = DPSGD(model, lambda m, b: m(b, b, b, need_weights=False)[0].pow(2).mean(), noise_multiplier=0.0,
+                   max_grad_norm=1.0, expected_batch_size=4)
+    with pytest.warns(UserWarning, match="bias_k, bias_v"):
         engine.clipped_sum(x)
     assert engine.method == "vmap"
 

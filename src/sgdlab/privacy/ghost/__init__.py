@@ -29,7 +29,7 @@ used outside its module (a tied output embedding ``h @ E.t()``, a sliced positio
 ``F.embedding``                            :mod:`.rules.embedding`: ``G_i`` by scatter, or token-equality
 ``F.embedding``, index broadcast (1, T)    :mod:`.rules.broadcast`: a view, recorded where it meets the batch
 ``torch.lstm``, ``gru``, ``rnn_*``         :mod:`.rules.recurrent`: run step by step, linear uses over ``T``
-``F.multi_head_attention_forward``         :mod:`.rules.attention`: self-attention, its two projections
+``F.multi_head_attention_forward``         :mod:`.rules.attention`: its input and output projections
 ``F.layer_norm``, ``F.group_norm``         :mod:`.rules.norm`: per-example ``Σ g ⊙ x̂`` and ``Σ g``
 ``x + P``, ``x - P``, ``x * P``            :mod:`.rules.elementwise`: ``P`` broadcast over the batch
 ``P.t()``, ``P.T``, ``P[ints, slices]``    :mod:`.rules.views`: followed back to the parameter (and
