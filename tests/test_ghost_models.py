@@ -264,3 +264,4 @@ def test_bench_dp_has_a_gpt2_row():
     res = dp.bench_model("gpt2", batch_size=4, steps=1, rounds=1, device="cpu", opacus=False, log=lines.append)
     assert set(res["ms_per_step"]) == {"non-private", "sgdlab", "sgdlab-vmap"}
     assert any(line.startswith("| sgdlab |") for line in lines)
+    assert res["sgdlab_path"] == "ghost"
