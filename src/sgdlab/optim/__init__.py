@@ -37,6 +37,7 @@ registry.register("adamw", torch.optim.AdamW, "torch.optim.AdamW: Adam with deco
                   "(Loshchilov & Hutter, 2019)", default_lr=1e-3)
 
 from ._base import SparseGradientError  # noqa: E402
+from ._matrix import param_groups  # noqa: E402  (groups for Muon/SWAN/AuON/FRUGAL from a model)
 from .adamp import SGDP, AdamP  # noqa: E402
 from .ademamix import AdEMAMix  # noqa: E402
 from .auon import AuON, HybridAuON  # noqa: E402
@@ -50,7 +51,6 @@ from .muon import Muon  # noqa: E402
 from .sgd_sai import SGDSaI  # noqa: E402
 from .sophia import SophiaG, SophiaH  # noqa: E402
 from .swan import SWAN  # noqa: E402
-from ._matrix import param_groups  # noqa: E402  (groups for Muon/SWAN/AuON/FRUGAL from a model)
 
 registry.register("sgd-sai", SGDSaI, "SGD-SaI: SGD with momentum, per-tensor lr scaled once by the first "
                   "gradient's g-SNR (Xu et al., 2024, arXiv:2412.11768)", default_lr=1e-2)
