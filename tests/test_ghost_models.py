@@ -3,6 +3,7 @@
 positions are looked up with an index broadcast over the batch). Each is checked against the oracle: a plain
 loop of per-example backward passes (float64), for the per-example norms and the clipped sum."""
 
+import re
 import warnings
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sgdlab.errors import ConfigError
 from sgdlab.privacy import DPSGD
 
 from . import zoo
@@ -118,6 +120,29 @@ def test_recurrent_layer_trains_with_the_default():
         engine.backward((x, y))
     assert engine.method == "ghost" and engine._checked
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+class _Packed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(5, 4, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x, lengths):
+        _, h = self.rnn(nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+        return self.head(h[-1])
+
+
+@pytest.mark.parametrize("grad_sample", ["auto", "ghost", "vmap"])
+def test_packed_sequences_are_refused_in_one_line_naming_the_layer(grad_sample):
+    torch.manual_seed(8)
+    x, y = _sequences(6, 7, 5)
+    lengths = torch.tensor([7, 5, 3, 7, 2, 6])
+    engine = DPSGD(_Packed().double(), lambda m, b: F.cross_entropy(m(b[0], b[1]), b[2]), noise_multiplier=1.0,
+                   max_grad_norm=1.0, expected_batch_size=6, grad_sample=grad_sample)
+    layer = "a recurrent layer" if grad_sample == "vmap" else "layer 'rnn' (GRU)"
+    with pytest.raises(ConfigError, match=rf"^DP-SGD: {re.escape(layer)} is given a packed sequence.*padded batch"):
+        engine.backward((x, lengths, y))
 
 
 # ---- multi-head attention -------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Recurrent layers: ``torch.lstm``, ``torch.gru``, ``torch.rnn_tanh``, ``torch.rnn_relu`` (what ``nn.LSTM``,
-``nn.GRU`` and ``nn.RNN`` call), any number of layers, both directions, ``proj_size``, batch first or not; not
-packed sequences.
+``nn.GRU`` and ``nn.RNN`` call), any number of layers, both directions, ``proj_size``, batch first or not. A
+packed sequence is refused with a :class:`~sgdlab.errors.ConfigError` naming the layer (on either path: packing
+reorders the examples, and ``torch.func`` cannot pack one example at a time).
 
 A recurrent layer reuses its weights at every time step, so an example's weight gradient is a sum over its
 ``T`` steps of outer products, ``G_i = Σ_t g_{i,t} a_{i,t}ᵀ``: the same form as a linear layer over a sequence.
@@ -25,8 +26,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ....errors import ConfigError
 from ..recorder import Recorder
 from ..rule import Rule, Unsupported, register
 from .linear import Linear
@@ -155,6 +158,19 @@ def _packed(args: tuple) -> bool:
     return len(args) != 9 or not isinstance(args[3], bool)
 
 
+def packed_refusal(model: nn.Module | None, params: Any) -> ConfigError:
+    """The error for a recurrent layer given a packed sequence (``params``: its weights, to name it)."""
+    first = params[0] if isinstance(params, (list, tuple)) and params else None
+    layer = "a recurrent layer"
+    for name, m in (model.named_modules() if model is not None else ()):
+        if isinstance(m, nn.RNNBase) and any(w is first for w in m._flat_weights):
+            layer = f"layer {name or '<model>'!r} ({type(m).__name__})"
+            break
+    return ConfigError(f"DP-SGD: {layer} is given a packed sequence, which has no per-example gradients here "
+                       "(packing reorders the batch's examples); give it the padded batch instead (and, say, pick "
+                       "each sequence's last valid output with torch.gather)")
+
+
 @register(*KINDS)
 class Recurrent(Rule):
     """Records the linear maps of a recurrent layer (see the module docstring); the uses are
@@ -162,8 +178,10 @@ class Recurrent(Rule):
 
     @classmethod
     def record(cls, rec: Recorder, func: Any, args: tuple, kwargs: dict) -> Any:
-        if kwargs or _packed(args):
-            raise Unsupported("packed sequences are not supported; pad the batch instead")
+        if kwargs:
+            raise Unsupported("keyword arguments")
+        if _packed(args):
+            raise packed_refusal(rec.model, args[3] if len(args) > 3 else None)
         x, hx, batch_first = args[0], args[1], args[8]
         rec.input(x if batch_first else x.transpose(0, 1), 3)
         for h in (hx if isinstance(hx, (tuple, list)) else (hx,)):
@@ -180,6 +198,8 @@ class Unrolled(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch._pack_padded_sequence:
+            raise packed_refusal(None, None)
         kind = KINDS.get(func)
         if kind is None or kwargs or _packed(args):
             return func(*args, **kwargs)
