@@ -122,6 +122,28 @@ def test_recurrent_layer_trains_with_the_default():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+class _Cells(nn.Module):
+    """A cell called at every step: its weights are reused, so each use adds into one per-example gradient."""
+
+    def __init__(self, cls):
+        super().__init__()
+        self.cell = cls(5, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        state = None
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)
+        return self.head(state[0] if isinstance(state, tuple) else state)
+
+
+@pytest.mark.parametrize("cls", [nn.LSTMCell, nn.GRUCell, nn.RNNCell])
+@pytest.mark.parametrize("grad_sample", ["ghost", "vmap"])
+def test_recurrent_cells_match_the_loop(cls, grad_sample):
+    torch.manual_seed(9)
+    _check(_Cells(cls).double(), _ce, _sequences(5, 4, 5), grad_sample=grad_sample)
+
+
 class _Packed(nn.Module):
     def __init__(self):
         super().__init__()

@@ -16,9 +16,9 @@ CCS 2016 (arXiv:1607.00133), Algorithm 1, with Poisson sampling as the accountan
      "book-keeping", Li et al. 2021, Bu et al. 2022; :mod:`sgdlab.privacy.ghost`). Linear (``F.linear``,
      ``torch.addmm`` as in Hugging Face's ``Conv1D``, ``x @ W``), convolution (1-d, 2-d), embedding (an index
      that is a batch, or one broadcast over it, as GPT-2's positions), LayerNorm, GroupNorm, ``nn.LSTM``,
-     ``nn.GRU`` and ``nn.RNN`` (any layers and directions; not packed sequences), ``nn.MultiheadAttention``
-     (not ``add_bias_kv``, ``add_zero_attn``), and a matrix product or broadcast sum/product with a
-     parameter (tied and sliced weights included) are supported; anything else is refused;
+     ``nn.GRU``, ``nn.RNN`` and their cells (any layers and directions; packed sequences are refused),
+     ``nn.MultiheadAttention`` (not ``add_bias_kv``, ``add_zero_attn``), and a matrix product or broadcast
+     sum/product with a parameter (tied and sliced weights included) are supported; anything else is refused;
    * ``vmap``: ``torch.func`` (``vmap(grad(functional_call(...)))``) materialises every ``g_i``: any model
      (recurrent layers are run step by step, as ``vmap`` cannot batch torch's fused kernels), about
      ``max_physical_batch`` copies of the gradients in memory;

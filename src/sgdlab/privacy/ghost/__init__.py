@@ -28,7 +28,7 @@ used outside its module (a tied output embedding ``h @ E.t()``, a sliced positio
 ``F.conv1d``, ``F.conv2d`` (any groups)    :mod:`.rules.conv`: the same with the input's patches
 ``F.embedding``                            :mod:`.rules.embedding`: ``G_i`` by scatter, or token-equality
 ``F.embedding``, index broadcast (1, T)    :mod:`.rules.broadcast`: a view, recorded where it meets the batch
-``torch.lstm``, ``gru``, ``rnn_*``         :mod:`.rules.recurrent`: run step by step, linear uses over ``T``
+``torch.lstm``, ``gru``, ``rnn_*``, cells  :mod:`.rules.recurrent`: run step by step, linear uses over ``T``
 ``F.multi_head_attention_forward``         :mod:`.rules.attention`: its input and output projections
 ``F.layer_norm``, ``F.group_norm``         :mod:`.rules.norm`: per-example ``Σ g ⊙ x̂`` and ``Σ g``
 ``x + P``, ``x - P``, ``x * P``            :mod:`.rules.elementwise`: ``P`` broadcast over the batch

@@ -1,5 +1,6 @@
 """Recurrent layers: ``torch.lstm``, ``torch.gru``, ``torch.rnn_tanh``, ``torch.rnn_relu`` (what ``nn.LSTM``,
-``nn.GRU`` and ``nn.RNN`` call), any number of layers, both directions, ``proj_size``, batch first or not. A
+``nn.GRU`` and ``nn.RNN`` call), any number of layers, both directions, ``proj_size``, batch first or not; and
+the cells (``torch.lstm_cell``, … of ``nn.LSTMCell``, ``nn.GRUCell``, ``nn.RNNCell``). A
 packed sequence is refused with a :class:`~sgdlab.errors.ConfigError` naming the layer (on either path: packing
 reorders the examples, and ``torch.func`` cannot pack one example at a time).
 
@@ -35,7 +36,7 @@ from ..rule import Rule, Unsupported, register
 from .linear import Linear
 
 KINDS = {torch.lstm: "lstm", torch.gru: "gru", torch.rnn_tanh: "tanh", torch.rnn_relu: "relu"}
-_GATES = {"lstm": 4, "gru": 3, "tanh": 1, "relu": 1}
+CELLS = {torch.lstm_cell: "lstm", torch.gru_cell: "gru", torch.rnn_tanh_cell: "tanh", torch.rnn_relu_cell: "relu"}
 
 
 class _Plain:
@@ -89,6 +90,26 @@ class _Recorded(_Plain):
             self.rec.record(use, z)
         self.pending.clear()
 
+    def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """``F.linear`` on a batch ``x`` (B, D), recorded (one position)."""
+        return self.sequence(self.rec.input(x), w, b)
+
+
+def _step(kind: str, a: torch.Tensor, gh: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None
+          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One step of the cell from its input and recurrent pre-activations ``a`` and ``gh``: (h', c')."""
+    if kind == "lstm":
+        i, f, g, o = (a + gh).chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+    if kind == "gru":
+        ir, iz, in_ = a.chunk(3, 1)
+        hr, hz, hn = gh.chunk(3, 1)
+        r, u = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+        n = torch.tanh(in_ + r * hn)
+        return n + u * (h - n), None  # (1 - u) n + u h
+    return (torch.tanh(a + gh) if kind == "tanh" else torch.relu(a + gh)), None
+
 
 def _layer(kind: str, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None, weights: list, reverse: bool,
            ops: _Plain) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -100,21 +121,9 @@ def _layer(kind: str, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None, 
     hr = ops.steps(w_hr, None, x, steps) if w_hr is not None else None
     outs: list[Any] = [None] * steps
     for t in (reversed(range(steps)) if reverse else range(steps)):
-        a, gh = gi[t], hh(h, t)
-        if kind == "lstm":
-            i, f, g, o = (a + gh).chunk(4, 1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-            if hr is not None:
-                h = hr(h, t)
-        elif kind == "gru":
-            ir, iz, in_ = a.chunk(3, 1)
-            hr_, hz, hn = gh.chunk(3, 1)
-            r, u = torch.sigmoid(ir + hr_), torch.sigmoid(iz + hz)
-            n = torch.tanh(in_ + r * hn)
-            h = n + u * (h - n)  # (1 - u) n + u h
-        else:
-            h = torch.tanh(a + gh) if kind == "tanh" else torch.relu(a + gh)
+        h, c = _step(kind, gi[t], hh(h, t), h, c)
+        if hr is not None:
+            h = hr(h, t)
         outs[t] = h
     return torch.stack(outs, 1), h, c
 
@@ -151,6 +160,15 @@ def unrolled(kind: str, args: tuple, ops: _Plain) -> tuple:
     if kind == "lstm":
         return out, torch.stack(hs), torch.stack(cs)
     return out, torch.stack(hs)
+
+
+def cell(kind: str, args: tuple, linear) -> Any:
+    """What ``torch.lstm_cell`` / ``gru_cell`` / ``rnn_*_cell`` return for ``args``, with ``linear`` for the two
+    linear maps."""
+    x, hx, w_ih, w_hh, b_ih, b_hh = (*args, None, None)[:6]
+    h, c = hx if kind == "lstm" else (hx, None)
+    h, c = _step(kind, linear(x, w_ih, b_ih), linear(h, w_hh, b_hh), h, c)
+    return (h, c) if kind == "lstm" else h
 
 
 def _packed(args: tuple) -> bool:
@@ -192,6 +210,22 @@ class Recurrent(Rule):
         return unrolled(KINDS[func], args, _Recorded(rec))
 
 
+@register(*CELLS)
+class Cell(Rule):
+    """``nn.LSTMCell``, ``nn.GRUCell``, ``nn.RNNCell``: the cell's two linear maps, each recorded as a
+    :class:`~.linear.Linear` use on the batch (a cell called at every step reuses its weights: the uses add into
+    one per-example gradient per weight)."""
+
+    @classmethod
+    def record(cls, rec: Recorder, func: Any, args: tuple, kwargs: dict) -> Any:
+        if kwargs or len(args) < 4:
+            raise Unsupported("keyword arguments")
+        for h in (args[1] if isinstance(args[1], (tuple, list)) else (args[1],)):
+            if rec.info(h) is not None:
+                raise Unsupported("a parameter as the state")
+        return cell(CELLS[func], args, _Recorded(rec).linear)
+
+
 class Unrolled(TorchFunctionMode):
     """Runs recurrent layers step by step (as :func:`unrolled`), e.g. under ``torch.func.vmap``, which cannot
     batch torch's fused recurrent kernels."""
@@ -200,6 +234,8 @@ class Unrolled(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch._pack_padded_sequence:
             raise packed_refusal(None, None)
+        if func in CELLS and not kwargs:
+            return cell(CELLS[func], args, F.linear)
         kind = KINDS.get(func)
         if kind is None or kwargs or _packed(args):
             return func(*args, **kwargs)
