@@ -17,8 +17,16 @@ linear map per weight:
   respect to every step's output at once; with ``a`` the stacked previous states that is again one
   :class:`~.linear.Linear` use with ``T`` positions (its ghost norms, kept gradients and clipped sums).
 
+A cell, called by the model once per step, has its two linear maps recorded at each call (one position
+each); a weight used at several steps then gets one per-example gradient the uses add into.
+
 The recurrence is also what :class:`Unrolled` runs in place of torch's fused kernels under ``torch.func``,
-whose ``vmap`` cannot batch them (``nn.GRU``, ``nn.RNN``, and ``nn.LSTM`` in float64, end in a RuntimeError).
+whose ``vmap`` cannot batch them (``nn.GRU``, ``nn.RNN``, their cells, and ``nn.LSTM`` in float64, end in a
+RuntimeError).
+
+Measured (2-core CPU, batch 256, 32 steps, 32 features, hidden 128, a loaded machine): the step costs about
+1.5x (GRU, RNN) to 1.9x (LSTM) the non-private one with torch's fused kernels, against 11-35x for ``vmap``;
+running the recurrence step by step costs most of the difference (torch's own backward of the gates' split).
 """
 
 from __future__ import annotations
