@@ -312,3 +312,13 @@ def test_bench_dp_has_a_gpt2_row():
     assert set(res["ms_per_step"]) == {"non-private", "sgdlab", "sgdlab-vmap"}
     assert any(line.startswith("| sgdlab |") for line in lines)
     assert res["sgdlab_path"] == "ghost"
+
+
+def test_bench_dp_skips_gpt2_without_transformers(capsys, monkeypatch):
+    import sys
+
+    from sgdlab.cli import main
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
+    assert main(["bench", "dp", "--models", "gpt2", "--no-opacus"]) == 0
+    assert "gpt2: skipped (transformers is not installed: pip install transformers)" in capsys.readouterr().out
