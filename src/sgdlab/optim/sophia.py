@@ -324,7 +324,7 @@ class SophiaG(Sophia):
 
     def __init__(self, params, lr: float = 3e-4, betas: tuple[float, float] = (0.96, 0.99), gamma: float = 0.01,
                  eps: float = 1e-12, weight_decay: float = 0.2, *, k: int = 10, foreach: bool | None = None,
-                 compiled: bool | None = None):
+                 compiled: bool | str | None = None):
         super().__init__(params, lr, betas, gamma, eps, weight_decay, estimator="gnb", k=k, foreach=foreach,
                          compiled=compiled)
 
@@ -334,6 +334,6 @@ class SophiaH(Sophia):
 
     def __init__(self, params, lr: float = 3e-4, betas: tuple[float, float] = (0.96, 0.99), gamma: float = 0.01,
                  eps: float = 1e-12, weight_decay: float = 0.2, *, k: int = 10, probe: str = "gaussian",
-                 seed: int = 0, foreach: bool | None = None, compiled: bool | None = None):
+                 seed: int = 0, foreach: bool | None = None, compiled: bool | str | None = None):
         super().__init__(params, lr, betas, gamma, eps, weight_decay, estimator="hutchinson", k=k, probe=probe,
                          seed=seed, foreach=foreach, compiled=compiled)
