@@ -640,9 +640,6 @@ def test_timeout_must_fit_a_timedelta():
         Config(timeout=math.inf).validate()
 
 
-@pytest.mark.xfail(strict=True, reason="src/sgdlab/config.py resolve writes network=f'bandwidth={:g},"
-                                       "latency={:g}', six significant digits: --network bandwidth=1234567 runs "
-                                       "(and is saved) as 1.23457e+06; NetworkModel.canonical() is exact")
 def test_resolved_network_is_exact():
     assert NetworkModel.parse(Config(network="bandwidth=1234567").resolve().network).bandwidth == 1234567
 

@@ -63,6 +63,10 @@ def setting(default: Any, help: str, *, none: str | None = None) -> Any:
     return field(default=default, metadata=meta)
 
 
+def _exact(x: float) -> str:  # %g (config.json's form so far) where it reads back exactly, else repr
+    return f"{x:g}" if float(f"{x:g}") == x else repr(x)
+
+
 def _network_default() -> str:
     """NetworkModel's defaults, written as --network takes them (bandwidth=1G,latency=1ms)."""
     net = NetworkModel()
@@ -200,8 +204,7 @@ class Config:
         hp = dict(p.hyperparameters)
         lr = hp.pop("lr") if self.lr is None else self.lr
         hp.pop("lr", None)
-        # config.json holds the network with %g's six digits; the run simulates that (a resumed run reads it)
-        network_text = f"bandwidth={p.network.bandwidth:g},latency={p.network.latency:g}"
+        network_text = f"bandwidth={_exact(p.network.bandwidth)},latency={_exact(p.network.latency)}"
         plain = {k: getattr(self, k) for k in _PLAIN if k != "name"}
         return RunSpec(
             **plain, lr=float(lr), optimizer_args=_freeze(_json_form({**hp, **self.optimizer_args})),
