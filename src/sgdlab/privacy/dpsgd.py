@@ -31,11 +31,12 @@ CCS 2016 (arXiv:1607.00133), Algorithm 1, with Poisson sampling as the accountan
    On a mismatch ``auto`` switches to ``vmap`` and ``ghost`` raises.
 
    Measured (``sgdlab bench dp``, 2-core CPU, two threads, batch 256 in one micro-batch; BENCHMARKS.md):
-   ``ghost`` costs 1.24x the non-private step on the digits CNN, 1.16x on charlm and 1.08x on charlm with
+   ``ghost`` costs 1.24x the non-private step on the digits CNN (1.43–1.53x on the same machine on
+   2026-12-03, old and new builds alike), 1.16x on charlm and 1.08x on charlm with
    an untied head, against 1.5–1.7x for ``vmap`` and 1.15–2.4x for Opacus 1.6's modes (whose fastest,
    expanded weights, is 1.39x and 1.06x slower than ``ghost``); on Hugging Face GPT-2 in charlm's shape,
-   1.20x, against 2.34x for ``vmap`` and 1.84x for Opacus's fastest mode that runs it (hooks; a loaded
-   machine, one run). ``ghost`` also bounds memory
+   1.12x, against 2.70x for ``vmap`` and 1.77x for Opacus's fastest mode that runs it (hooks). ``ghost``
+   also bounds memory
    (:data:`sgdlab.privacy.ghost.MATERIALISE_BUDGET`).
 
 3. **Clip** each ``g_i`` to norm ``C``:
