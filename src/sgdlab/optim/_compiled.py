@@ -163,11 +163,9 @@ def compiled_mode(flag: Any, tensors: list[torch.Tensor]) -> str | None:
         return None
     if flag == "group" and len({t.device for t in tensors}) == 1:
         return "group"
-    if not all(t.is_contiguous() for t in tensors):
+    if flag is None and sum(t.numel() for t in tensors) < AUTO_MIN_NUMEL:  # the common case, checked first
         return None
-    if flag is not None or sum(t.numel() for t in tensors) >= AUTO_MIN_NUMEL:
-        return "tensor"
-    return None
+    return "tensor" if all(t.is_contiguous() for t in tensors) else None
 
 
 def use_compiled(flag: Any, tensors: list[torch.Tensor]) -> bool:
