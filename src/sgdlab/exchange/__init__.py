@@ -22,6 +22,11 @@ from .base import Aggregator, Attack, Compressor, Feedback, Slot, build_stage, c
 from .mean import Mean
 from .pipeline import Exchange, flatten, unflatten_into
 from .precision import PRECISION_COMPRESSORS, PRECISIONS
+from .qsgd import QSGD
+from .terngrad import TernGrad
+from .signsgd import SignSGD
+from .scaled_sign import ScaledSign
+from .onebit import OneBit
 
 __all__ = ["Exchange", "ExchangeSpec", "Compressor", "Feedback", "Aggregator", "Attack", "Slot", "compressors",
            "feedback", "aggregators", "attacks", "PRECISIONS", "flatten", "unflatten_into"]
@@ -35,6 +40,8 @@ for _cls in PRECISION_COMPRESSORS:
     compressors.register(_cls.name, _cls, _cls.description)
 feedback.register(Feedback.name, Feedback, Feedback.description)
 aggregators.register(Mean.name, Mean, Mean.description)
+for _cls in (QSGD, TernGrad, SignSGD, ScaledSign, OneBit):
+    compressors.register(_cls.name, _cls, _cls.description)
 
 
 @dataclass(frozen=True)
