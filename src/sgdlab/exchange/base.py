@@ -28,12 +28,13 @@ class Slot:
     """What is being exchanged: a stream (``"grad"``, ``"delta"``, ``"fragment1"``, ...) at a step, with the
     shapes of the tensors the flat vector holds (for compressors that work per matrix). State that lives
     across rounds (error-feedback memory, warm starts) is kept per stream; ``seed`` is the run's seed,
-    for randomness every worker must draw alike."""
+    for randomness every worker must draw alike; ``world`` the number of workers."""
 
     key: str
     step: int
     seed: int = 0
     shapes: tuple[torch.Size, ...] = ()
+    world: int = 1
 
 
 class Stage:
@@ -50,11 +51,16 @@ class Compressor(Stage):
 
     ``summable``: payloads of different workers may be added element-wise and decoded once (the
     collective is then an all-reduce of the payloads); otherwise they are all-gathered and each is
-    decoded. ``lossless``: ``decode(encode(x)) == x`` exactly.
+    decoded. ``lossless``: ``decode(encode(x)) == x`` exactly. ``stateful``: ``encode`` also takes
+    ``memory=``, the worker's dict of tensors for this stream (the one the feedback rule gets; prefix the
+    keys), which the exchange checkpoints. ``own_feedback``: that state already keeps what was not sent
+    (DGC's accumulation), so no error-feedback rule applies.
     """
 
     summable: ClassVar[bool] = False
     lossless: ClassVar[bool] = False
+    stateful: ClassVar[bool] = False
+    own_feedback: ClassVar[bool] = False
 
     @staticmethod
     def payload_bytes(payload: list[torch.Tensor]) -> int:

@@ -65,7 +65,7 @@ class Exchange:
         group = self.group
         if len(per_worker) != len(group.local):
             raise ValueError(f"expected tensors of {len(group.local)} local workers, got {len(per_worker)}")
-        slot = Slot(key, step, self.seed, tuple(t.shape for t in per_worker[0]))
+        slot = Slot(key, step, self.seed, tuple(t.shape for t in per_worker[0]), group.world)
         if self.client_dp is not None:
             self.client_dp.clip_round(per_worker, group.local, step)
         flats = [flatten(ts) for ts in per_worker]
@@ -80,7 +80,8 @@ class Exchange:
             msg = self.feedback.message(x, memory)
             if rank in self.byzantine:
                 msg = self.attack(msg, honest, slot, rank)
-            payload = self.compressor.encode(msg, slot, rank)
+            payload = (self.compressor.encode(msg, slot, rank, memory=memory) if self.compressor.stateful
+                       else self.compressor.encode(msg, slot, rank))
             if self.feedback.needs_own_decode:
                 self.feedback.sent(msg, self.compressor.decode(payload, n, slot, rank), memory)
             payloads.append(payload)
