@@ -19,9 +19,12 @@ from typing import Any
 from ..errors import ConfigError
 from ..registry import Registry
 from .base import Aggregator, Attack, Compressor, Feedback, Slot, build_stage, canonical, parse_spec
+from .dgc import DGC
 from .mean import Mean
 from .pipeline import Exchange, flatten, unflatten_into
 from .precision import PRECISION_COMPRESSORS, PRECISIONS
+from .randk import RandK
+from .topk import TopK
 from .qsgd import QSGD
 from .terngrad import TernGrad
 from .signsgd import SignSGD
@@ -40,6 +43,8 @@ for _cls in PRECISION_COMPRESSORS:
     compressors.register(_cls.name, _cls, _cls.description)
 feedback.register(Feedback.name, Feedback, Feedback.description)
 aggregators.register(Mean.name, Mean, Mean.description)
+for _cls in (TopK, RandK, DGC):  # sparsifiers
+    compressors.register(_cls.name, _cls, _cls.description)
 for _cls in (QSGD, TernGrad, SignSGD, ScaledSign, OneBit):
     compressors.register(_cls.name, _cls, _cls.description)
 
@@ -80,6 +85,9 @@ class ExchangeSpec:
         if rule != "none" and compressor.lossless:
             raise ConfigError(f"compress={self.compress!r}: feedback={rule} corrects a lossy compressor; "
                               f"{name} is lossless")
+        if rule != "none" and compressor.own_feedback:
+            raise ConfigError(f"compress={self.compress!r}: feedback={rule} does not apply; {name} keeps what it "
+                              "did not send in its own accumulation")
         name, values, _ = parse_spec(self.aggregate, aggregators, "aggregate")
         self.attack()
         return compressor, fb, build_stage(aggregators, name, values, "aggregator")
