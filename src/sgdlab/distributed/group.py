@@ -4,10 +4,10 @@
 * :class:`TorchGroup` holds one worker per process and uses ``torch.distributed`` (gloo on CPU, NCCL on
   CUDA), started by ``torchrun``.
 
-Both provide the sum and the gather of payload tensors that :class:`sgdlab.exchange.Exchange` builds
-every exchange from, count the bytes each worker sends (with the ring cost model of
-:mod:`sgdlab.distributed.network`) and keep each worker's simulated clock. Measurement-only traffic
-(the clock maximum, logged losses) is not counted.
+Both provide the sum, the gather and the all-to-all (:meth:`Group.scatter_chunks`) of payload tensors
+that :class:`sgdlab.exchange.Exchange` builds every exchange from, count the bytes each worker sends
+(with the ring cost model of :mod:`sgdlab.distributed.network`) and keep each worker's simulated clock.
+Measurement-only traffic (the clock maximum, logged losses) is not counted.
 """
 
 from __future__ import annotations
@@ -47,6 +47,9 @@ class Group:
     def _gather(self, payloads: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
         raise NotImplementedError
 
+    def _scatter(self, chunks: list[list[list[torch.Tensor]]]) -> list[list[list[torch.Tensor]]]:
+        raise NotImplementedError
+
     def max_clock(self) -> float:
         raise NotImplementedError
 
@@ -67,6 +70,18 @@ class Group:
         if len(payloads) != len(self.local):
             raise ValueError(f"expected payloads of {len(self.local)} local workers, got {len(payloads)}")
         return self._gather(payloads)
+
+    def scatter_chunks(self, chunks: list[list[list[torch.Tensor]]]) -> list[list[list[torch.Tensor]]]:
+        """The exchange of a reduce-scatter of payloads (an all-to-all): ``chunks[i][j]`` are local worker
+        i's payload tensors for rank j (chunk j has the same shapes on every worker; sizes may differ
+        between chunks, and may be 0). Returns, per local worker, the N copies of its own chunk in rank
+        order: ``out[i][s]`` is rank s's chunk ``local[i]``. The reduction is the caller's (a compressor
+        decodes and averages what it receives); bytes are charged by the caller."""
+        if len(chunks) != len(self.local):
+            raise ValueError(f"expected chunks of {len(self.local)} local workers, got {len(chunks)}")
+        if any(len(c) != self.world for c in chunks):
+            raise ValueError(f"expected one chunk per rank ({self.world}) from every local worker")
+        return self._scatter(chunks)
 
     def mean_exact_(self, per_worker: list[list[torch.Tensor]]) -> float:
         """Replace every local worker's tensors by their mean over all workers, in their own dtype, outside
@@ -194,6 +209,9 @@ class SimGroup(Group):
     def _gather(self, payloads):
         return [[t.clone() for t in p] for p in payloads]
 
+    def _scatter(self, chunks):
+        return [[[t.clone() for t in chunks[src][dst]] for src in range(self.world)] for dst in self.local]
+
     def _broadcast(self, payloads):
         return payloads[0]  # local worker 0 is rank 0
 
@@ -272,6 +290,20 @@ class TorchGroup(Group):
             for r in range(self.world):
                 out[r].append(bufs[r])
         return out
+
+    def _scatter(self, chunks):
+        """One ``all_to_all_single`` per payload tensor (uneven splits; gloo and NCCL both have it)."""
+        (mine,) = chunks
+        own = mine[self.rank]  # what every rank sends here has the shapes of our own chunk
+        out: list[list[torch.Tensor]] = [[] for _ in range(self.world)]
+        for k, like in enumerate(own):
+            send = torch.cat([mine[j][k].reshape(-1) for j in range(self.world)])
+            recv = torch.empty(like.numel() * self.world, dtype=like.dtype, device=like.device)
+            self._call(dist.all_to_all_single, recv, send, output_split_sizes=[like.numel()] * self.world,
+                       input_split_sizes=[mine[j][k].numel() for j in range(self.world)])
+            for src, part in enumerate(recv.view(self.world, like.numel())):
+                out[src].append(part.view_as(like))
+        return [out]
 
     def _broadcast(self, payloads):
         (mine,) = payloads

@@ -22,7 +22,6 @@ from .base import Aggregator, Attack, Compressor, Feedback, Slot, build_stage, c
 from .dgc import DGC
 from .mean import Mean
 from .pipeline import Exchange, flatten, unflatten_into
-from .powersgd import PowerSGD
 from .precision import PRECISION_COMPRESSORS, PRECISIONS
 from .randk import RandK
 from .topk import TopK
@@ -44,7 +43,6 @@ for _cls in PRECISION_COMPRESSORS:
     compressors.register(_cls.name, _cls, _cls.description)
 feedback.register(Feedback.name, Feedback, Feedback.description)
 aggregators.register(Mean.name, Mean, Mean.description)
-compressors.register(PowerSGD.name, PowerSGD, PowerSGD.description)
 for _cls in (TopK, RandK, DGC):  # sparsifiers
     compressors.register(_cls.name, _cls, _cls.description)
 for _cls in (QSGD, TernGrad, SignSGD, ScaledSign, OneBit):
