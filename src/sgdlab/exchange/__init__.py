@@ -19,9 +19,13 @@ from typing import Any
 from ..errors import ConfigError
 from ..registry import Registry
 from .base import Aggregator, Attack, Compressor, Feedback, Slot, build_stage, canonical, parse_spec
+from .econtrol import EControl
+from .ef import ErrorFeedback
+from .ef21 import EF21
 from .dgc import DGC
 from .mean import Mean
 from .pipeline import Exchange, flatten, unflatten_into
+from .powersgd import PowerSGD
 from .precision import PRECISION_COMPRESSORS, PRECISIONS
 from .randk import RandK
 from .topk import TopK
@@ -42,7 +46,10 @@ attacks: Registry[type[Attack]] = Registry("attack")
 for _cls in PRECISION_COMPRESSORS:
     compressors.register(_cls.name, _cls, _cls.description)
 feedback.register(Feedback.name, Feedback, Feedback.description)
+for _cls in (ErrorFeedback, EF21, EControl):  # error-feedback rules
+    feedback.register(_cls.name, _cls, _cls.description)
 aggregators.register(Mean.name, Mean, Mean.description)
+compressors.register(PowerSGD.name, PowerSGD, PowerSGD.description)
 for _cls in (TopK, RandK, DGC):  # sparsifiers
     compressors.register(_cls.name, _cls, _cls.description)
 for _cls in (QSGD, TernGrad, SignSGD, ScaledSign, OneBit):
