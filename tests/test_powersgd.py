@@ -210,8 +210,13 @@ def test_other_feedback_rules_and_aggregators_are_refused():
     with pytest.raises(ConfigError, match="feedback=toy-ef-psgd does not apply") as err:
         exchange.ExchangeSpec("powersgd,feedback=toy-ef-psgd")
     assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="needs aggregate=mean: powersgd sums .*aggregate=toy-max-psgd") as err:
+        exchange.ExchangeSpec("powersgd,rank=1", "toy-max-psgd")
+    assert "\n" not in str(err.value)
+    # an exchange built around the spec check still refuses at its first round
     group = SimGroup(2, NetworkModel())
-    ex = exchange.ExchangeSpec("powersgd", "toy-max-psgd").build(group)
+    ex = exchange.Exchange(group, exchange.compressors.get("powersgd")(), aggregator=exchange.aggregators.get(
+        "toy-max-psgd")())
     with pytest.raises(ConfigError, match="powersgd needs aggregate=mean.*toy-max-psgd"):
         ex.mean_([[torch.ones(4, 4)] for _ in range(2)], key="grad", step=1)
 

@@ -97,7 +97,11 @@ class ExchangeSpec:
                               "did not send in its own accumulation")
         name, values, _ = parse_spec(self.aggregate, aggregators, "aggregate")
         self.attack()
-        return compressor, fb, build_stage(aggregators, name, values, "aggregator")
+        aggregator = build_stage(aggregators, name, values, "aggregator")
+        if compressor.mean_only and not aggregator.linear:
+            raise ConfigError(f"compress={self.compress!r} needs aggregate=mean: {compressor.name} sums the workers' "
+                              f"payloads and never decodes one alone; aggregate={name} needs each worker's vector")
+        return compressor, fb, aggregator
 
     def canonical(self) -> ExchangeSpec:
         """The same spec with every key spelled out (as saved with a run)."""

@@ -54,13 +54,15 @@ class Compressor(Stage):
     decoded. ``lossless``: ``decode(encode(x)) == x`` exactly. ``stateful``: ``encode`` also takes
     ``memory=``, the worker's dict of tensors for this stream (the one the feedback rule gets; prefix the
     keys), which the exchange checkpoints. ``own_feedback``: that state already keeps what was not sent
-    (DGC's accumulation), so no error-feedback rule applies.
+    (DGC's accumulation), so no error-feedback rule applies. ``mean_only``: its collective sums the workers'
+    payloads and no worker's vector is ever decoded alone (PowerSGD), so only a ``linear`` aggregator works.
     """
 
     summable: ClassVar[bool] = False
     lossless: ClassVar[bool] = False
     stateful: ClassVar[bool] = False
     own_feedback: ClassVar[bool] = False
+    mean_only: ClassVar[bool] = False
 
     @staticmethod
     def payload_bytes(payload: list[torch.Tensor]) -> int:

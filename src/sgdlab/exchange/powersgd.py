@@ -33,8 +33,8 @@ Error feedback is PowerSGD's own (``error_feedback=true``): the residual ``e_w``
 of every warm-started ``Q`` live in the worker's exchange memory for the stream (``powersgd.e``,
 ``powersgd.q<i>``; the exchange checkpoints it, ``Exchange.state_dict()["memory"]["<stream>/<rank>"]``),
 so a resumed run continues bit for bit. A ``feedback=`` rule on top is refused (it would correct twice,
-and a lone worker's message cannot be decoded before the round's ``P̂`` is known), and so, at the first
-round, is an aggregator other than the mean (the all-reduces sum the workers' factors).
+and a lone worker's message cannot be decoded before the round's ``P̂`` is known), and so is an
+aggregator other than the mean (the all-reduces sum the workers' factors).
 
 Differences from the reference code:
 
@@ -119,6 +119,7 @@ class PowerSGD(Compressor):
     summable = True
     stateful = True       # encode gets the worker's memory: residual "powersgd.e", warm start "powersgd.q<i>"
     own_feedback = True   # the residual is PowerSGD's own error feedback: no feedback= rule on top
+    mean_only = True      # the all-reduces sum the workers' factors: only the mean aggregates them
 
     def __init__(self, options: Any = None):
         super().__init__(options)
