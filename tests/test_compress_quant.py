@@ -42,6 +42,9 @@ def test_pack_round_trip_and_size(bits):
         packed = _quant.pack(codes, bits)
         assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(n * bits / 8)
         assert torch.equal(_quant.unpack(packed, bits, n), codes)
+        # the torch-only path (CUDA tensors take it) writes and reads the same bytes
+        assert torch.equal(_quant.pack(codes, bits, numpy=False), packed)
+        assert torch.equal(_quant.unpack(packed, bits, n, numpy=False), codes)
 
 
 # ---- QSGD ------------------------------------------------------------------------------------------

@@ -34,13 +34,12 @@ class OneBit(Compressor):
 
     def encode(self, x, slot=None, rank=0):
         sizes = _quant.segments(x.numel(), slot)
-        ids = _quant.segment_ids(sizes, x.device)
         x = x.float()
         pos = x >= 0
-        zeros = torch.zeros(len(sizes), device=x.device)
-        sum_pos = zeros.index_add(0, ids, torch.where(pos, x, 0.0))
-        sum_neg = zeros.index_add(0, ids, torch.where(pos, 0.0, x))
-        cnt_pos = zeros.index_add(0, ids, pos.float())
+        positive = torch.where(pos, x, 0.0)
+        sum_pos = _quant.per_segment(positive, sizes, "sum")
+        sum_neg = _quant.per_segment(x - positive, sizes, "sum")
+        cnt_pos = _quant.per_segment(pos, sizes, "sum")
         cnt_neg = torch.tensor(sizes, device=x.device, dtype=torch.float32) - cnt_pos
         means = torch.cat([sum_pos / cnt_pos.clamp(min=1), sum_neg / cnt_neg.clamp(min=1)])
         return [_quant.pack(pos.to(torch.uint8), 1), means]
@@ -48,6 +47,5 @@ class OneBit(Compressor):
     def decode(self, payload, n, slot=None, rank=0):
         bits, means = payload
         sizes = _quant.segments(n, slot)
-        ids = _quant.segment_ids(sizes, bits.device)
         pos, neg = means.view(2, -1)
-        return torch.where(_quant.unpack(bits, 1, n).bool(), pos[ids], neg[ids])
+        return torch.where(_quant.unpack(bits, 1, n).bool(), _quant.spread(pos, sizes), _quant.spread(neg, sizes))

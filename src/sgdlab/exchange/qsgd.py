@@ -84,5 +84,5 @@ class QSGD(Compressor):
         packed, norms = payload
         s, d = self.options.levels, self._bucket(n)
         q = (_quant.unpack(packed, self.bits, n) - s).float() / s
-        scale = norms.repeat_interleave(d)[:n]
-        return q * scale
+        return (q.view(-1, d) * norms[:, None]).view(-1)[:n] if n % d == 0 else \
+            q * norms.repeat_interleave(d)[:n]

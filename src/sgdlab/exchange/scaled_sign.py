@@ -42,10 +42,10 @@ class ScaledSign(Compressor):
 
     def encode(self, x, slot=None, rank=0):
         sizes = _quant.segments(x.numel(), slot, self.options.layerwise)
-        scale = torch.stack([seg.abs().sum() / seg.numel() for seg in torch.split(x.float(), sizes)])
+        scale = _quant.per_segment(x.float().abs(), sizes, "sum") / torch.tensor(sizes, device=x.device)
         return [_quant.sign_bits(x), scale]
 
     def decode(self, payload, n, slot=None, rank=0):
         bits, scale = payload
         sizes = _quant.segments(n, slot, self.options.layerwise)
-        return _quant.signs(bits, n) * scale[_quant.segment_ids(sizes, bits.device)]
+        return _quant.signs(bits, n) * _quant.spread(scale, sizes)

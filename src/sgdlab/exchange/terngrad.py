@@ -74,9 +74,8 @@ class TernGrad(Compressor):
     def encode(self, x, slot=None, rank=0):
         sizes = _quant.segments(x.numel(), slot)
         g = self.clipped(x.float(), sizes)
-        ids = _quant.segment_ids(sizes, x.device)
-        scale = torch.zeros(len(sizes), device=x.device).scatter_reduce_(0, ids, g.abs(), "amax")
-        s = scale[ids]
+        scale = _quant.per_segment(g.abs(), sizes, "amax")
+        s = _quant.spread(scale, sizes)
         p = g.abs() / torch.where(s > 0, s, torch.ones_like(s))
         keep = _quant.uniform(x.numel(), self.name, slot, rank, x.device) < p
         tern = torch.where(keep, torch.sign(g), torch.zeros_like(g))
@@ -85,8 +84,8 @@ class TernGrad(Compressor):
     def decode(self, payload, n, slot=None, rank=0):
         packed, scale = payload
         sizes = _quant.segments(n, slot)
-        ids = _quant.segment_ids(sizes if len(sizes) == scale.numel() else [n], packed.device)
-        return (_quant.unpack(packed, 2, n).float() - 1) * scale[ids]
+        return (_quant.unpack(packed, 2, n).float() - 1) * _quant.spread(scale, sizes if len(sizes) == scale.numel()
+                                                                          else [n])
 
     def communicate(self, payloads, group, n, slot, aggregator):
         if not self.options.share:
@@ -99,9 +98,8 @@ class TernGrad(Compressor):
         sizes = _quant.segments(n, slot)
         thinned = []
         for rank, (packed, own) in zip(group.local, payloads, strict=True):
-            ids = _quant.segment_ids(sizes, packed.device)
             ratio = own / torch.where(shared > 0, shared, torch.ones_like(shared))
-            keep = _quant.uniform(n, self.name + "/share", slot, rank, packed.device) < ratio[ids]
+            keep = _quant.uniform(n, self.name + "/share", slot, rank, packed.device) < _quant.spread(ratio, sizes)
             codes = _quant.unpack(packed, 2, n)
             thinned.append([_quant.pack(torch.where(keep, codes, torch.ones_like(codes)), 2)])
         gathered = group.gather_payloads(thinned)
