@@ -248,6 +248,15 @@ def test_dgc_at_ratio_one_without_masking_is_momentum_sgd_on_the_mean_gradient()
     torch.testing.assert_close(_params(got[0].model), _params(ref[0].model), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("compress", ["topk,ratio=0.2", "randk,ratio=0.3", "dgc,ratio=0.2,momentum=0.5"])
+def test_streaming_diloco_fragments_are_sparsified_per_stream(compress):
+    opts = {"sync_every": 2 * H, "outer_lr": 0.5, "outer_args": {}, "fragments": 2, "overlap": 1}
+    strategy, workers, group, _ = _train_sim("streaming-diloco", opts, compress, world=3)
+    assert all(torch.isfinite(_params(w.model)).all() for w in workers) and group.bytes_sent > 0
+    if compress.startswith("dgc"):  # a velocity and an accumulation per fragment stream and worker
+        assert sorted(strategy.exchange.memory) == [f"fragment{p}/{r}" for p in range(2) for r in range(3)]
+
+
 PAPER_WARMUP_SPARSITY = [0.75, 0.9375, 0.984375, 0.99609375]  # the paper's four warm-up epochs, then the target
 
 

@@ -118,8 +118,8 @@ class DGC(Compressor):
             coef = threshold / (float(g.norm()) + 1e-6)
             if coef < 1:
                 g = g * coef
-        u = memory.get("dgc.u", torch.zeros_like(g))
-        v = memory.get("dgc.v", torch.zeros_like(g))
+        u = memory["dgc.u"] if "dgc.u" in memory else torch.zeros_like(g)   # out of place below: a loaded
+        v = memory["dgc.v"] if "dgc.v" in memory else torch.zeros_like(g)   # checkpoint is never written
         if o.nesterov:
             u = (u + g) * o.momentum
             v = v + u + g
