@@ -30,6 +30,9 @@ the paper's setting is W = 4 epochs' worth of steps. ``warmup_steps=0`` (the def
 vector), payload = the float32 values + int32 indices or a bitmap over the vector, whichever is smaller;
 all-gathered (``(N − 1) ×`` payload per worker).
 
+The paper estimates the threshold from a 0.1–1 % sample of |v|; sgdlab's selection is exact (a strided
+sample only narrows the candidates, see :func:`~sgdlab.exchange.topk.top_indices`), so k is met exactly.
+
 **What the reference code (synxlin/deep-gradient-compression) does differently**: it estimates the
 threshold from a 1 % strided sample and accepts 0.8–1.3× the target count (adapting up to 10 times,
 then an exact top-k of the candidates), where sgdlab takes the exact top-k; it sparsifies only tensors
