@@ -92,6 +92,16 @@ def test_sampled_threshold_selects_the_same_set_as_the_exact_top_k():
                 0, got, False)].max())
 
 
+def test_nan_magnitudes_still_give_k_entries():
+    from sgdlab.exchange.topk import top_indices
+
+    for n in (10, 300_000):
+        a = torch.arange(n, dtype=torch.float32)
+        a[3] = float("nan")
+        got = top_indices(a, 4)
+        assert got.numel() == 4   # the same payload shape on every worker, whatever the NaNs
+
+
 def test_k_is_ceil_of_the_decimal_ratio():
     from sgdlab.exchange.topk import num_kept
 

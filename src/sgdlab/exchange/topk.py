@@ -87,6 +87,8 @@ def _exact_top(a: torch.Tensor, k: int) -> torch.Tensor:
     t = torch.topk(a, k, sorted=False).values.min()          # the k-th largest magnitude
     above = (a > t).nonzero().view(-1)                        # fewer than k
     ties = (a == t).nonzero().view(-1)[: k - above.numel()]  # lowest indices first
+    if above.numel() + ties.numel() < k:   # NaN among the magnitudes: still k entries (the NaNs among them)
+        return torch.topk(a, k, sorted=False).indices.sort().values
     return torch.cat([above, ties]).sort().values
 
 
