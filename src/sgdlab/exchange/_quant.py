@@ -83,7 +83,7 @@ def spread(values: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     n = sum(sizes)
     if len(sizes) == 1:
         return values.expand(n)
-    return values.repeat_interleave(torch.tensor(sizes, device=values.device), output_size=n)
+    return torch.cat([v.expand(size) for v, size in zip(values.unbind(), sizes, strict=True)])
 
 
 def per_segment(x: torch.Tensor, sizes: list[int], op: str) -> torch.Tensor:

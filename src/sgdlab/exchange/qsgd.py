@@ -70,19 +70,19 @@ class QSGD(Compressor):
 
     def encode(self, x, slot=None, rank=0):
         s, n, d = self.options.levels, x.numel(), self._bucket(x.numel())
-        buckets = torch.nn.functional.pad(x.float(), (0, (-n) % d)).view(-1, d)
+        x = x.float()
+        buckets = (x if n % d == 0 else torch.nn.functional.pad(x, (0, (-n) % d))).view(-1, d)
         norms = torch.linalg.vector_norm(buckets, dim=1)
         safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-        r = (buckets.abs() / safe[:, None]).view(-1)[:n] * s
-        low = r.floor()
-        u = _quant.uniform(n, self.name, slot, rank, x.device)
-        level = (low + (u < r - low).float()).clamp_(max=s)
-        code = torch.where(x < 0, -level, level).long() + s
-        return [_quant.pack(code, self.bits), norms.float()]
+        r = (buckets.abs() / safe[:, None]).view(-1)[:n].mul_(s)      # s·|v_i|/‖v‖ ∈ [0, s]
+        level = r.floor()
+        up = _quant.uniform(n, self.name, slot, rank, x.device) < r.sub_(level)   # P(up) = r − ⌊r⌋
+        code = level.add_(up).clamp_(max=s).mul_(torch.sign(x)).add_(s)           # sign·ξ + s ∈ [0, 2s]
+        return [_quant.pack(code, self.bits), norms]
 
     def decode(self, payload, n, slot=None, rank=0):
         packed, norms = payload
         s, d = self.options.levels, self._bucket(n)
-        q = (_quant.unpack(packed, self.bits, n) - s).float() / s
+        q = _quant.unpack(packed, self.bits, n).float().sub_(s).div_(s)
         return (q.view(-1, d) * norms[:, None]).view(-1)[:n] if n % d == 0 else \
             q * norms.repeat_interleave(d)[:n]

@@ -64,12 +64,13 @@ class TernGrad(Compressor):
         """``x`` with each tensor clipped at ``clip``·σ (σ of that tensor; unclipped where σ = 0)."""
         if not self.options.clip:
             return x
-        parts = []
-        for seg in torch.split(x, sizes):
-            sigma = seg.std(correction=0) if seg.numel() > 1 else seg.new_zeros(())
-            bound = self.options.clip * sigma
-            parts.append(seg.clamp(-bound, bound) if sigma > 0 else seg)
-        return torch.cat(parts)
+        parts = [x] if len(sizes) == 1 else torch.split(x, sizes)
+        sigma = torch.stack([p.std(correction=0) if p.numel() > 1 else p.new_zeros(()) for p in parts])
+        bound = torch.where(sigma > 0, self.options.clip * sigma, torch.full_like(sigma, math.inf))
+        if len(sizes) == 1:
+            return x.clamp(-bound[0], bound[0])
+        b = _quant.spread(bound, sizes)
+        return torch.minimum(torch.maximum(x, -b), b)
 
     def encode(self, x, slot=None, rank=0):
         sizes = _quant.segments(x.numel(), slot)
@@ -78,14 +79,14 @@ class TernGrad(Compressor):
         s = _quant.spread(scale, sizes)
         p = g.abs() / torch.where(s > 0, s, torch.ones_like(s))
         keep = _quant.uniform(x.numel(), self.name, slot, rank, x.device) < p
-        tern = torch.where(keep, torch.sign(g), torch.zeros_like(g))
-        return [_quant.pack((tern + 1).long(), 2), scale]
+        return [_quant.pack(torch.sign(g).mul_(keep).add_(1), 2), scale]   # code g̃/s + 1 ∈ {0, 1, 2}
 
     def decode(self, payload, n, slot=None, rank=0):
         packed, scale = payload
         sizes = _quant.segments(n, slot)
-        return (_quant.unpack(packed, 2, n).float() - 1) * _quant.spread(scale, sizes if len(sizes) == scale.numel()
-                                                                          else [n])
+        if len(sizes) != scale.numel():
+            sizes = [n]
+        return _quant.unpack(packed, 2, n).float().sub_(1).mul_(_quant.spread(scale, sizes))
 
     def communicate(self, payloads, group, n, slot, aggregator):
         if not self.options.share:
