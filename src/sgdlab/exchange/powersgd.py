@@ -220,7 +220,9 @@ class PowerSGD(Compressor):
             for (i, _), q in zip(low, qbar, strict=True):
                 memory[f"powersgd.q{i}"] = q.clone()          # warm start: every worker keeps the same Q
             if o.error_feedback:                               # e_w = M_w − P̂ Q_wᵀ (0 where sent exactly)
-                e = torch.zeros_like(m)
+                e = memory.get("powersgd.e")                   # overwritten in place: M_w no longer needs it
+                if e is None or e.shape != m.shape:
+                    e = torch.zeros_like(m)
                 for (_, p), ph, q in zip(low, phat, qw, strict=True):
                     torch.addmm(mat(m, p), ph, q.T, alpha=-1, out=mat(e, p))
                 memory["powersgd.e"] = e
