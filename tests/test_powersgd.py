@@ -130,7 +130,7 @@ def test_error_feedback_invariant():
     ex, _ = _exchange("powersgd,rank=2")
     for step, xs in enumerate(_inputs(3, seed=1), 1):
         zero = torch.zeros(sum(math.prod(s) for s in SHAPES))
-        olds = [ex.memory.get(f"grad/{r}", {}).get("powersgd.e", zero) for r in range(W)]
+        olds = [ex.memory.get(f"grad/{r}", {}).get("powersgd.e", zero).clone() for r in range(W)]
         tensors = [[t.clone() for t in ts] for ts in xs]
         ex.mean_(tensors, key="grad", step=step)
         out = exchange.flatten(tensors[0])
