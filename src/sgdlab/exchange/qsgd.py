@@ -18,10 +18,10 @@ theoretical bit counts) is not used: like the paper's own experiments it sends f
 Payloads are all-gathered and every worker decodes and averages them in rank order.
 
 Options and defaults: ``levels`` s (default 7, i.e. 4 bits per element with the sign: the paper's "4bit
-QSGD"), ``bucket`` d (default 512, the bucket size of the paper's 4-bit experiments; 0 = one bucket, the
-whole vector, as in the paper's analysis). The norm is the bucket's 2-norm (the paper's analysis; its
-experiments also try max-norm scaling, which is not offered here). Randomness: one uniform per element
-from a stream seeded by (run seed, slot key, step, rank), identical on both backends.
+QSGD"), ``bucket`` d (default 512, the bucket size the paper reports for its 4-bit runs; 0 = one bucket,
+the whole vector, as in the paper's analysis). The norm is the bucket's 2-norm, for which the bounds
+above hold (max-norm scaling, a common practical variant, is not offered). Randomness: one uniform per
+element from a stream seeded by (run seed, slot key, step, rank), identical on both backends.
 """
 
 from __future__ import annotations

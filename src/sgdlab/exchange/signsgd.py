@@ -13,12 +13,13 @@ Update rule (the papers' Algorithm with majority vote, M workers)::
 
 and the strategy's step is θ ← θ − η·ĝ: in ``ddp`` with plain SGD at learning rate η this is exactly
 signSGD with majority vote (the papers' η). The exchanged vector has magnitude 1 per element whatever the
-gradient's scale, so η must be chosen for sign steps (the papers use Adam-like rates, ~1e-4 to 1e-3 for
-deep nets); nothing rescales it. With ``localsgd``/``diloco`` the round's update θ − θᵢ is signed and the
-outer learning rate scales it. Differences from the papers: a zero is sent as +1 (one bit has no third
-value); momentum (Signum) in the papers is applied on each worker before the sign, while an sgdlab
-strategy's inner optimizer acts on the aggregate — use ``feedback=ef`` or an inner optimizer for memory.
-With a robust ``--aggregate`` the vote is the sign of that aggregate of the workers' signs.
+gradient's scale, so η must be chosen for sign steps (of the order of Adam's learning rates, not SGD's);
+nothing rescales it. With ``localsgd``/``diloco`` the round's update θ − θᵢ is signed and the outer
+learning rate scales it. Differences from the papers: a zero is sent as +1 (one bit has no third value);
+momentum (Signum) in the papers is applied on each worker before the sign, while an sgdlab strategy's
+inner optimizer acts on the aggregate. With a robust ``--aggregate`` the vote is the sign of that
+aggregate of the workers' signs. Error feedback (``feedback=ef``) fits the scaled sign better
+(``scaled_sign``): an unscaled ±1 message leaves residuals that grow while |x| > 1.
 
 Encoding: one bit per element (1 for ≥ 0), packed 8 per byte, ``⌈n/8⌉`` bytes; the bits are
 all-gathered (each worker sends (N−1)·⌈n/8⌉ bytes) and every worker counts the vote itself.
