@@ -278,9 +278,10 @@ def ref_dgc_ratio(step, ratio, warmup):
 
 def ref_dgc_training(world, steps, ratio, momentum=0.9, masking=True, nesterov=False, clip=0.0, warmup=0,
                      per_tensor=True):
-    """DGC's Algorithm written out (Lin et al. 2018, Alg. 1 with momentum correction, momentum factor
-    masking, local clipping at clip·N^(-1/2) and the warm-up), per worker over flat vectors with a
-    threshold per layer, then w ← w − lr · mean of the sent vectors. Returns (w, bytes per worker)."""
+    """DGC's Algorithm written out in the paper's own terms (Lin et al. 2018, Alg. 1 with momentum
+    correction, momentum factor masking, local clipping and warm-up): node k's share of the batch gradient
+    is G_k = g_k / N, clipped at clip·N^(-1/2), accumulated, sparsified with a threshold per layer, and the
+    update is w ← w − lr · Σ_k G̃_k. Per worker over flat vectors. Returns (w, bytes per worker)."""
     models = [_model() for _ in range(world)]
     w = torch.nn.utils.parameters_to_vector(models[0].parameters()).detach().clone()
     sizes = [math.prod(s) for s in SHAPES] if per_tensor else [NP]
@@ -289,17 +290,17 @@ def ref_dgc_training(world, steps, ratio, momentum=0.9, masking=True, nesterov=F
     sent_bytes = 0
     for step in range(1, steps + 1):
         r_t = ref_dgc_ratio(step, ratio, warmup)
-        sent = []
+        total = torch.zeros(NP)
         for k, m in enumerate(models):
             torch.nn.utils.vector_to_parameters(w.clone(), m.parameters())
             m.zero_grad()
             _loss(m, _batches(k, steps)[step - 1]).backward()
-            g = torch.cat([p.grad.reshape(-1) for p in m.parameters()])
+            g = torch.cat([p.grad.reshape(-1) for p in m.parameters()]) / world   # G_k: a share of the sum
             if clip:
                 threshold = clip / math.sqrt(world)
                 norm = math.sqrt(sum(float(t) ** 2 for t in g))
-                if threshold / (norm + 1e-6) < 1:
-                    g = g * (threshold / (norm + 1e-6))
+                if norm > threshold:
+                    g = g * (threshold / norm)
             if nesterov:
                 u[k] = (u[k] + g) * momentum
                 v[k] = v[k] + u[k] + g
@@ -310,17 +311,12 @@ def ref_dgc_training(world, steps, ratio, momentum=0.9, masking=True, nesterov=F
             for size in sizes:  # the threshold of each layer
                 keep += [off + i for i in ref_top(v[k][off:off + size].tolist(), ref_k(r_t, size))]
                 off += size
-            out = torch.zeros(NP)
-            out[keep] = v[k][keep]
-            v[k][keep] = 0             # v ← v ⊙ ¬mask
+            total[keep] += v[k][keep]   # G̃_k, summed over nodes
+            v[k][keep] = 0              # v ← v ⊙ ¬mask
             if masking:
-                u[k][keep] = 0         # u ← u ⊙ ¬mask
-            sent.append(out)
+                u[k][keep] = 0          # u ← u ⊙ ¬mask
         sent_bytes += (world - 1) * ref_bytes(NP, len(keep))
-        mean = sent[0].clone()
-        for s in sent[1:]:
-            mean += s
-        w = w - LR * (mean / world)
+        w = w - LR * total
     return w, sent_bytes
 
 

@@ -4,16 +4,21 @@ of a locally accumulated, momentum-corrected gradient, so that about 0.1 % of th
 Each worker k keeps a velocity u and an accumulation v per stream (in the exchange's per-worker memory,
 so they are checkpointed) and, for the vector g it is given each round (its gradient in ``ddp``)::
 
-    g ← g · min(1, (clip / √N) / (‖g‖ + 1e-6))      local gradient clipping (clip > 0): the global
-                                                      threshold scaled by N^(-1/2), N = workers
+    g ← g · min(1, clip·√N / (‖g‖ + 1e-6))          local gradient clipping (clip > 0), N = workers
     u ← m·u + g,        v ← v + u                    momentum correction (nesterov: u ← m·(u + g),
                                                                            v ← v + u + g)
     I ← the top-k(ratio_t) entries of |v|, per tensor (Algorithm 1 picks a threshold per layer)
     send v_I;  v_I ← 0;  u_I ← 0                     sparsify; momentum factor masking (masking=true)
 
 and the exchange returns the mean of the workers' sparse v_I, which the strategy hands to the inner
-optimizer. **Use DGC with an inner SGD without momentum** (``--optimizer sgd`` with momentum 0; in
-``diloco`` an outer SGD without momentum): the momentum lives in DGC's velocity, and the update is
+optimizer. The paper writes the step as a *sum* over nodes of G_k = g_k / N (each node's share of the
+gradient of the whole batch) and clips each G_k at the global threshold times N^(-1/2) (the sum of N
+i.i.d. gradients has √N times their norm); sgdlab's workers hold mean gradients g_k and the exchange
+averages, and every step above is linear or scale-free, so that is the same rule with ‖g_k‖ ≤ clip·√N.
+``--grad-clip`` is not this: it clips the averaged update after the exchange.
+
+**Use DGC with an inner SGD without momentum** (``--optimizer sgd`` with momentum 0; in ``diloco`` an
+outer SGD without momentum): the momentum lives in DGC's velocity, and the update is
 w ← w − η · mean_k(v_I^k), the paper's ``ω ← SGD(ω, G̃)`` with momentum folded into u. Weight decay set on
 the inner optimizer is applied to the parameters after the exchange, outside the momentum.
 
@@ -38,8 +43,10 @@ threshold from a 1 % strided sample and accepts 0.8–1.3× the target count (ad
 then an exact top-k of the candidates), where sgdlab takes the exact top-k; it sparsifies only tensors
 with ≥ 2 dimensions and sends biases and norms dense (with the momentum applied locally), where sgdlab
 follows the paper and sparsifies every tensor; its weight decay gets its own local momentum buffer;
-its warm-up is ``ratio^((e+1)/(E+1))`` per epoch over E = 5 epochs (0.316, 0.1, 0.0316, 0.01, 0.00316),
-not the paper's powers of 1/4; it sends int64 indices (int32 optional) and no bitmap.
+its optional clipping is a callable on each gradient tensor (e.g. by a norm all-reduced across workers),
+not the N^(-1/2)-scaled local threshold; its warm-up is ``ratio^((e+1)/(E+1))`` per epoch over E = 5
+epochs (0.316, 0.1, 0.0316, 0.01, 0.00316), not the paper's powers of 1/4; it sends int64 indices (int32
+optional) and no bitmap.
 """
 
 from __future__ import annotations
@@ -63,7 +70,7 @@ class DGCOptions:
     momentum: float = 0.9     # m of the momentum correction, in [0, 1)
     nesterov: bool = False    # Nesterov momentum correction (the paper's appendix)
     masking: bool = True      # momentum factor masking: zero u where v was sent
-    clip: float = 0.0         # global gradient-norm threshold; each worker clips at clip/sqrt(N); 0: off
+    clip: float = 0.0         # global gradient-norm threshold; each worker clips its own at clip*sqrt(N); 0: off
     warmup_steps: int = 0     # the paper's 4-stage sparsity warm-up over steps 1..warmup_steps; 0: off
     per_tensor: bool = True   # top-k per tensor (the paper's per-layer threshold); false: whole vector
 
@@ -117,7 +124,7 @@ class DGC(Compressor):
         memory = {} if memory is None else memory   # without one: a fresh worker, nothing kept
         g = x.float()
         if o.clip > 0:
-            threshold = o.clip / math.sqrt(slot.world if slot is not None else 1)
+            threshold = o.clip * math.sqrt(slot.world if slot is not None else 1)  # (clip / √N) · N, see above
             coef = threshold / (float(g.norm()) + 1e-6)
             if coef < 1:
                 g = g * coef
