@@ -170,6 +170,15 @@ def test_randk_is_unbiased_within_five_sigma_and_every_worker_draws_the_same_ind
     assert torch.equal(y, torch.where(support(s), x, torch.zeros_like(x)))
 
 
+def test_randk_stream_that_is_too_short_is_extended(monkeypatch):
+    from sgdlab.exchange import randk
+
+    want = randk.shared_indices(1000, 200, 1, "grad", 5)
+    monkeypatch.setattr(randk, "DRAW_MARGIN", 0.01)   # the first draws hold far fewer than k distinct values
+    got = randk.shared_indices(1000, 200, 1, "grad", 5)
+    assert torch.equal(got, want)  # the first k distinct values of one stream: the margin changes nothing
+
+
 # ---- training: ddp / localsgd / diloco on the simulator, and under torchrun ----------------------------
 def _model():
     torch.manual_seed(0)

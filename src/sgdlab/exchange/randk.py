@@ -42,6 +42,9 @@ def shared_seed(seed: int, key: str, step: int) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+DRAW_MARGIN = 1.2  # draws per expected draw for k distinct values
+
+
 def shared_indices(n: int, k: int, seed: int, key: str, step: int) -> torch.Tensor:
     """The round's k indices (increasing), a uniformly random k-subset drawn on the CPU from the shared
     seed: for k <= n/4 the first k distinct values of a stream of uniform integers (O(k log k)), else a
@@ -52,8 +55,8 @@ def shared_indices(n: int, k: int, seed: int, key: str, step: int) -> torch.Tens
     if 4 * k > n:
         return torch.randperm(n, generator=g)[:k].sort().values
     stream = torch.zeros(0, dtype=torch.long)
-    while True:  # expected n·ln(n / (n − k)) <= 1.16 k draws; a short stream is extended, never redrawn
-        more = math.ceil(1.2 * n * math.log(n / (n - k))) - stream.numel() + 64
+    while True:  # expected n·ln(n / (n − k)) <= 1.16 k draws; a short stream is doubled (same prefix, same set)
+        more = stream.numel() or math.ceil(DRAW_MARGIN * n * math.log(n / (n - k))) + 64
         stream = torch.cat([stream, torch.randint(0, n, (more,), generator=g)])
         values, inverse = torch.unique(stream, return_inverse=True)
         if values.numel() >= k:
