@@ -1,6 +1,6 @@
 """Sparsifiers (``topk``, ``randk``, ``dgc``) against plain references of their rules: the kept set, the
 payload bytes by hand, unbiasedness of random-k, DGC's Algorithm (momentum correction + masking + clipping
-+ warm-up), ratio 1 = uncompressed, option errors, sim == torch (2 gloo processes), exact resume."""
++ warm-up), ratio 1 = uncompressed, option errors, sim == torch (2 and 3 gloo processes), exact resume."""
 
 from __future__ import annotations
 
@@ -425,14 +425,15 @@ TORCH_CASES = {  # name: (strategy, options, compress)
 }
 
 
-def test_sim_equals_torch_backend_for_every_sparsifier(tmp_path):
+@pytest.mark.parametrize("world", [2, 3])
+def test_sim_equals_torch_backend_for_every_sparsifier(tmp_path, world):
     from .test_torch_backend import torchrun
 
-    res = torchrun(WORLD, __file__, str(tmp_path / "out.pt"))
+    res = torchrun(world, __file__, str(tmp_path / "out.pt"))
     assert res.returncode == 0, res.stderr[-3000:]
     got = torch.load(tmp_path / "out.pt", weights_only=True)
     for case, (name, opts, compress) in TORCH_CASES.items():
-        _, workers, group, _ = _train_sim(name, opts, compress)
+        _, workers, group, _ = _train_sim(name, opts, compress, world=world)
         torch.testing.assert_close(got[case]["params"], _params(workers[0].model), atol=1e-6, rtol=0)
         assert got[case]["bytes"] == group.bytes_sent, case
 
