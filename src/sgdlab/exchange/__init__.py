@@ -19,21 +19,21 @@ from typing import Any
 from ..errors import ConfigError
 from ..registry import Registry
 from .base import Aggregator, Attack, Compressor, Feedback, Slot, build_stage, canonical, parse_spec
+from .dgc import DGC
 from .econtrol import EControl
 from .ef import ErrorFeedback
 from .ef21 import EF21
-from .dgc import DGC
 from .mean import Mean
+from .onebit import OneBit
 from .pipeline import Exchange, flatten, unflatten_into
 from .powersgd import PowerSGD
 from .precision import PRECISION_COMPRESSORS, PRECISIONS
-from .randk import RandK
-from .topk import TopK
 from .qsgd import QSGD
-from .terngrad import TernGrad
-from .signsgd import SignSGD
+from .randk import RandK
 from .scaled_sign import ScaledSign
-from .onebit import OneBit
+from .signsgd import SignSGD
+from .terngrad import TernGrad
+from .topk import TopK
 
 __all__ = ["Exchange", "ExchangeSpec", "Compressor", "Feedback", "Aggregator", "Attack", "Slot", "compressors",
            "feedback", "aggregators", "attacks", "PRECISIONS", "flatten", "unflatten_into"]
