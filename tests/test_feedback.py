@@ -257,10 +257,28 @@ def test_feedback_specs_refused(compress, match):
 
 
 def test_feedback_specs_accepted():
-    for rule in ("ef", "ef21", "econtrol"):
+    for rule, options in (("ef", ""), ("ef21", ""), ("econtrol", ",feedback.eta=0.1")):
         spec = exchange.ExchangeSpec(f"int4,feedback={rule}")
-        assert spec.canonical().compress == f"int4,block=128,feedback={rule}" and not spec.lossless
+        assert spec.canonical().compress == f"int4,block=128,feedback={rule}{options}" and not spec.lossless
         assert type(spec.stages()[1]).name == rule
+
+
+def test_feedback_options_in_the_spec():
+    spec = exchange.ExchangeSpec("int4,block=64,feedback=econtrol,feedback.eta=0.5")
+    assert spec.stages()[1].options.eta == 0.5
+    assert spec.canonical().compress == "int4,block=64,feedback=econtrol,feedback.eta=0.5"
+    assert exchange.ExchangeSpec(spec.canonical().compress).canonical() == spec.canonical()
+
+
+@pytest.mark.parametrize(("compress", "match"), [
+    ("int4,feedback=econtrol,feedback.eta=2", r"eta=2.0: EControl's error feedback strength must be in \(0, 1\]"),
+    ("int4,feedback=econtrol,feedback.et=0.5", r"unknown feedback rule 'econtrol' key 'et'. Did you mean 'eta'"),
+    ("int4,feedback.eta=0.5", r"unknown feedback rule 'none' key 'eta'. Valid: \(none\)"),
+    ("int4,feedback=ef,feedback.eta=0.5", r"unknown feedback rule 'ef' key 'eta'"),
+])
+def test_feedback_options_refused(compress, match):
+    with pytest.raises(ConfigError, match=match):
+        exchange.ExchangeSpec(compress)
 
 
 # ---- the simulator against torch.distributed (2 gloo processes) ---------------------------------------------

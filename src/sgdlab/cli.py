@@ -385,7 +385,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     sections = {"tasks": tasks.registry, "optimizers": optim.registry, "strategies": strategies.registry,
                 "compressors": exchange.compressors, "feedback": exchange.feedback,
                 "aggregators": exchange.aggregators, "attacks": exchange.attacks, "presets": presets.registry}
-    with_options = ("tasks", "strategies", "compressors", "aggregators", "attacks")
+    with_options = ("tasks", "strategies", "compressors", "feedback", "aggregators", "attacks")
     for what, reg in sections.items():
         if args.what not in ("all", what):
             continue

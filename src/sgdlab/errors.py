@@ -22,7 +22,7 @@ class UnknownNameError(ConfigError):
         valid = sorted(valid)
         close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.5)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        super().__init__(f"unknown {kind} {name!r}.{hint} Valid: {', '.join(valid)}.")
+        super().__init__(f"unknown {kind} {name!r}.{hint} Valid: {', '.join(valid) or '(none)'}.")
         self.kind, self.name, self.valid = kind, name, valid
 
 

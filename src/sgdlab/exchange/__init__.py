@@ -6,7 +6,8 @@ here::
 
     compressors.register(MyCompressor.name, MyCompressor, MyCompressor.description)
 
-A compressor spec is ``NAME[,key=value...][,feedback=RULE]`` (``int8,block=64``); an aggregator spec is
+A compressor spec is ``NAME[,key=value...][,feedback=RULE[,feedback.key=value...]]`` (``int8,block=64``,
+``topk,ratio=0.01,feedback=econtrol,feedback.eta=0.5``); an aggregator spec is
 ``NAME[,key=value...]``; a Byzantine spec is ``count=F,attack=NAME[,key=value...]`` (the last F workers
 send the attack's vector). :class:`ExchangeSpec` parses and checks them once.
 """
@@ -85,10 +86,11 @@ class ExchangeSpec:
         return build_stage(attacks, attacks.entry(str(extra["attack"])).name, values, "attack"), count
 
     def stages(self) -> tuple[Compressor, Feedback, Aggregator]:
-        name, values, extra = parse_spec(self.compress, compressors, "compress", reserved=("feedback",))
+        name, values, extra = parse_spec(self.compress, compressors, "compress", reserved=("feedback", "feedback."))
         compressor = build_stage(compressors, name, values, "compressor")
-        rule = extra.get("feedback", "none")
-        fb = build_stage(feedback, feedback.entry(str(rule)).name, {}, "feedback")
+        rule = extra.pop("feedback", "none")
+        fb = build_stage(feedback, feedback.entry(str(rule)).name,
+                         {k.removeprefix("feedback."): v for k, v in extra.items()}, "feedback rule")
         if rule != "none" and compressor.lossless:
             raise ConfigError(f"compress={self.compress!r}: feedback={rule} corrects a lossy compressor; "
                               f"{name} is lossless")
@@ -108,7 +110,8 @@ class ExchangeSpec:
         compressor, fb, aggregator = self.stages()
         attack, count = self.attack()
         byzantine = None if attack is None else ",".join([f"count={count}", f"attack={canonical(attack)}"])
-        return ExchangeSpec(canonical(compressor, "" if fb.name == "none" else f"feedback={fb.name}"),
+        rule = ",".join([f"feedback={fb.name}", *canonical(fb).split(",")[1:]]).replace(",", ",feedback.")
+        return ExchangeSpec(canonical(compressor, "" if fb.name == "none" else rule),
                             canonical(aggregator), byzantine)
 
     @property

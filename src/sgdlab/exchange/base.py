@@ -143,7 +143,8 @@ class Attack(Stage):
 
 def parse_spec(text: Any, registry: Registry | None, what: str, reserved: tuple[str, ...] = ()
                ) -> tuple[str | None, dict[str, Any], dict[str, Any]]:
-    """``"NAME[,key=value...]"`` → (name, the stage's keys, the ``reserved`` keys), the name checked.
+    """``"NAME[,key=value...]"`` → (name, the stage's keys, the ``reserved`` keys), the name checked (a reserved
+    key ending in ``.`` is a prefix: ``feedback.`` takes ``feedback.eta``, ...).
     With ``registry=None`` there is no leading name (``"key=value,..."``)."""
     if not isinstance(text, str) or not text.strip():
         raise ConfigError(f"{what}={text!r}; expected NAME[,key=value...], NAME one of: "
@@ -161,7 +162,7 @@ def parse_spec(text: Any, registry: Registry | None, what: str, reserved: tuple[
         if not eq or not key or not raw:
             raise ConfigError(f"{what}: expected key=value items{' after the name' if head else ''}, got {item!r} "
                               f"in {text!r}")
-        target = extra if key in reserved else values
+        target = extra if key in reserved or any(r.endswith(".") and key.startswith(r) for r in reserved) else values
         if key in target:
             raise ConfigError(f"{what}: {key} is given twice in {text!r}")
         target[key] = parse_value(raw)

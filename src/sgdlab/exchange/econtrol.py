@@ -13,9 +13,8 @@ update θ − θᵢ in ``localsgd``/``diloco``)::
 and the strategy receives h, so ``ddp`` steps θ ← θ − γ (h^t + Δ^t) as in the paper's algorithm. η ∈ (0, 1]
 sets how strongly the accumulated error is fed back (η = 0 would be EF21 with an unused error; η = 1 feeds
 the whole error back at once). Default ``eta = 0.1``, sgdlab's choice: the paper treats η as a parameter
-to tune, whose admissible range depends on the compressor's contraction δ. The exchange spec takes no
-options for a feedback rule yet, so another η needs
-``Exchange(..., feedback=EControl(EControlOptions(eta=...)))``.
+to tune, whose admissible range depends on the compressor's contraction δ. Another η:
+``--compress topk,ratio=0.01,feedback=econtrol,feedback.eta=0.5``.
 The error update is computed from the message as eᵢ ← (1 − η) eᵢ + mᵢ − D(Δᵢ) with mᵢ = η eᵢ + gᵢ − hᵢ,
 the same quantity up to float rounding. eᵢ, hᵢ are in the per-worker ``memory``, h in the ``shared``
 state: all are checkpointed.
