@@ -29,16 +29,16 @@ class TinyAdamW(AdamFamily):
                  maximize: bool = False):
         super().__init__(params, defaults_from(locals()))
 
-    def _update(self, group, t, p, g, m, v, batched) -> None:
+    def _update(self, group, t, p, g, m, v, ops) -> None:
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        torch._foreach_mul_(p, 1 - lr * wd)
-        torch._foreach_lerp_(m, g, 1 - beta1)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, g, g, value=1 - beta2)
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, math.sqrt(1 - beta2 ** t))
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(p, m, denom, -lr / (1 - beta1 ** t))
+        ops.mul_(p, 1 - lr * wd)
+        ops.lerp_(m, g, 1 - beta1)
+        ops.mul_(v, beta2)
+        ops.addcmul_(v, g, g, value=1 - beta2)
+        denom = ops.sqrt(v)
+        ops.div_(denom, math.sqrt(1 - beta2 ** t))
+        ops.add_(denom, eps)
+        ops.addcdiv_(p, m, denom, value=-lr / (1 - beta1 ** t))
 
 
 @pytest.mark.parametrize("path", [dict(foreach=False, compiled=False), dict(foreach=True, compiled=False),

@@ -10,18 +10,20 @@ hands each parameter group to :meth:`Optimizer._step_group`. Hyperparameters are
 
 * ``state_names``: its per-parameter state tensors, created as zeros at a parameter's first step (with
   a 0-d step counter ``state["step"]`` when ``counted``);
-* ``_update(group, t, params, grads, *states, batched)``: its update written once with
-  ``torch._foreach_*`` ops, for lists of tensors that share device, dtype and step count ``t``;
+* ``_update(group, t, params, grads, *states, ops)``: its update written once with the ops of
+  :mod:`sgdlab.optim._ops`, for lists of tensors that share device, dtype and step count ``t``
+  (``ops=FOREACH``) or for one parameter's tensors (``ops=SINGLE``);
 * ``kernel``: the same update for one parameter as a :class:`~sgdlab.optim._compiled.Kernel`, with
   ``_coefficients(group, t)`` (the per-step scalars it takes) and ``_constants(group)``.
 
 Dispatch, one policy for every optimizer and parameter group: the compiled kernel where
 :func:`~sgdlab.optim._compiled.compiled_mode` picks it (hyperparameter ``compiled``); otherwise ``_update``
-on :func:`buckets` of tensors, all of a device and dtype at once (the multi-tensor path) where
-:func:`use_foreach` says so, else one parameter at a time (the per-parameter path, ``batched=False``). On the
-CPU ``torch._foreach_*`` ops run the per-tensor ops one tensor after the other, so the two eager paths give
-the same numbers. The kernels use a fused form (one division per element, see :class:`AdamFamily`) that
-differs from the eager update in the last bits, so the eager update is written separately.
+on :func:`buckets` of tensors, all of a device and dtype at once (the multi-tensor path, ``torch._foreach_*``
+ops) where :func:`use_foreach` says so, else one parameter at a time (the per-parameter path, plain tensor
+ops). On the CPU ``torch._foreach_*`` ops run the per-tensor ops one tensor after the other, so the two
+eager paths give the same numbers. The kernels use a fused form (one division per element, see
+:class:`AdamFamily`) that differs from the eager update in the last bits, so the eager update is written
+separately.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from torch.optim.optimizer import _get_scalar_dtype
 
 from ..errors import ConfigError, check_range
 from ._compiled import Kernel, check_compiled, compiled_mode
+from ._ops import FOREACH, SINGLE
 
 __all__ = ["AdamFamily", "ElementwiseOptimizer", "Optimizer", "SparseGradientError", "adam_denominator", "buckets",
            "check_adam", "check_betas",
@@ -97,15 +100,17 @@ def buckets(tensors: Sequence[torch.Tensor], batched: bool, keys: Sequence[Any] 
     return list(out.values())
 
 
-def adam_denominator(ms: list, vs: list, grads: list, t: float, beta1: float, beta2: float, eps: float) -> list:
+def adam_denominator(ms: Any, vs: Any, grads: Any, t: float, beta1: float, beta2: float, eps: float,
+                     ops: Any = FOREACH) -> Any:
     """Adam's moments ``m <- lerp(m, g, 1 - beta1)``, ``v <- beta2 v + (1 - beta2) g^2`` in place, and the
-    denominators ``sqrt(v / (1 - beta2^t)) + eps`` (tensors of one device, dtype and step count ``t``)."""
-    torch._foreach_lerp_(ms, grads, 1 - beta1)
-    torch._foreach_mul_(vs, beta2)
-    torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
-    denom = torch._foreach_sqrt(vs)
-    torch._foreach_div_(denom, math.sqrt(1 - beta2 ** t))
-    torch._foreach_add_(denom, eps)
+    denominators ``sqrt(v / (1 - beta2^t)) + eps`` (lists of tensors of one device, dtype and step count ``t``;
+    one tensor each with ``ops=SINGLE``, :mod:`sgdlab.optim._ops`)."""
+    ops.lerp_(ms, grads, 1 - beta1)
+    ops.mul_(vs, beta2)
+    ops.addcmul_(vs, grads, grads, value=1 - beta2)
+    denom = ops.sqrt(vs)
+    ops.div_(denom, math.sqrt(1 - beta2 ** t))
+    ops.add_(denom, eps)
     return denom
 
 
@@ -150,12 +155,16 @@ class Optimizer(torch.optim.Optimizer):
 
     def _with_grad(self, group: dict[str, Any]) -> list[torch.Tensor]:
         """The parameters of ``group`` that have a gradient (a sparse one is an error)."""
-        params = [p for p in group["params"] if p.grad is not None]
-        for p in params:
-            if p.grad.is_sparse:
+        params = []
+        for p in group["params"]:  # one pass: this runs for every parameter at every step
+            grad = p.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
                 raise SparseGradientError(type(self).__name__, p.shape)
-            if torch.is_complex(p):
+            if p.is_complex():
                 raise ConfigError(f"{type(self).__name__} does not support complex parameters")
+            params.append(p)
         return params
 
     def _evaluate(self, closure: Callable[[], Any] | None) -> Any:
@@ -218,7 +227,7 @@ class ElementwiseOptimizer(Optimizer):
         return compiled_mode(group["compiled"], [*params, *grads, *chain.from_iterable(columns)])
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        states = [self._state(p) for p in params]
+        states = [self.state.get(p) or self._state(p) for p in params]  # a known state without a call
         columns = [[st[name] for st in states] for name in self.state_names]
         grads = [p.grad for p in params]
         mode = self._mode(group, params, grads, columns)
@@ -234,16 +243,17 @@ class ElementwiseOptimizer(Optimizer):
             if self.uses_step:
                 ts = [s.item() for s in steps]
         if not use_foreach(group["foreach"], params, self.foreach_devices):  # one parameter at a time
-            for i, p in enumerate(params):
-                self._update(group, ts[i], [p], [grads[i]], *[[col[i]] for col in columns], batched=False)
+            update = self._update
+            for t, tensors in zip(ts, zip(params, grads, *columns, strict=True), strict=True):
+                update(group, t, *tensors, ops=SINGLE)
             return
         for idx in buckets(params, True, ts):
             self._update(group, ts[idx[0]], [params[i] for i in idx], [grads[i] for i in idx],
-                         *([col[i] for i in idx] for col in columns), batched=True)
+                         *([col[i] for i in idx] for col in columns), ops=FOREACH)
 
-    def _update(self, group: dict[str, Any], t: Any, params: list, grads: list, *states: list,
-                batched: bool) -> None:
-        """The eager update of tensors that share device, dtype and step count ``t`` (None if not counted)."""
+    def _update(self, group: dict[str, Any], t: Any, params: Any, grads: Any, *states: Any, ops: Any) -> None:
+        """The eager update of tensors that share device, dtype and step count ``t`` (None if not counted):
+        lists of them with ``ops=FOREACH``, one parameter's tensors with ``ops=SINGLE`` (:mod:`sgdlab.optim._ops`)."""
         raise NotImplementedError
 
     def _coefficients(self, group: dict[str, Any], t: float) -> list[float]:

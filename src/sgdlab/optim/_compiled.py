@@ -163,7 +163,7 @@ def compiled_mode(flag: Any, tensors: list[torch.Tensor]) -> str | None:
         return None
     if flag == "group" and len({t.device for t in tensors}) == 1:
         return "group"
-    if flag is None and sum(t.numel() for t in tensors) < AUTO_MIN_NUMEL:  # the common case, checked first
+    if flag is None and sum(map(torch.Tensor.numel, tensors)) < AUTO_MIN_NUMEL:  # the common case, checked first
         return None
     return "tensor" if all(t.is_contiguous() for t in tensors) else None
 

@@ -300,9 +300,9 @@ class AdamP(_Projected):
         super()._validate(group)
         group["betas"] = check_betas(group["betas"])
 
-    def _update(self, group, t, p, g, m, v, batched) -> None:
-        if not batched:  # the per-parameter path (the CPU's default): the projection one tensor at a time
-            self._update_one(group, t, p[0], g[0], m[0], v[0])
+    def _update(self, group, t, p, g, m, v, ops) -> None:
+        if not ops.batched:  # the per-parameter path (the CPU's default): the projection one tensor at a time
+            self._update_one(group, t, p, g, m, v)
             return
         beta1, beta2 = group["betas"]
         torch._foreach_mul_(m, beta1)
@@ -370,15 +370,15 @@ class SGDP(_Projected):
     def _decay(self, group: dict[str, Any]) -> float:
         return group["lr"] * group["weight_decay"] / (1 - group["momentum"])
 
-    def _update(self, group, t, p, g, buf, batched) -> None:
+    def _update(self, group, t, p, g, buf, ops) -> None:
         mom, damp, lr, wd = group["momentum"], group["dampening"], group["lr"], group["weight_decay"]
-        if batched:
+        if ops.batched:
             torch._foreach_mul_(buf, mom)
             torch._foreach_add_(buf, g, alpha=1 - damp)
             self._project_and_step(group, p, g, torch._foreach_add(g, buf, alpha=mom) if group["nesterov"] else buf,
                                    lr)
             return
-        p, g, buf = p[0], g[0], buf[0]  # the per-parameter path (the CPU's default)
+        # the per-parameter path (the CPU's default)
         buf.mul_(mom).add_(g, alpha=1 - damp)
         update = g + mom * buf if group["nesterov"] else buf.clone()  # the projection works in place
         projected = _project_one(p, g, update, group["delta"], group["eps"])

@@ -42,8 +42,6 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-import torch
-
 from ..errors import ConfigError, check_range
 from ._base import ElementwiseOptimizer, check_betas, defaults_from
 from ._compiled import Kernel
@@ -118,22 +116,22 @@ class AdEMAMix(ElementwiseOptimizer):
         check_range("eps", group["eps"], low=0.0)
         check_range("weight_decay", group["weight_decay"], low=0.0)
 
-    def _update(self, group, t, p, g, m1, m2, v, batched) -> None:
+    def _update(self, group, t, p, g, m1, m2, v, ops) -> None:
         beta1, beta2, _ = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         bc1, bc2_sqrt, alpha_t, beta3_t = _schedule(int(t), group)
-        torch._foreach_lerp_(m1, g, 1.0 - beta1)
-        torch._foreach_lerp_(m2, g, 1.0 - beta3_t)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, g, g, value=1.0 - beta2)
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, bc2_sqrt)
-        torch._foreach_add_(denom, eps)
-        num = torch._foreach_div(m1, bc1)
-        torch._foreach_add_(num, m2, alpha=alpha_t)
+        ops.lerp_(m1, g, 1.0 - beta1)
+        ops.lerp_(m2, g, 1.0 - beta3_t)
+        ops.mul_(v, beta2)
+        ops.addcmul_(v, g, g, value=1.0 - beta2)
+        denom = ops.sqrt(v)
+        ops.div_(denom, bc2_sqrt)
+        ops.add_(denom, eps)
+        num = ops.div(m1, bc1)
+        ops.add_(num, m2, alpha=alpha_t)
         if wd != 0.0:
-            torch._foreach_mul_(p, 1.0 - lr * wd)
-        torch._foreach_addcdiv_(p, num, denom, value=-lr)
+            ops.mul_(p, 1.0 - lr * wd)
+        ops.addcdiv_(p, num, denom, value=-lr)
 
     def _coefficients(self, group: dict, t: float) -> list[float]:
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]

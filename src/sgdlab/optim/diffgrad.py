@@ -30,8 +30,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import torch
-
 from ._base import AdamFamily, adam_denominator, defaults_from
 from ._compiled import Kernel
 
@@ -64,14 +62,14 @@ class DiffGrad(AdamFamily):
                  compiled: bool | str | None = None, maximize: bool = False):
         super().__init__(params, defaults_from(locals()))
 
-    def _update(self, group, t, p, g, m, v, prev, batched) -> None:
+    def _update(self, group, t, p, g, m, v, prev, ops) -> None:
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         if wd != 0:
-            torch._foreach_mul_(p, 1 - lr * wd)
-        denom = adam_denominator(m, v, g, t, beta1, beta2, eps)
-        xi = torch._foreach_sub(prev, g)
-        torch._foreach_abs_(xi)
-        torch._foreach_sigmoid_(xi)
-        torch._foreach_mul_(xi, m)
-        torch._foreach_addcdiv_(p, xi, denom, -lr / (1 - beta1 ** t))
-        torch._foreach_copy_(prev, g)
+            ops.mul_(p, 1 - lr * wd)
+        denom = adam_denominator(m, v, g, t, beta1, beta2, eps, ops)
+        xi = ops.sub(prev, g)
+        ops.abs_(xi)
+        ops.sigmoid_(xi)
+        ops.mul_(xi, m)
+        ops.addcdiv_(p, xi, denom, value=-lr / (1 - beta1 ** t))
+        ops.copy_(prev, g)

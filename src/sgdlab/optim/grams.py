@@ -28,8 +28,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import torch
-
 from ._base import AdamFamily, adam_denominator, defaults_from
 from ._compiled import Kernel
 
@@ -57,10 +55,10 @@ class Grams(AdamFamily):
                  compiled: bool | str | None = None, maximize: bool = False):
         super().__init__(params, defaults_from(locals()))
 
-    def _update(self, group, t, p, g, m, v, batched) -> None:
+    def _update(self, group, t, p, g, m, v, ops) -> None:
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         if wd != 0:
-            torch._foreach_mul_(p, 1 - lr * wd)
-        magnitude = torch._foreach_div(m, adam_denominator(m, v, g, t, beta1, beta2, eps))
-        torch._foreach_abs_(magnitude)
-        torch._foreach_addcmul_(p, magnitude, torch._foreach_sign(g), -lr / (1 - beta1 ** t))
+            ops.mul_(p, 1 - lr * wd)
+        magnitude = ops.div(m, adam_denominator(m, v, g, t, beta1, beta2, eps, ops))
+        ops.abs_(magnitude)
+        ops.addcmul_(p, magnitude, ops.sign(g), value=-lr / (1 - beta1 ** t))

@@ -36,8 +36,6 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-import torch
-
 from ._base import AdamFamily, defaults_from
 from ._compiled import Kernel
 
@@ -64,18 +62,18 @@ class LaProp(AdamFamily):
                  compiled: bool | str | None = None, maximize: bool = False):
         super().__init__(params, defaults_from(locals()))
 
-    def _update(self, group, t, p, g, m, v, batched) -> None:
+    def _update(self, group, t, p, g, m, v, ops) -> None:
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         if wd != 0:
-            torch._foreach_mul_(p, 1 - lr * wd)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, g, g, value=1 - beta2)
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, math.sqrt(1 - beta2 ** t))
-        torch._foreach_add_(denom, eps)
-        torch._foreach_mul_(m, beta1)
-        torch._foreach_addcdiv_(m, g, denom, value=1 - beta1)
-        if batched:  # the multi-tensor path scales a copy of m (as in earlier versions: same numbers as before)
-            torch._foreach_add_(p, torch._foreach_mul(m, -lr / (1 - beta1 ** t)))
+            ops.mul_(p, 1 - lr * wd)
+        ops.mul_(v, beta2)
+        ops.addcmul_(v, g, g, value=1 - beta2)
+        denom = ops.sqrt(v)
+        ops.div_(denom, math.sqrt(1 - beta2 ** t))
+        ops.add_(denom, eps)
+        ops.mul_(m, beta1)
+        ops.addcdiv_(m, g, denom, value=1 - beta1)
+        if ops.batched:  # the multi-tensor path scales a copy of m (as in earlier versions: same numbers as before)
+            ops.add_(p, ops.mul(m, -lr / (1 - beta1 ** t)))
         else:
-            torch._foreach_add_(p, m, alpha=-lr / (1 - beta1 ** t))
+            ops.add_(p, m, alpha=-lr / (1 - beta1 ** t))

@@ -97,20 +97,20 @@ class MARS(ElementwiseOptimizer):
         check_range("eps", group["eps"], low=0.0)
         check_range("weight_decay", group["weight_decay"], low=0.0)
 
-    def _update(self, group, t, p, g, m, v, last, batched) -> None:
+    def _update(self, group, t, p, g, m, v, last, ops) -> None:
         beta1, beta2 = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-        c = torch._foreach_sub(g, last)
-        torch._foreach_mul_(c, group["gamma"] * beta1 / (1.0 - beta1))
-        torch._foreach_add_(c, g)
-        norms = torch._foreach_norm(c)
-        torch._foreach_clamp_min_(norms, 1.0)
-        torch._foreach_div_(c, norms)
-        denom = adam_denominator(m, v, c, t, beta1, beta2, eps)
+        c = ops.sub(g, last)
+        ops.mul_(c, group["gamma"] * beta1 / (1.0 - beta1))
+        ops.add_(c, g)
+        norms = ops.norm(c)
+        ops.clamp_min_(norms, 1.0)
+        ops.div_(c, norms)
+        denom = adam_denominator(m, v, c, t, beta1, beta2, eps, ops)
         if wd != 0.0:
-            torch._foreach_mul_(p, 1.0 - lr * wd)
-        torch._foreach_addcdiv_(p, m, denom, value=-lr / (1.0 - beta1 ** t))
-        torch._foreach_copy_(last, g)
+            ops.mul_(p, 1.0 - lr * wd)
+        ops.addcdiv_(p, m, denom, value=-lr / (1.0 - beta1 ** t))
+        ops.copy_(last, g)
 
     def _coefficients(self, group: dict, t: float) -> list[float]:
         (beta1, beta2), lr = group["betas"], group["lr"]

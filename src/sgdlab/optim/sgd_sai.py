@@ -122,24 +122,21 @@ class SGDSaI(ElementwiseOptimizer):
     def _mode(self, group: dict[str, Any], params: list, grads: list, columns: list[list]) -> str | None:
         return compiled_mode(group["compiled"], [*params, *grads])  # judged on the params and grads alone
 
-    def _update(self, group, t, p, g, m, scale, batched) -> None:
+    def _update(self, group, t, p, g, m, scale, ops) -> None:
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-        if not batched:  # one tensor: plain tensor ops, the same arithmetic with less overhead per call
-            x, m0 = p[0], m[0]
-            if id(x) not in self._fresh:
-                m0.mul_(mu).add_(g[0], alpha=1.0 - mu)
-            if wd != 0:
-                x.mul_(1.0 - lr * wd)
-            x.add_(m0 * scale[0], alpha=-lr)
-            return
-        old = [i for i, x in enumerate(p) if id(x) not in self._fresh]
-        if old:  # line 8; on the first step line 10 (m = g) was done in _initialize
-            old_m = [m[i] for i in old]
-            torch._foreach_mul_(old_m, mu)
-            torch._foreach_add_(old_m, [g[i] for i in old], alpha=1.0 - mu)
+        # line 8 on the blocks past their first step; on the first step line 10 (m = g) was done in _initialize
+        if ops.batched:
+            old = [i for i, x in enumerate(p) if id(x) not in self._fresh]
+            if old:
+                old_m = [m[i] for i in old]
+                ops.mul_(old_m, mu)
+                ops.add_(old_m, [g[i] for i in old], alpha=1.0 - mu)
+        elif id(p) not in self._fresh:
+            ops.mul_(m, mu)
+            ops.add_(m, g, alpha=1.0 - mu)
         if wd != 0:
-            torch._foreach_mul_(p, 1.0 - lr * wd)  # line 17
-        torch._foreach_add_(p, torch._foreach_mul(m, scale), alpha=-lr)  # line 19
+            ops.mul_(p, 1.0 - lr * wd)  # line 17
+        ops.add_(p, ops.mul(m, scale), alpha=-lr)  # line 19
 
     def _compiled(self, mode, group, params, grads, states, columns) -> None:
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]

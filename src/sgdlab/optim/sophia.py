@@ -296,21 +296,17 @@ class Sophia(ElementwiseOptimizer):
         self._sophia_step += 1
         return loss
 
-    def _update(self, group, t, p, g, m, h, batched) -> None:
+    def _update(self, group, t, p, g, m, h, ops) -> None:
         lr, (beta1, _), gamma, eps, wd = (group["lr"], group["betas"], group["gamma"], group["eps"],
                                           group["weight_decay"])
         if wd != 0:
-            torch._foreach_mul_(p, 1.0 - lr * wd)
-        torch._foreach_lerp_(m, g, 1.0 - beta1)
-        den = torch._foreach_mul(h, gamma)
-        torch._foreach_clamp_min_(den, eps)
-        ratio = torch._foreach_div(m, den)
-        if batched:
-            torch._foreach_clamp_min_(ratio, -1.0)
-            torch._foreach_clamp_max_(ratio, 1.0)
-        else:  # one pass over the tensor (torch has no two-sided foreach clamp)
-            ratio[0].clamp_(-1.0, 1.0)
-        torch._foreach_add_(p, ratio, alpha=-lr)
+            ops.mul_(p, 1.0 - lr * wd)
+        ops.lerp_(m, g, 1.0 - beta1)
+        den = ops.mul(h, gamma)
+        ops.clamp_min_(den, eps)
+        ratio = ops.div(m, den)
+        ops.clamp_(ratio, -1.0, 1.0)
+        ops.add_(p, ratio, alpha=-lr)
 
     def _coefficients(self, group: dict, t: float) -> list[float]:
         return [group["lr"], 1.0 - group["lr"] * group["weight_decay"]]
