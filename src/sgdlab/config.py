@@ -102,7 +102,7 @@ class Config:
                              none="off")
     strategy: str = setting("single", "training strategy (see `sgdlab list strategies`)")
     compress: str | None = setting(None, "compressor of the strategy's exchange, NAME[,key=value...]"
-                                         "[,feedback=RULE] (see `sgdlab list compressors -v`)",
+                                         "[,feedback=RULE[,feedback.key=value]] (`sgdlab list compressors -v`)",
                                    none="the strategy's precision (fp32)")
     aggregate: str | None = setting(None, "aggregator of the strategy's exchange, NAME[,key=value...] (see "
                                           "`sgdlab list aggregators -v`)", none="mean")
