@@ -108,7 +108,19 @@ def test_killed_worker_stops_the_others_and_resume_works(tmp_path):
 def test_wrapping_a_user_loop(tmp_path):
     res = torchrun(2, str(HERE / "wrap_script.py"), str(tmp_path / "w.pt"))
     assert res.returncode == 0, res.stderr[-3000:]
-    got = torch.load(tmp_path / "w.pt", weights_only=True)
+    _check_wrapped_loop(torch.load(tmp_path / "w.pt", weights_only=True))
+
+
+@pytest.mark.slow
+def test_wrapped_loop_restarted_by_torchrun(tmp_path):
+    """A worker of a user's loop dies; torchrun --max-restarts 1 restarts both and the new attempt's group
+    connects (torchrun keeps its store across attempts: sgdlab prefixes it by the attempt)."""
+    res = torchrun(2, "--max-restarts=1", str(HERE / "wrap_script.py"), str(tmp_path / "w.pt"), "die-once")
+    assert res.returncode == 0, res.stderr[-3000:]
+    _check_wrapped_loop(torch.load(tmp_path / "w.pt", weights_only=True))
+
+
+def _check_wrapped_loop(got: dict) -> None:
     # reference: SGD on the mean of the two ranks' gradients, from rank 0's initial weights
     torch.manual_seed(100)
     w = torch.nn.Linear(4, 1, bias=False).weight.detach().clone()

@@ -13,7 +13,10 @@ model = torch.nn.Linear(4, 1, bias=False)
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
 dd = Distributed(model, opt, "ddp")
 g = torch.Generator().manual_seed(rank)
-for _ in range(5):
+die = sys.argv[2:] == ["die-once"] and rank == 1 and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0"
+for step in range(5):
+    if die and step == 2:
+        os._exit(1)  # a worker dies in the first attempt; torchrun --max-restarts restarts every rank
     x = torch.randn(8, 4, generator=g)
     loss = (model(x).squeeze(1) - x.sum(1)).pow(2).mean()
     loss.backward()

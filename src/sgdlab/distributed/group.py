@@ -230,6 +230,19 @@ def torchrun_env() -> tuple[int, int, int] | None:
         return None
 
 
+def _init_process_group(backend: str, timeout: timedelta, env: tuple[int, int, int]) -> None:
+    """The default process group; under a torchrun restart (``TORCHELASTIC_RESTART_COUNT`` > 0) on a store
+    prefixed by the attempt: torchrun keeps its store across restarts, so without a prefix a restarted worker
+    reads the previous attempt's peer addresses and fails to connect (torch issue #135712)."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt in ("", "0"):
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    store, rank, world = next(dist.rendezvous("env://", rank=env[0], world_size=env[1], timeout=timeout))
+    dist.init_process_group(backend, store=dist.PrefixStore(f"sgdlab/attempt{attempt}", store), rank=rank,
+                            world_size=world, timeout=timeout)
+
+
 class TorchGroup(Group):
     """One worker per process over ``torch.distributed`` (gloo on CPU, NCCL on CUDA)."""
 
@@ -242,8 +255,7 @@ class TorchGroup(Group):
         self.rank, world, _ = env
         self.owns = not dist.is_initialized()  # a caller's own process group is left open
         if self.owns:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                    timeout=timedelta(seconds=timeout_s))
+            _init_process_group("nccl" if device.type == "cuda" else "gloo", timedelta(seconds=timeout_s), env)
         self.world, self.local = dist.get_world_size(), [self.rank]
         self.device, self.timeout_s = device, timeout_s
         super().__init__(network)

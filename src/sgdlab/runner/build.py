@@ -4,15 +4,10 @@ process's replicas (model, optimizer, LR schedule, sampler) with the strategy an
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from .. import optim, strategies, tasks
 from ..config import RunSpec
@@ -33,38 +28,6 @@ def lr_factor(step: int, spec: Any) -> float:
     p = min(1.0, (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps))
     shape = 0.5 * (1 + math.cos(math.pi * p)) if spec.schedule == "cosine" else 1 - p
     return spec.min_lr_ratio + (1 - spec.min_lr_ratio) * shape
-
-
-@contextmanager
-def restarted_process_group(spec: RunSpec) -> Iterator[None]:
-    """Under a torchrun restart (``TORCHELASTIC_RESTART_COUNT`` > 0) open the default process group on a store
-    prefixed by the attempt, and close it at the end; else do nothing (:class:`TorchGroup` opens its own).
-
-    torchrun shares its rendezvous store with the workers and keeps it across restarts, so without a prefix a
-    restarted worker reads the previous attempt's peer addresses and fails to connect (torch issue #135712).
-    """
-    env = torchrun_env()
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    if spec.backend != "torch" or env is None or attempt in ("", "0") or dist.is_initialized():
-        yield
-        return
-    cuda = spec.device.startswith("cuda")
-    if cuda and ":" not in spec.device:
-        torch.cuda.set_device(env[2])
-    timeout = timedelta(seconds=spec.timeout)
-    store, rank, world = next(dist.rendezvous("env://", rank=env[0], world_size=env[1], timeout=timeout))
-    dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore(f"sgdlab/attempt{attempt}", store),
-                            rank=rank, world_size=world, timeout=timeout)
-    clean = False
-    try:
-        yield
-        clean = True
-    finally:
-        try:
-            if clean:  # leave together, as TorchGroup.close does for a group it opened
-                dist.barrier()
-        finally:
-            dist.destroy_process_group()
 
 
 def make_group(spec: RunSpec) -> tuple[Group, RunSpec]:

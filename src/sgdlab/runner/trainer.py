@@ -11,7 +11,7 @@ from .. import tasks
 from ..config import Config, RunSpec
 from ..distributed.group import Group
 from ..metrics import require_tensorboard
-from .build import build_parts, make_group, restarted_process_group
+from .build import build_parts, make_group
 from .loop import TrainingLoop
 from .rundir import checkpoint_path, open_run_dir
 
@@ -39,14 +39,13 @@ class Trainer:
         configuration's run with a checkpoint and starts it otherwise (for restarts under torchrun)."""
         if self.spec.tensorboard:
             require_tensorboard()  # before anything is written
-        with restarted_process_group(self.spec):
-            group, spec = make_group(self.spec)
-            try:
-                result = self._run(group, spec, resume=resume, stop_at=stop_at, overwrite=overwrite)
-            except BaseException:
-                group.close(clean=False)
-                raise
-            group.close()
+        group, spec = make_group(self.spec)
+        try:
+            result = self._run(group, spec, resume=resume, stop_at=stop_at, overwrite=overwrite)
+        except BaseException:
+            group.close(clean=False)
+            raise
+        group.close()
         return result
 
     def _run(self, group: Group, spec: RunSpec, *, resume: bool | str, stop_at: int | None,
