@@ -215,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default=_config_default("device"), help=describe("device"))
     b.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="task option or optimizer hyperparameter, as for `sgdlab run`")
+    from .bench import compress as bench_compress
     from .bench import ddp as bench_ddp
     from .bench import dp as bench_dp
     from .bench import optim as bench_optim
@@ -225,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_ddp.add_arguments(bsub.add_parser("ddp", help="torch-backend ddp vs DistributedDataParallel (torchrun)"))
     bench_dp.add_arguments(bsub.add_parser(
         "dp", help="DP-SGD step time: non-private vs sgdlab vs Opacus 1.6's modes (digits CNN, charlm)"))
+    bench_compress.add_arguments(bsub.add_parser(
+        "compress", help="compressor encode+decode time per step vs a charlm step and fp32, payload bytes"))
 
     _add_dp_commands(sub)
     return ap
@@ -430,7 +433,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench.dp import main as bench_dp
 
         return bench_dp(args)
-    raise SgdlabError("bench needs a benchmark name; available: loop, ddp, optim, dp")
+    if args.bench == "compress":
+        from .bench.compress import main as bench_compress
+
+        return bench_compress(args)
+    raise SgdlabError("bench needs a benchmark name; available: loop, ddp, optim, dp, compress")
 
 
 def cmd_dp_epsilon(args: argparse.Namespace) -> int:
