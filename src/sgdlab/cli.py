@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fnmatch
+import importlib
 import os
 import sys
 import typing
@@ -417,27 +418,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.bench == "loop":
-        from .bench.loop import main as bench_loop
-
-        return bench_loop(args)
-    if args.bench == "ddp":
-        from .bench.ddp import main as bench_ddp
-
-        return bench_ddp(args)
-    if args.bench == "optim":
-        from .bench.optim import main as bench_optim
-
-        return bench_optim(args)
-    if args.bench == "dp":
-        from .bench.dp import main as bench_dp
-
-        return bench_dp(args)
-    if args.bench == "compress":
-        from .bench.compress import main as bench_compress
-
-        return bench_compress(args)
-    raise SgdlabError("bench needs a benchmark name; available: loop, ddp, optim, dp, compress")
+    names = ("loop", "ddp", "optim", "dp", "compress")
+    if args.bench not in names:
+        raise SgdlabError(f"bench needs a benchmark name; available: {', '.join(names)}")
+    return importlib.import_module(f".bench.{args.bench}", __package__).main(args)
 
 
 def cmd_dp_epsilon(args: argparse.Namespace) -> int:
