@@ -28,6 +28,7 @@ from fractions import Fraction
 import torch
 
 from ..errors import ConfigError
+from ._quant import pack, packed_bytes, unpack
 from .base import Compressor
 
 
@@ -49,13 +50,9 @@ def num_kept(ratio: float, n: int) -> int:
     return min(n, math.ceil(Fraction(repr(float(ratio))) * n))
 
 
-def bitmap_bytes(n: int) -> int:
-    return (n + 7) // 8
-
-
 def use_bitmap(n: int, k: int) -> bool:
     """Positions as a bitmap when it is strictly smaller than k int32 indices."""
-    return bitmap_bytes(n) < 4 * k
+    return packed_bytes(n, 1) < 4 * k
 
 
 def top_indices(a: torch.Tensor, k: int) -> torch.Tensor:
@@ -92,29 +89,21 @@ def _exact_top(a: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([above, ties]).sort().values
 
 
-def pack_bits(idx: torch.Tensor, n: int) -> torch.Tensor:
-    mask = torch.zeros(bitmap_bytes(n) * 8, dtype=torch.uint8, device=idx.device)
-    mask[idx] = 1
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=idx.device)
-    return (mask.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
-
-
-def unpack_bits(bitmap: torch.Tensor, n: int) -> torch.Tensor:
-    shifts = torch.arange(8, dtype=torch.uint8, device=bitmap.device)
-    bits = (bitmap[:, None] >> shifts) & 1
-    return bits.view(-1)[:n].nonzero().view(-1)
-
-
 def encode_sparse(x: torch.Tensor, idx: torch.Tensor) -> list[torch.Tensor]:
     """Payload for the entries ``idx`` (increasing) of ``x``: [float32 values, int32 indices | uint8 bitmap]."""
     n, k = x.numel(), idx.numel()
-    where = pack_bits(idx, n) if use_bitmap(n, k) else idx.to(torch.int32)
+    if use_bitmap(n, k):
+        mask = torch.zeros(n, dtype=torch.uint8, device=idx.device)
+        mask[idx] = 1
+        where = pack(mask, 1)
+    else:
+        where = idx.to(torch.int32)
     return [x[idx].float(), where]
 
 
 def decode_sparse(payload: list[torch.Tensor], n: int) -> torch.Tensor:
     values, where = payload
-    idx = unpack_bits(where, n) if where.dtype == torch.uint8 else where.long()
+    idx = unpack(where, 1, n).nonzero().view(-1) if where.dtype == torch.uint8 else where.long()
     out = torch.zeros(n, dtype=torch.float32, device=values.device)
     out[idx] = values.float()
     return out
@@ -122,7 +111,7 @@ def decode_sparse(payload: list[torch.Tensor], n: int) -> torch.Tensor:
 
 def sparse_bytes(n: int, k: int) -> int:
     """Analytic payload size of k of n entries (checks :meth:`Compressor.payload_bytes`)."""
-    return 4 * k + min(4 * k, bitmap_bytes(n))
+    return 4 * k + min(4 * k, packed_bytes(n, 1))
 
 
 class TopK(Compressor):
