@@ -92,10 +92,14 @@ def per_segment(x: torch.Tensor, sizes: list[int], op: str) -> torch.Tensor:
     return torch.stack([p.sum() if op == "sum" else p.amax() for p in parts]).float()
 
 
+def hashed_seed(text: str) -> int:
+    """A 63-bit seed from ``text``, the same in every process (unlike ``hash``)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") & ((1 << 63) - 1)
+
+
 def seed_of(name: str, slot: Slot | None, rank: int) -> int:
     slot = slot or Slot("", 0)
-    text = f"{name}/{slot.seed}/{slot.key}/{slot.step}/{rank}".encode()
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") & ((1 << 63) - 1)
+    return hashed_seed(f"{name}/{slot.seed}/{slot.key}/{slot.step}/{rank}")
 
 
 def uniform(n: int, name: str, slot: Slot | None, rank: int, device: torch.device) -> torch.Tensor:

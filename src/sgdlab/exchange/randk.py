@@ -17,12 +17,12 @@ coordinate is ``(n/k − 1) x_i²`` (unbiased) — the price of sending no indic
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 
 import torch
 
+from ._quant import hashed_seed
 from .base import Compressor
 from .topk import check_ratio, num_kept
 
@@ -37,9 +37,8 @@ class RandKOptions:
 
 
 def shared_seed(seed: int, key: str, step: int) -> int:
-    """A 63-bit seed from (run seed, stream, step), the same in every process (unlike ``hash``)."""
-    digest = hashlib.blake2b(f"randk/{seed}/{key}/{step}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
+    """A 63-bit seed from (run seed, stream, step), the same in every process."""
+    return hashed_seed(f"randk/{seed}/{key}/{step}")
 
 
 DRAW_MARGIN = 1.2  # draws per expected draw for k distinct values
