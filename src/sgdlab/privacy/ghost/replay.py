@@ -50,13 +50,10 @@ class Generators:
     def replay(self, state: list[torch.Tensor] | None = None) -> Iterator[None]:
         """Run the body from ``state`` (None: from the current state); afterwards the generators are where
         they were before it."""
-        now = self.state()
-        if state is not None:
-            self._set(state)
-        try:
+        with torch.random.fork_rng(devices=self.cuda):
+            if state is not None:
+                self._set(state)
             yield
-        finally:
-            self._set(now)
 
 
 class NoDropout(TorchFunctionMode):
