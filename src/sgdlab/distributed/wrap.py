@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .group import SimGroup, TorchGroup, torchrun_env
 from .network import NetworkModel
 
@@ -58,7 +59,6 @@ class Distributed:
                  steps: int | None = None, compress: str = "fp32", aggregate: str = "mean",
                  byzantine: str | None = None,
                  **options: Any):
-        from ..errors import ConfigError
         from ..exchange import ExchangeSpec
         from ..privacy import ClientDP, DPOptions
         from ..strategies import Worker, create, registry
@@ -131,8 +131,8 @@ def broadcast_optimizer_state(group: Any, optimizer: torch.optim.Optimizer) -> N
     were broadcast: state that copies the weights when the optimizer is built (Lookahead's slow weights,
     EMA or SWA copies) would otherwise keep this rank's own initial weights. Raises ``ConfigError`` unless
     every rank's state has the same layout (parameter, name, shape, dtype of each tensor)."""
-    from ..errors import ConfigError
-
+    if not isinstance(group, TorchGroup):  # one process: nothing to share
+        return
     params = [p for g in optimizer.param_groups for p in g["params"]]
     state = optimizer.state
     tensors, layout = [], []
@@ -141,8 +141,6 @@ def broadcast_optimizer_state(group: Any, optimizer: torch.optim.Optimizer) -> N
             if torch.is_tensor(v):
                 tensors.append(v)
                 layout.append((i, str(name), tuple(v.shape), str(v.dtype)))
-    if not isinstance(group, TorchGroup):  # one process: nothing to share
-        return
     digest = int.from_bytes(hashlib.sha256(repr(layout).encode()).digest()[:7], "big")
     bad = [r for r, (d,) in enumerate(group.gather_ints([digest])) if d != digest]
     if bad:
