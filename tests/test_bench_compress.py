@@ -43,3 +43,17 @@ def test_bench_compress_charlm_rows_and_bytes(tmp_path, capsys):
 def test_bench_compress_unknown_compressor(capsys):
     assert main(["bench", "compress", "--params", "charlm", "--compressors", "nope", "--device", "cpu"]) != 0
     assert "unknown compressor 'nope'" in capsys.readouterr().err
+
+
+def test_bench_ddp_hooks_match_the_compressor():
+    import pytest
+
+    from sgdlab.bench.ddp import _hook_for
+    from sgdlab.errors import ConfigError
+
+    assert _hook_for("fp32") == ("", 0)
+    assert _hook_for("powersgd,rank=4") == ("powersgd", 4)
+    assert _hook_for("bf16") == ("bf16", 0)
+    for spec in ("topk,ratio=0.1", "powersgd,error_feedback=false", "int8"):
+        with pytest.raises(ConfigError, match="no matching hook"):
+            _hook_for(spec)

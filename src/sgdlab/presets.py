@@ -169,3 +169,41 @@ def dp_charlm() -> list[Config]:
     return [Config(name="nonprivate", lr=3e-3, grad_clip=1.0, **base),
             Config(name="eps8-lr3e-3", lr=3e-3, dp=dp, **base),
             Config(name="eps8-lr1e-2", lr=1e-2, dp=dp, **base)]
+
+
+# --- communication compression (issue 13) ----------------------------------------------------------------------
+
+COMPRESSORS = {  # run name → --compress spec, two or three settings per compressor
+    "topk0.01-ef": "topk,ratio=0.01,feedback=ef", "topk0.001-ef": "topk,ratio=0.001,feedback=ef",
+    "topk0.01-ef21": "topk,ratio=0.01,feedback=ef21", "topk0.01-econtrol": "topk,ratio=0.01,feedback=econtrol",
+    "randk0.01-ef": "randk,ratio=0.01,feedback=ef", "randk0.1-ef": "randk,ratio=0.1,feedback=ef",
+    "qsgd16": "qsgd,levels=16", "qsgd4": "qsgd,levels=4", "terngrad": "terngrad",
+    "signsgd-vote": "signsgd,vote=majority", "scaled-sign-ef": "scaled_sign,feedback=ef",
+    "onebit-ef": "onebit,feedback=ef", "powersgd-r1": "powersgd,rank=1", "powersgd-r2": "powersgd,rank=2",
+    "powersgd-r4": "powersgd,rank=4", "int8": "int8", "int4": "int4",
+}
+
+
+@registry.add("compression", "charlm, 8 workers, 300 steps, same tokens: ddp uncompressed and with every "
+              "compressor at two or three settings, DGC with SGD-momentum, and diloco / streaming-diloco combined "
+              "with PowerSGD and int4; loss-vs-bytes frontier (BENCHMARKS.md; ~60 minutes)")
+def compression() -> list[Config]:
+    base = dict(task="charlm", optimizer="adamw", lr=3e-3, steps=300, batch_size=8, workers=8, eval_every=50,
+                schedule="cosine", warmup_steps=20, grad_clip=1.0, step_time=0.05,
+                optimizer_args={"weight_decay": 0.01}, network="bandwidth=1G,latency=1ms")
+    out = [Config(name="ddp", strategy="ddp", **base)]
+    out += [Config(name=f"ddp-{name}", strategy="ddp", compress=spec, **base) for name, spec in COMPRESSORS.items()]
+    sgdm = {**base, "optimizer": "sgd", "lr": 0.1, "optimizer_args": {}}
+    out += [Config(name="ddp-sgdm", strategy="ddp", **{**sgdm, "optimizer_args": {"momentum": 0.9}}),
+            Config(name="ddp-dgc0.01", strategy="ddp", compress="dgc,ratio=0.01", **sgdm),
+            Config(name="ddp-dgc0.001", strategy="ddp", compress="dgc,ratio=0.001", **sgdm)]
+    local = {"sync_every": 50, "outer_lr": 0.7}
+    for h in (10, 50):
+        hl = {**local, "sync_every": h}
+        out += [Config(name=f"diloco-h{h}", strategy="diloco", strategy_args=hl, **base),
+                Config(name=f"diloco-h{h}-powersgd-r4", strategy="diloco", strategy_args=hl,
+                       compress="powersgd,rank=4", **base),
+                Config(name=f"diloco-h{h}-int4", strategy="diloco", strategy_args=hl, compress="int4", **base)]
+    out.append(Config(name="streaming-h50-int4", strategy="streaming-diloco",
+                      strategy_args={**local, "fragments": 2, "overlap": 1, "precision": "int4"}, **base))
+    return out
