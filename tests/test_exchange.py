@@ -336,7 +336,7 @@ def test_exchange_spec_parses_or_says_what_is_wrong(compress, aggregate):
     ("int8,feedback=nope", "mean", r"unknown error-feedback rule 'nope'"),
     ("fp32,feedback=toy-ef", "mean", r"feedback=toy-ef corrects a lossy compressor; fp32 is lossless"),
     ("int8,64", "mean", r"expected key=value items after the name"),
-    ("int8", "median", r"unknown aggregator 'median'"),
+    ("int8", "medain", r"unknown aggregator 'medain'. Did you mean 'median'\?"),
     ("", "mean", r"expected NAME\[,key=value...\]"),
 ])
 def test_bad_exchange_specs(compress, aggregate, match):

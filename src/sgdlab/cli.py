@@ -27,7 +27,7 @@ from .runner.rundir import AUTO, check_resume_config
 # Their help is the field's description and default (sgdlab.config.describe), the one source of both.
 FLAG_FIELDS = ("task", "optimizer", "lr", "steps", "batch_size", "seed", "eval_every", "log_every",
                "checkpoint_every", "schedule", "warmup_steps", "grad_clip", "dp", "strategy", "compress", "aggregate",
-               "byzantine", "workers", "backend",
+               "byzantine", "pre_aggregate", "workers", "backend",
                "data_split", "network", "worker_speeds", "step_time", "timeout", "data", "device", "name",
                "tensorboard")
 # Flags of the run command that are not Config fields (a strategy option never takes their names).
@@ -231,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
         "compress", help="compressor encode+decode time per step vs a charlm step and fp32, payload bytes"))
 
     _add_dp_commands(sub)
+    asub = sub.add_parser("attack", help="gradient leakage: rebuild a batch from its shared update").add_subparsers(
+        dest="attack", metavar="ATTACK")
+    importlib.import_module(".leakage.dlg", __package__).add_arguments(asub.add_parser(
+        "dlg", help="DLG/iDLG against a digits or charlm worker's update, with defences"))
+    importlib.import_module(".privacy.audit", __package__).add_arguments(sub.add_parser(
+        "audit", help="empirical privacy audit: canary runs, membership inference, a lower bound on epsilon"))
     return ap
 
 
@@ -388,12 +394,15 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     sections = {"tasks": tasks.registry, "optimizers": optim.registry, "strategies": strategies.registry,
                 "compressors": exchange.compressors, "feedback": exchange.feedback,
-                "aggregators": exchange.aggregators, "attacks": exchange.attacks, "presets": presets.registry}
-    with_options = ("tasks", "strategies", "compressors", "feedback", "aggregators", "attacks")
+                "aggregators": exchange.aggregators, "pre-aggregators (--pre-aggregate)": exchange.pre_aggregators,
+                "attacks": exchange.attacks, "presets": presets.registry}
+    with_options = ("tasks", "strategies", "compressors", "feedback", "aggregators",
+                    "pre-aggregators (--pre-aggregate)", "attacks")
     for what, reg in sections.items():
-        if args.what not in ("all", what):
+        also = args.what == "aggregators" and what.startswith("pre-aggregators")  # listed with the aggregators
+        if args.what not in ("all", what) and not also:
             continue
-        if args.what == "all":
+        if args.what == "all" or args.what == "aggregators":
             print(f"{what}:")
         if not reg.names():
             print("  (none registered)")
@@ -422,6 +431,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.bench not in names:
         raise SgdlabError(f"bench needs a benchmark name; available: {', '.join(names)}")
     return importlib.import_module(f".bench.{args.bench}", __package__).main(args)
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    if args.attack != "dlg":
+        raise SgdlabError("attack needs an attack name; available: dlg")
+    return importlib.import_module(".leakage.dlg", __package__).main(args)
 
 
 def cmd_dp_epsilon(args: argparse.Namespace) -> int:
@@ -475,7 +490,8 @@ def _main(argv: list[str] | None) -> int:
         parser.print_help()
         return 2
     commands = {"run": cmd_run, "compare": cmd_compare, "report": cmd_report, "list": cmd_list,
-                "bench": cmd_bench, "dp-epsilon": cmd_dp_epsilon, "dp-noise": cmd_dp_noise}
+                "bench": cmd_bench, "dp-epsilon": cmd_dp_epsilon, "dp-noise": cmd_dp_noise, "attack": cmd_attack,
+                "audit": lambda a: importlib.import_module(".privacy.audit", __package__).main(a)}
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning

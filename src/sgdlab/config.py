@@ -106,6 +106,9 @@ class Config:
                                    none="the strategy's precision (fp32)")
     aggregate: str | None = setting(None, "aggregator of the strategy's exchange, NAME[,key=value...] (see "
                                           "`sgdlab list aggregators -v`)", none="mean")
+    pre_aggregate: str | None = setting(None, "pre-aggregation rule applied to the workers' vectors before the "
+                                              "aggregator, NAME[,key=value...] (e.g. nnm,f=3; see `sgdlab list "
+                                              "aggregators -v`)", none="none")
     byzantine: str | None = setting(None, "count=F,attack=NAME[,key=value...]: the last F workers send the "
                                           "attack's vector (see `sgdlab list attacks -v`)", none="none")
     workers: int = setting(1, "number of workers N (simulated, or torchrun processes)")
@@ -279,6 +282,7 @@ class Config:
             _check_finite("step_time", self.step_time)
         check_range("timeout", self.timeout, low=0, high=MAX_TIMEOUT, low_open=True)
         strategy_options = strategies.options(self.strategy, self.strategy_args)
+        strategies.registry.get(self.strategy).check_workers(strategy_options, self.workers)
         exchange = self._exchange(strategy_options)
         dp = None if self.dp is None else DPOptions.parse(self.dp)
         if dp is not None:
@@ -287,12 +291,13 @@ class Config:
 
     def _exchange(self, strategy_options: Any) -> ExchangeSpec:
         given = {k: v for k, v in (("compress", self.compress), ("aggregate", self.aggregate),
-                                   ("byzantine", self.byzantine)) if v is not None}
+                                   ("byzantine", self.byzantine), ("pre_aggregate", self.pre_aggregate))
+                 if v is not None}
         if given and self.strategy == "single":
             raise ConfigError(f"{next(iter(given))} applies to the exchange of a distributed strategy; strategy "
                               "'single' exchanges nothing")
         spec = exchange_spec(strategy_options, ExchangeSpec(**given)).canonical()
-        spec.attack(self.workers)  # count < workers
+        spec.check_workers(self.workers)  # count < workers, robust rules' bounds on f
         return spec
 
     def _check_dp(self, dp: DPOptions, strategy_options: Any, exchange: ExchangeSpec) -> None:
@@ -404,7 +409,7 @@ class RunSpec:
         default = ExchangeSpec(precision).canonical()
         return {"compress": None if ex.compress == default.compress else ex.compress,
                 "aggregate": None if ex.aggregate == default.aggregate else ex.aggregate,
-                "byzantine": ex.byzantine}
+                "byzantine": ex.byzantine, "pre_aggregate": ex.pre_aggregate}
 
     def to_dict(self) -> dict[str, Any]:
         return self.to_config().to_dict()

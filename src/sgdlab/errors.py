@@ -37,11 +37,11 @@ class CheckpointError(SgdlabError, ValueError):
 class DivergenceError(SgdlabError, RuntimeError):
     """Training produced a non-finite loss."""
 
-    def __init__(self, step: int, loss: float, checkpoint: str | None, what: str = "the loss"):
+    def __init__(self, step: int, loss: float, checkpoint: str | None, what: str = "the loss",
+                 hint: str = "Try a smaller --lr, a warm-up (--warmup-steps) or --grad-clip."):
         kept = (f" The last good checkpoint is kept at {checkpoint}." if checkpoint
                 else " No checkpoint had been written yet.")
-        super().__init__(f"training diverged: {what} is {loss} at step {step}.{kept} "
-                         "Try a smaller --lr, a warm-up (--warmup-steps) or --grad-clip.")
+        super().__init__(f"training diverged: {what} is {loss} at step {step}.{kept} {hint}")
         self.step, self.loss, self.checkpoint = step, loss, checkpoint
 
 

@@ -207,3 +207,54 @@ def compression() -> list[Config]:
     out.append(Config(name="streaming-h50-int4", strategy="streaming-diloco",
                       strategy_args={**local, "fragments": 2, "overlap": 1, "precision": "int4"}, **base))
     return out
+
+
+# ---- Byzantine robustness (issue 14, section 4) -------------------------------------------------------------
+#: the attacks of the ``byzantine`` presets: (run-name tag, attack spec after ``attack=``)
+BYZANTINE_ATTACKS = (("signflip", "signflip"), ("labelflip", "labelflip"), ("gaussian200", "gaussian,sigma=200"),
+                     ("alie", "alie"), ("ipm0.1", "ipm,eps=0.1"), ("ipm100", "ipm,eps=100"),
+                     ("mimic", "mimic,learn=20"), ("nan", "nan"))
+
+
+def _robust_aggregators(f: int) -> dict[str, str]:
+    """Every registered aggregator (looked up now) as a spec for f Byzantine workers: ``f=`` where the rule
+    takes it. Linear rules other than ``mean`` are the mean again and decentralised (per-rank) rules need a
+    strategy of their own, so both are left out."""
+    import dataclasses
+
+    from .exchange import aggregators
+
+    out = {}
+    for name in aggregators.names():
+        cls = aggregators.get(name)
+        if (cls.linear and name != "mean") or getattr(cls, "per_rank", False):
+            continue
+        keys = {fl.name for fl in dataclasses.fields(cls.Options)}
+        out[name] = f"{name},f={f}" if "f" in keys else name
+    return out
+
+
+def _byzantine(counts: tuple[int, ...], splits: tuple[str, ...], steps: int) -> list[Config]:
+    base = dict(task="digits", optimizer="sgd", lr=0.1, optimizer_args={"momentum": 0.9}, steps=steps,
+                batch_size=16, workers=16, eval_every=steps // 4, log_every=10, strategy="ddp", step_time=0.01)
+    out = []
+    for split in splits:
+        tag = split.replace("dirichlet:", "dir")
+        out.append(Config(name=f"{tag}-clean-mean", data_split=split, **base))
+        for f in counts:
+            for agg_name, agg in _robust_aggregators(f).items():
+                out += [Config(name=f"{tag}-f{f}-{agg_name}-{atag}", data_split=split, aggregate=agg,
+                               byzantine=f"count={f},attack={attack}", **base) for atag, attack in BYZANTINE_ATTACKS]
+    return out
+
+
+@registry.add("byzantine", "digits MLP, 16 workers, ddp, 300 steps: every aggregator x every attack at f = 1 and 3, "
+              "iid and dirichlet:0.5 splits, against the clean mean (BENCHMARKS.md; a few hours on 2 CPU cores)")
+def byzantine() -> list[Config]:
+    return _byzantine((1, 3), ("iid", "dirichlet:0.5"), 300)
+
+
+@registry.add("byzantine-quick", "digits MLP, 16 workers, ddp, 100 steps: every aggregator x every attack at f = 3, "
+              "iid split, against the clean mean")
+def byzantine_quick() -> list[Config]:
+    return _byzantine((3,), ("iid",), 100)

@@ -5,7 +5,8 @@
   CUDA), started by ``torchrun``.
 
 Both provide the sum, the gather and the all-to-all (:meth:`Group.scatter_chunks`) of payload tensors
-that :class:`sgdlab.exchange.Exchange` builds every exchange from, count the bytes each worker sends
+that :class:`sgdlab.exchange.Exchange` builds every exchange from, point-to-point messages to graph
+neighbours (:meth:`Group.exchange_neighbors`, for decentralised strategies), count the bytes each worker sends
 (with the ring cost model of :mod:`sgdlab.distributed.network`) and keep each worker's simulated clock.
 Measurement-only traffic (the clock maximum, logged losses) is not counted.
 """
@@ -105,6 +106,43 @@ class Group:
 
     def _broadcast(self, payloads: list[list[torch.Tensor]]) -> list[torch.Tensor]:
         """Rank 0's payload tensors (``payloads[i]``: local worker i's)."""
+        raise NotImplementedError
+
+    # ---- point-to-point: neighbour exchange (decentralised strategies, e.g. gossip) ------------------
+    def exchange_neighbors(self, tensors: list[list[torch.Tensor]], sends_to: list[list[int]]
+                           ) -> list[dict[int, list[torch.Tensor]]]:
+        """Point-to-point messages along a directed graph: rank r sends its tensors, as one message, to
+        every rank in ``sends_to[r]`` (the whole graph, the same on every process; distinct ranks, no
+        self-loops). ``tensors[i]``: local worker i's tensors (the same shapes on every worker). Returns, per
+        local worker, ``{sender rank: its tensors}`` for every rank that sends to it.
+
+        Cost (:meth:`NetworkModel.send`): a worker sends its d_r messages of S bytes one after another on its
+        own link, in τ_r = d_r·(α + 8S/β); receiving overlaps sending. A worker waits for its senders only,
+        not for the slowest worker: with c the clocks at the start, rank r's exchange ends at
+        ``max(c_r + τ_r, max over senders s of c_s + τ_s)`` (a message has arrived once its sender has sent
+        all of its messages). ``bytes_sent`` grows by the mean over workers of d_r·S (d·S on a regular
+        graph), ``comm_time`` by the largest τ_r. The senders' clocks travel with the messages, uncounted."""
+        world = self.world
+        if len(tensors) != len(self.local):
+            raise ValueError(f"expected tensors of {len(self.local)} local workers, got {len(tensors)}")
+        if len(sends_to) != world:
+            raise ValueError(f"expected sends_to for {world} ranks, got {len(sends_to)}")
+        for r, dsts in enumerate(sends_to):
+            if len(set(dsts)) != len(dsts) or any(not 0 <= d < world or d == r for d in dsts):
+                raise ValueError(f"sends_to[{r}]={dsts}: ranks must be distinct, in [0, {world}) and not {r}")
+        recv_from = [[s for s in range(world) if r in sends_to[s]] for r in range(world)]
+        got = self._p2p(tensors, sends_to, recv_from)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors[0])
+        costs = [self.network.send(nbytes, len(d)) for d in sends_to]
+        self.bytes_sent += sum(c[0] for c in costs) / world
+        self.comm_time += max(c[1] for c in costs)
+        self.clocks = [max([c + costs[r][1]] + [got[i][s][1] + costs[s][1] for s in recv_from[r]])
+                       for i, (r, c) in enumerate(zip(self.local, self.clocks, strict=True))]
+        return [{s: ts for s, (ts, _) in g.items()} for g in got]
+
+    def _p2p(self, tensors: list[list[torch.Tensor]], sends_to: list[list[int]], recv_from: list[list[int]]
+             ) -> list[dict[int, tuple[list[torch.Tensor], float]]]:
+        """Per local worker, ``{sender: (its tensors, its clock before the exchange)}``."""
         raise NotImplementedError
 
     def charge(self, sent: float, seconds: float, wait: bool = True) -> float:
@@ -215,6 +253,9 @@ class SimGroup(Group):
     def _broadcast(self, payloads):
         return payloads[0]  # local worker 0 is rank 0
 
+    def _p2p(self, tensors, sends_to, recv_from):
+        return [{s: ([t.clone() for t in tensors[s]], self.clocks[s]) for s in recv_from[r]} for r in self.local]
+
     def max_clock(self) -> float:
         return max(self.clocks)
 
@@ -241,6 +282,12 @@ def _init_process_group(backend: str, timeout: timedelta, env: tuple[int, int, i
     store, rank, world = next(dist.rendezvous("env://", rank=env[0], world_size=env[1], timeout=timeout))
     dist.init_process_group(backend, store=dist.PrefixStore(f"sgdlab/attempt{attempt}", store), rank=rank,
                             world_size=world, timeout=timeout)
+
+
+def neighbour_exchange(ops: list) -> None:
+    """Post the point-to-point operations ``ops`` together and wait for all of them."""
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
 
 
 class TorchGroup(Group):
@@ -322,6 +369,22 @@ class TorchGroup(Group):
         for t in mine:
             self._call(dist.broadcast, t, src=0)
         return mine
+
+    def _p2p(self, tensors, sends_to, recv_from):
+        """Every send and receive posted at once (``batch_isend_irecv``, gloo and NCCL), then all waited on:
+        no order of peers can deadlock. One tag per tensor; the sender's clock goes last."""
+        (mine,) = tensors
+        outgoing = [t.contiguous() for t in mine]
+        outgoing.append(torch.tensor([self.clocks[0]], dtype=torch.float64, device=self.device))
+        ops, bufs = [], {}
+        for dst in sends_to[self.rank]:
+            ops += [dist.P2POp(dist.isend, t, dst, tag=k) for k, t in enumerate(outgoing)]
+        for src in recv_from[self.rank]:
+            bufs[src] = [torch.empty_like(t) for t in outgoing]
+            ops += [dist.P2POp(dist.irecv, b, src, tag=k) for k, b in enumerate(bufs[src])]
+        if ops:
+            self._call(neighbour_exchange, ops)
+        return [{s: (b[:-1], float(b[-1].item())) for s, b in bufs.items()}]
 
     def max_clock(self) -> float:
         t = torch.tensor([self.clocks[0]], dtype=torch.float64, device=self.device)

@@ -7,7 +7,9 @@
 * all-gather of s bytes from each worker: each worker sends ``(N-1)·s`` bytes, in
   ``(N-1)·α + (N-1) · 8s/β`` seconds;
 * broadcast of S bytes from one worker (pipelined along the ring: every worker but the last forwards
-  it): ``(N-1)/N · S`` bytes per worker on average, in ``(N-1)·α + 8S/β`` seconds.
+  it): ``(N-1)/N · S`` bytes per worker on average, in ``(N-1)·α + 8S/β`` seconds;
+* point-to-point (:meth:`NetworkModel.send`): k messages of s bytes from one worker, sent one after
+  another on its link: ``k·s`` bytes in ``k·(α + 8s/β)`` seconds.
 
 With one worker nothing is sent and nothing costs time. Synchronous strategies wait for the slowest
 worker before a collective starts.
@@ -98,3 +100,10 @@ class NetworkModel:
         if n <= 1:
             return 0.0, 0.0
         return (n - 1) / n * nbytes, (n - 1) * self.latency + 8 * nbytes / self.bandwidth
+
+    def send(self, nbytes: float, messages: int = 1) -> tuple[float, float]:
+        """(bytes sent, seconds) of ``messages`` point-to-point messages of ``nbytes`` each from one worker,
+        sent one after another on its link (each pays the latency)."""
+        if messages <= 0:
+            return 0.0, 0.0
+        return messages * nbytes, messages * (self.latency + 8 * nbytes / self.bandwidth)

@@ -26,7 +26,8 @@ Without torchrun it runs one worker (nothing is exchanged). Strategy options are
 ``sgdlab list strategies -v``; the strategy's LR multiplier (ddp ``lr_scaling``) is not applied to an
 optimizer you built yourself: scale its lr yourself. ``compress="NAME[,key=value...]"`` and
 ``aggregate="NAME[,key=value...]"`` choose the exchange's compressor and aggregator, and
-``byzantine="count=F,attack=NAME[,key=value...]"`` makes the last F ranks send an attack
+``byzantine="count=F,attack=NAME[,key=value...]"`` makes the last F ranks send an attack, and
+``pre_aggregate="NAME[,key=value...]"`` (``nnm,f=1``) maps the vectors before a robust aggregator
 (``sgdlab list compressors|aggregators|attacks -v``). An optimizer that needs a closure (the step protocol,
 :mod:`sgdlab.optim.protocol`) gets it through ``dd.step(closure)``.
 
@@ -57,7 +58,7 @@ class Distributed:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str = "ddp", *,
                  network: str | None = None, timeout: float = 60.0, dp: str | None = None, seed: int = 0,
                  steps: int | None = None, compress: str = "fp32", aggregate: str = "mean",
-                 byzantine: str | None = None,
+                 byzantine: str | None = None, pre_aggregate: str | None = None,
                  **options: Any):
         from ..exchange import ExchangeSpec
         from ..privacy import ClientDP, DPOptions
@@ -68,7 +69,11 @@ class Distributed:
         device = next(model.parameters()).device
         net = NetworkModel.parse(network)
         opts = strategy_options(strategy, options)  # bad options fail before connecting
-        spec = ExchangeSpec(compress, aggregate, byzantine)
+        spec = ExchangeSpec(compress, aggregate, byzantine, pre_aggregate)
+        attack, _ = spec.attack()
+        if attack is not None and attack.data_attack:
+            raise ConfigError(f"byzantine={byzantine!r}: {attack.name} changes the Byzantine workers' training data, "
+                              "which your loop owns; poison the last ranks' batches yourself, or use `sgdlab run`")
         self.client_dp = None
         if dp is not None:
             dp = DPOptions.parse(dp)

@@ -120,12 +120,78 @@ class Feedback(Stage):
 
 class Aggregator(Stage):
     """Combines every worker's decoded vector (rank order) into one. ``linear``: the aggregate is the
-    mean, so summable payloads may be reduced before decoding and no worker's vector is seen alone."""
+    mean, so summable payloads may be reduced before decoding and no worker's vector is seen alone.
+
+    The exchange calls :meth:`aggregate` with the round's ``slot`` (for randomness every worker draws
+    alike) and ``state``, a dict of tensors it keeps per stream and checkpoints (``stateful`` rules such as
+    centered clipping keep their centre there); by default that is ``self(vectors)``. ``per_rank``: the
+    result is one vector per worker (``n × d``, row r for rank r; a decentralised rule).
+    :meth:`check_workers` raises ``ConfigError`` when the rule cannot run with ``n`` vectors (its bound on f)."""
 
     linear: ClassVar[bool] = False
+    stateful: ClassVar[bool] = False
+    per_rank: ClassVar[bool] = False
 
     def __call__(self, vectors: list[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
+
+    def aggregate(self, vectors: list[torch.Tensor], slot: Slot | None = None,
+                  state: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        return self(vectors)
+
+    def check_workers(self, n: int) -> None:
+        pass
+
+    def bind(self, slot: Slot, state: dict[str, torch.Tensor]) -> BoundAggregator:
+        """This rule with the round's slot and its stream's state, called with the vectors alone."""
+        return BoundAggregator(self, slot, state)
+
+
+class BoundAggregator:
+    """An aggregator with one round's slot and state (what a compressor's ``communicate`` calls)."""
+
+    def __init__(self, rule: Aggregator, slot: Slot, state: dict[str, torch.Tensor]):
+        self.rule, self.slot, self.state = rule, slot, state
+        self.name, self.linear, self.per_rank = rule.name, rule.linear, rule.per_rank
+
+    def __call__(self, vectors: list[torch.Tensor]) -> torch.Tensor:
+        return self.rule.aggregate(vectors, self.slot, self.state)
+
+
+class PreAggregator(Stage):
+    """Maps the workers' vectors to new vectors before a robust aggregator (``--pre-aggregate``):
+    nearest-neighbour mixing, bucketing, adaptive clipping. :meth:`count` is how many vectors come out of
+    ``n``; :meth:`check_workers` raises ``ConfigError`` when the rule cannot run with ``n`` vectors."""
+
+    def __call__(self, vectors: list[torch.Tensor], slot: Slot | None = None) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def count(self, n: int) -> int:
+        return n
+
+    def check_workers(self, n: int) -> None:
+        pass
+
+
+class Chained(Aggregator):
+    """``aggregator(pre(vectors))``: a pre-aggregation rule followed by an aggregator, as one non-linear
+    aggregator (every worker's vector is gathered)."""
+
+    def __init__(self, pre: PreAggregator, aggregator: Aggregator):
+        super().__init__(aggregator.options)
+        self.pre, self.aggregator = pre, aggregator
+        self.name = f"{pre.name}+{aggregator.name}"  # type: ignore[misc]
+        self.stateful = aggregator.stateful  # type: ignore[misc]
+
+    def __call__(self, vectors: list[torch.Tensor]) -> torch.Tensor:
+        return self.aggregate(vectors)
+
+    def aggregate(self, vectors, slot=None, state=None):
+        return self.aggregator.aggregate(self.pre(vectors, slot), slot, state)
+
+    def check_workers(self, n: int) -> None:
+        self.pre.check_workers(n)
+        self.aggregator.check_workers(self.pre.count(n))
 
 
 class Attack(Stage):
@@ -136,9 +202,29 @@ class Attack(Stage):
     """
 
     omniscient: ClassVar[bool] = False
+    #: a data attack changes the Byzantine workers' training batches (:meth:`poison`, applied by the runner)
+    #: and sends the vector computed from them unchanged
+    data_attack: ClassVar[bool] = False
 
     def __call__(self, own: torch.Tensor, honest: list[torch.Tensor] | None, slot: Slot, rank: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def check(self, world: int, count: int) -> None:
+        """Raise ConfigError unless the attack works with ``count`` Byzantine workers out of ``world``."""
+
+    def check_task(self, task: Any) -> None:
+        """Raise ConfigError unless this data attack can poison ``task``'s batches."""
+
+    def poison(self, task: Any, batch: Any) -> Any:
+        """A data attack's version of a Byzantine worker's training batch (``task``: the run's task)."""
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """State kept across rounds (checkpointed with the exchange); none by default."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
 
 def parse_spec(text: Any, registry: Registry | None, what: str, reserved: tuple[str, ...] = ()

@@ -86,6 +86,88 @@ registry.register("laprop", LaProp, "LaProp: momentum over RMS-normalised gradie
 registry.register("lookahead", lookahead, "Lookahead around any registered optimizer (base=NAME): k fast steps, "
                   "then slow += alpha*(fast - slow) (Zhang et al., NeurIPS 2019)", default_lr=None, wraps=True)
 
+# --- issue 16, O15/O19: NAG-GS, DoG/L-DoG, Gravity, random-scaling SGDM, AdaMomentum, median/coordinate
+# clipping, PSPS ---
+from .adamomentum import AdaMomentum  # noqa: E402
+from .coord_clip import CoordClipSGD  # noqa: E402
+from .dog import DoG, LDoG  # noqa: E402
+from .gravity import Gravity  # noqa: E402
+from .median_sgd import MedianSGD  # noqa: E402
+from .nag_gs import NAGGS  # noqa: E402
+from .psps import PSPS  # noqa: E402
+from .random_scaling import RandomScalingSGDM  # noqa: E402
+
+__all__ += ["AdaMomentum", "CoordClipSGD", "DoG", "LDoG", "Gravity", "MedianSGD", "NAGGS", "PSPS",
+            "RandomScalingSGDM"]
+registry.register("nag-gs", NAGGS, "NAG-GS: semi-implicit Gauss-Seidel accelerated gradient flow (Leplat et al., "
+                  "2022, arXiv:2209.14937)", default_lr=0.05)
+registry.register("dog", DoG, "DoG: parameter-free SGD, step = max distance from start / sqrt(sum of squared "
+                  "gradient norms), per group; lr is a multiplier (Ivgi et al., ICML 2023)", default_lr=1.0)
+registry.register("l-dog", LDoG, "L-DoG: layer-wise DoG, one parameter-free step size per tensor (Ivgi et al., "
+                  "ICML 2023, arXiv:2302.12022)", default_lr=1.0)
+registry.register("gravity", Gravity, "Gravity: velocity EMA of the gradient squashed by the tensor's max entry "
+                  "(Bahrami & Pouriyan Zadeh, 2021, arXiv:2101.09192)", default_lr=0.1)
+registry.register("rs-sgdm", RandomScalingSGDM, "Random-scaling SGDM: EMA-momentum SGD, each step times s ~ Exp(1) "
+                  "(Zhang & Cutkosky, ICML 2024, arXiv:2405.09742)", default_lr=0.01)
+registry.register("adamomentum", AdaMomentum, "AdaMomentum: Adam whose second moment is an EMA of the squared "
+                  "momentum (Wang et al., arXiv:2106.11514)", default_lr=1e-3)
+registry.register("median-sgd", MedianSGD, "Median SGD: SGD on a clipped (proximal-point) momentum that tracks the "
+                  "median gradient (Schaipp et al., TMLR 2025, arXiv:2402.12828)", default_lr=0.1)
+registry.register("coord-clip", CoordClipSGD, "Coordinate-wise clipped SGD(M): the top clip_fraction of update "
+                  "coordinates clipped to the group's quantile (Pan & Li, 2023, arXiv:2306.00204)", default_lr=0.1)
+registry.register("psps", PSPS, "PSPS: SGD with a Hutchinson-preconditioned stochastic Polyak step size; needs "
+                  "step(closure); lr is a multiplier (Abdukhakimov et al., 2023, arXiv:2310.02093)", default_lr=1.0)
+
+from .mtdao import MTAdamW  # noqa: E402  (issue 15, D8)
+
+registry.register("mtdao", MTAdamW, "MT-DAO's multi-timescale AdamW: N first moments at their own betas, "
+                  "weighted with the gradient (Iacob et al., 2025, arXiv:2510.05361)", default_lr=1e-3)
+
+# --- issue 16, O17/O18: SAM, SAF/MESA, SWA, SWAD (wrappers of base=NAME), zeroth-order SGD, forward gradients ---
+from .forward_gradient import ForwardGradient  # noqa: E402
+from .saf import MESA, SAF, mesa, saf  # noqa: E402
+from .sam import SAM, sam  # noqa: E402
+from .swa import SWA, swa  # noqa: E402
+from .swad import SWAD, swad  # noqa: E402
+from .zo_sgd import ZOSGD  # noqa: E402
+
+__all__ += ["ForwardGradient", "MESA", "SAF", "SAM", "SWA", "SWAD", "ZOSGD"]
+registry.register("sam", sam, "SAM around any registered optimizer (base=NAME, default sgd): step with the gradient "
+                  "at w + rho g/||g|| (adaptive: ASAM); needs step(closure), 2x cost (Foret et al., ICLR 2021)",
+                  default_lr=None, wraps=True)
+registry.register("saf", saf, "SAF around any registered optimizer (base=NAME): + KL to each example's logits from "
+                  "minus_epochs epochs ago, at base cost; needs example ids (Du et al., NeurIPS 2022)",
+                  default_lr=None, wraps=True)
+registry.register("mesa", mesa, "MESA around any registered optimizer (base=NAME): + KL to an EMA teacher's logits "
+                  "on the same batch, no ids (Du et al., NeurIPS 2022, arXiv:2205.14083)", default_lr=None, wraps=True)
+registry.register("swa", swa, "SWA around any registered optimizer (base=NAME): evaluate the running mean of the "
+                  "iterates from swa_start every swa_freq steps (Izmailov et al., UAI 2018)", default_lr=None,
+                  wraps=True)
+registry.register("swad", swad, "SWAD around any registered optimizer (base=NAME): dense averaging over the "
+                  "validation-loss valley (Cha et al., NeurIPS 2021, arXiv:2102.08604)", default_lr=None, wraps=True)
+registry.register("zo-sgd", ZOSGD, "Zeroth-order SGD (MeZO): two-point SPSA with seeded in-place perturbations, no "
+                  "backward, inference memory (Malladi et al., NeurIPS 2023, arXiv:2305.17333)", default_lr=1e-3)
+registry.register("forward-gradient", ForwardGradient, "Forward-gradient SGD: (grad f . v) v by forward-mode AD, "
+                  "no backward (Baydin et al., 2022, arXiv:2202.08587)", default_lr=1e-3)
+
+# --- issue 16, O14/O16: M-FAC, Shampoo, PSGD Kron, XGrad (a wrapper of base=sgd|adam|adamw) ---
+from .kron import Kron  # noqa: E402
+from .mfac import MFAC  # noqa: E402
+from .shampoo import Shampoo  # noqa: E402
+from .xgrad import XGrad, xgrad  # noqa: E402
+
+__all__ += ["Kron", "MFAC", "Shampoo", "XGrad"]
+registry.register("mfac", MFAC, "M-FAC: inverse damped empirical Fisher of a sliding window of ngrads gradients "
+                  "times the gradient, the dynamic algorithm (Frantar et al., NeurIPS 2021)", default_lr=1e-3)
+registry.register("shampoo", Shampoo, "Shampoo as Distributed Shampoo runs it: blocked Kronecker-factored inverse "
+                  "roots by eigh, grafted step norm, root frequency, start step (Gupta et al., 2018; Shi et al., "
+                  "2023)", default_lr=1e-2)
+registry.register("kron", Kron, "PSGD Kron: momentum preconditioned by a Kronecker product of triangular/diagonal "
+                  "factors fitted on a Lie group (Li, 2024, arXiv:2402.11858)", default_lr=1e-3)
+registry.register("xgrad", xgrad, "XGrad around sgd|adam|adamw (base=NAME): the gradient at weights predicted "
+                  "horizon steps ahead by the base's update rule (Guan et al., 2023, arXiv:2305.18240)",
+                  default_lr=None, wraps=True)
+
 # Keyword arguments of torch.optim classes that are not hyperparameters of the update rule.
 _NOT_HYPER = {"self", "params", "differentiable", "capturable"}
 

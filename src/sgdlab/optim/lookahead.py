@@ -133,6 +133,10 @@ class Lookahead(torch.optim.Optimizer):
         return protocol.needs(self.base_optimizer).before_backward
 
     @property
+    def before_forward(self) -> Callable[[protocol.StepContext], None] | None:
+        return protocol.needs(self.base_optimizer).before_forward
+
+    @property
     def step_closure(self) -> bool:
         return protocol.needs(self.base_optimizer).closure
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -66,6 +67,7 @@ class Replica:
     need: protocol.StepNeeds
     pending: list[torch.Tensor] = field(default_factory=list)
     ctx: protocol.StepContext | None = None
+    poison: Any = None  # batch -> batch: a Byzantine worker's data attack (labelflip), else None
 
     def state_dict(self) -> dict[str, Any]:
         return {"rank": self.worker.rank, "model": self.worker.model.state_dict(),
@@ -114,12 +116,19 @@ def build_parts(spec: RunSpec, group: Group, task: tasks.Task | None = None) -> 
         min_size = spec.batch_size if spec.split[0] == "dirichlet" else 1
         shards = task.shards(spec.workers, spec.data_split, spec.seed, min_size=min_size)
     replicas = [_replica(spec, task, rank, lr, None if shards is None else shards[rank]) for rank in group.local]
+    attack = strategy.exchange.attack
+    if attack is not None and attack.data_attack:  # the Byzantine workers train on poisoned batches
+        attack.check_task(task)
+        for r in replicas:
+            if r.worker.rank in strategy.exchange.byzantine:
+                r.poison = partial(attack.poison, task)
     dp_sgd = None
     if spec.dp_sgd is not None:  # Poisson sampling and private gradients (one worker, see Config)
         PrivateTraining.check_optimizer(replicas[0].worker.optimizer, spec.optimizer)
         dp_sgd = PrivateTraining(spec.dp_sgd, task, replicas[0].worker.model, steps=spec.steps,
                                  batch_size=spec.batch_size, seed=spec.seed)
         replicas[0].sampler = dp_sgd.sampler
+    strategy.plan(spec.steps, spec.warmup_steps)  # rounds that follow the LR schedule (sync_rule=qsr)
     strategy.setup([r.worker for r in replicas])
     samples_per_step = (spec.batch_size if shards is not None else 1) * spec.workers
     return Parts(task, replicas, strategy, client_dp or dp_sgd, dp_sgd, samples_per_step)

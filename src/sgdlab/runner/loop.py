@@ -24,6 +24,7 @@ from .. import __version__, checkpoint
 from ..config import RunSpec
 from ..distributed.group import Group
 from ..errors import CheckpointError, ConfigError, DivergenceError
+from ..exchange.pipeline import NonFiniteError
 from ..metrics import MetricsLog
 from ..optim import protocol
 from .build import Parts
@@ -91,6 +92,11 @@ class TrainingLoop:
         self.tokens_per_sample = self.task.tokens_per_example if self.task.unit == "tokens" else None
         self.sync_timing = torch.device(spec.device).type == "cuda" and spec.step_time is None
         self._t_start = self._t_train = 0.0
+        # reported train loss: the honest workers' mean (the Byzantine ones are the strategy's last ranks)
+        byzantine = getattr(getattr(parts.strategy, "exchange", None), "byzantine", set())
+        self.honest = [i for i, r in enumerate(self.replicas) if r.worker.rank not in byzantine]
+        self.honest_scale = group.world / len(self.replicas) / (group.world - len(byzantine)) if byzantine else None
+        self._info: dict[str, Any] = {}  # the strategy's log_info, for the first record of a fresh run
 
     # ---- resume, checkpoint, summary --------------------------------------------------------------
     def resume(self) -> None:
@@ -166,6 +172,7 @@ class TrainingLoop:
 
     def _train(self, stop: StopFlag, stop_at: int | None) -> str:
         spec, st = self.spec, self.st
+        self._info = self.strategy.log_info() if st.step == 0 else {}
         if st.step == 0 and spec.eval_every > 0:
             r = self._record(0)
             self._evaluate(r)
@@ -180,7 +187,11 @@ class TrainingLoop:
             is_ckpt = spec.checkpoint_every > 0 and step % spec.checkpoint_every == 0
             is_log = is_eval or is_ckpt or step % spec.log_every == 0
             stop_now = step == stop_at or self.group.stops_at_once(stop.requested)
-            lr_used = self._step(step)
+            try:
+                lr_used = self._step(step)
+            except NonFiniteError as e:  # stopped before the aggregate reached a model
+                st.step = step
+                raise DivergenceError(step, e.value, self._last_good(), what=e.what, hint=e.hint) from None
             st.step = step
             self.bar.update(1)
             if is_log or stop_now:
@@ -198,9 +209,13 @@ class TrainingLoop:
         for i, r in enumerate(self.replicas):
             t0 = time.perf_counter()
             model, opt = r.worker.model, r.worker.optimizer
-            batch = task.get_batch(r.sampler.next() if r.sampler is not None else None)
+            ids = r.sampler.next() if r.sampler is not None else None
+            batch = task.get_batch(ids)
+            if r.poison is not None:  # a Byzantine worker's data attack
+                batch = r.poison(batch)
             r.ctx = ctx = protocol.StepContext(loss=partial(task.loss, model, batch),
-                                               sampled_loss=partial(task.sampled_loss, model, batch))
+                                               sampled_loss=partial(task.sampled_loss, model, batch),
+                                               model=model, example_ids=ids)
             if dp_sgd is not None:  # per-example clipping + noise → p.grad
                 r.pending.append(dp_sgd.backward(batch).detach())
             else:
@@ -232,7 +247,11 @@ class TrainingLoop:
         """Read the pending losses (the one host sync), agree on a stop, log, evaluate, checkpoint.
         Returns whether the run stops here."""
         st, group = self.st, self.group
-        per_step = torch.stack([torch.stack(r.pending) for r in self.replicas]).double().mean(0)
+        per_step = torch.stack([torch.stack(r.pending) for r in self.replicas]).double()
+        if self.honest_scale is None:
+            per_step = per_step.mean(0)
+        else:  # this process's share of the mean over every honest worker (0 where it has none)
+            per_step = per_step[self.honest].sum(0) * self.honest_scale
         for r in self.replicas:
             r.pending.clear()
         vote = group.stop_vote(stop.requested) if is_log else 0.0
@@ -251,6 +270,7 @@ class TrainingLoop:
             rec = self._record(step)
             rec.update(train_loss=st.train_loss, lr=lr_used, wall_time_s=st.wall_time,
                        bytes_sent=group.bytes_sent, sim_time_s=group.sim_time())
+            rec.update(self.strategy.metrics())  # e.g. sync_period under sync_rule=qsr
             if is_eval:
                 self._evaluate(rec)
             if self.lead:
@@ -266,7 +286,10 @@ class TrainingLoop:
     def _evaluate(self, record: dict[str, Any]) -> None:
         st, task = self.st, self.task
         t = time.perf_counter()
-        metrics = task.evaluate(self.strategy.eval_model(self.workers))
+        model = self.strategy.eval_model(self.workers)
+        metrics = task.evaluate(model)
+        metrics = {**metrics, **self._averaged_metrics(model, metrics)}
+        metrics = {**metrics, **self.strategy.eval_info(self.workers)}
         if self.dp is not None:
             metrics = {**metrics, "epsilon": self.dp.epsilon(record["step"])}
         st.eval_time += time.perf_counter() - t
@@ -278,8 +301,29 @@ class TrainingLoop:
         if st.best_metric is None or (m > st.best_metric if task.metric_higher_is_better else m < st.best_metric):
             st.best_metric = m
 
+    def _averaged_metrics(self, model: torch.nn.Module, metrics: dict[str, float]) -> dict[str, float]:
+        """Step protocol: every local optimizer sees the evaluation of the current weights (SWAD's valley); where
+        worker 0's optimizer averages weights (SWA, SWAD) and the strategy evaluates worker 0's own model, the run
+        is the average: its metrics replace the iterate's, which stay as ``iterate_val_loss`` (a strategy with a
+        global model, localsgd or diloco, is represented by that model, not by a worker's local average).
+        BatchNorm statistics are recomputed for the average over worker 0's shard (at most 500 batches)."""
+        for w in self.workers:
+            protocol.after_evaluate(w.optimizer, metrics)
+        r0 = self.replicas[0]
+        if model is not r0.worker.model:
+            return {}
+        bn_batches = None
+        pool, bs = getattr(r0.sampler, "pool", None), getattr(r0.sampler, "batch_size", None)
+        if pool is not None and bs:  # an epoch sampler's shard (not DP-SGD's Poisson sampler)
+            bn_batches = lambda: (self.task.get_batch(i) for i in pool[:500 * bs].split(bs))  # noqa: E731
+        with protocol.averaged_weights(r0.worker.optimizer, r0.worker.model, model, bn_batches) as averaged:
+            if not averaged:
+                return {}
+            return {**self.task.evaluate(model), "iterate_val_loss": metrics["val_loss"]}
+
     def _record(self, step: int) -> dict[str, Any]:
-        r: dict[str, Any] = {"step": step, "samples": step * self.parts.samples_per_step}
+        r: dict[str, Any] = {"step": step, "samples": step * self.parts.samples_per_step, **self._info}
+        self._info = {}
         if self.tokens_per_sample:
             r["tokens"] = step * self.parts.samples_per_step * self.tokens_per_sample
         return r

@@ -15,15 +15,21 @@ from ..registry import Registry
 from .base import Strategy, Worker
 from .ddp import DDP
 from .diloco import DiLoCo
+from .gossip import Gossip
 from .localsgd import LocalSGD
+from .monna import MoNNA
 from .single import Single
 from .streaming_diloco import StreamingDiLoCo
 
 __all__ = ["registry", "create", "options", "Strategy", "Worker"]
 
 registry: Registry[type[Strategy]] = Registry("strategy")
-for _cls in (Single, DDP, LocalSGD, DiLoCo, StreamingDiLoCo):
+for _cls in (Single, DDP, LocalSGD, DiLoCo, StreamingDiLoCo, Gossip, MoNNA):
     registry.register(_cls.name, _cls, _cls.description)
+
+from .desloc import DESLOC  # noqa: E402  (issue 15, D7)
+
+registry.register(DESLOC.name, DESLOC, DESLOC.description)
 
 
 def options(name: str, values: dict[str, Any] | None = None):

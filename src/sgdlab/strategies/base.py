@@ -68,6 +68,9 @@ def check_client_dp(cls: type[Strategy], options: Any, spec: ExchangeSpec | None
     if not cls.supports_client_dp:
         raise ConfigError(f"dp unit=client (client-level DP) works with strategies localsgd and diloco, not "
                           f"{cls.name!r}")
+    if getattr(options, "sync_rule", "fixed") != "fixed":
+        raise ConfigError(f"dp unit=client accounts for rounds of a fixed sync_every; sync_rule="
+                          f"{options.sync_rule!r} changes them (allowed with client DP: sync_rule=fixed)")
     spec = exchange_spec(options, spec)
     if not spec.lossless:
         raise ConfigError(f"dp unit=client needs precision=fp32 and a lossless compressor (got compress="
@@ -118,6 +121,19 @@ class Strategy:
         self.exchange_spec = exchange_spec(options, exchange)
         self.exchange = self.exchange_spec.build(group, seed=seed)
 
+    @classmethod
+    def check_workers(cls, options: Any, workers: int) -> None:
+        """Raise ``ConfigError`` unless the strategy with ``options`` can run on ``workers`` workers."""
+
+    def log_info(self) -> dict[str, Any]:
+        """Set-up facts stated once, in the first metrics record of a fresh run (JSON values; e.g. a mixing
+        matrix)."""
+        return {}
+
+    def eval_info(self, workers: list[Worker]) -> dict[str, float]:
+        """Numbers logged with every evaluation, after :meth:`eval_model` (every process calls it)."""
+        return {}
+
     def enable_client_dp(self, client_dp: Any) -> None:
         """Clip and noise every round's updates with ``client_dp`` (:mod:`sgdlab.privacy.client`)."""
         check_client_dp(type(self), self.options, self.exchange_spec)
@@ -126,6 +142,19 @@ class Strategy:
     def lr_multiplier(self) -> float:
         """Factor applied to the inner learning rate (e.g. linear scaling for large batches)."""
         return 1.0
+
+    #: The run's length and LR warm-up, for strategies whose rounds follow the schedule (sync_rule=qsr);
+    #: set by :meth:`plan` before :meth:`setup` (None / 0 where nobody calls it).
+    total_steps: int | None = None
+    warmup_steps: int = 0
+
+    def plan(self, steps: int, warmup_steps: int = 0) -> None:
+        """Tell the strategy the run's number of steps and LR warm-up steps (the runner calls it)."""
+        self.total_steps, self.warmup_steps = steps, warmup_steps
+
+    def metrics(self) -> dict[str, float]:
+        """Values the strategy adds to every metrics record (e.g. the current sync period)."""
+        return {}
 
     def setup(self, workers: list[Worker]) -> None:
         pass

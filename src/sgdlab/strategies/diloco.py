@@ -14,6 +14,9 @@ training with a lookahead-like outer step. The paper uses H = 500; ``sync_every`
 sgdlab's small runs. With client-level DP (``--dp unit=client,...``) Δ is the clipped, noised average of
 :mod:`sgdlab.privacy.client` (DP-FedAvg with an outer optimizer).
 
+Sync rule (``sync_rule``, :mod:`.qsr`): ``"fixed"`` (every H steps) or ``"qsr,alpha=A"``, the Quadratic
+Synchronization Rule (Gu et al., 2023): each round lasts max(H, ⌊(α/η)²⌋) steps at the round's inner LR η.
+
 Buffers (``buffers``, default ``"average"``): at each sync the model's floating buffers (BatchNorm running
 statistics) are averaged exactly over workers (``"broadcast"``: rank 0's; ``"local"``: not synchronised),
 outside the pseudo-gradient exchange and without an outer step; the evaluated model takes them.
@@ -21,7 +24,7 @@ outside the pseudo-gradient exchange and without an outer step; the evaluated mo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,6 +32,7 @@ import torch
 from .. import optim
 from ..errors import ConfigError, check_range
 from .base import GlobalModelMixin, Strategy, Worker, check_buffers, check_precision
+from .qsr import SYNC_RULE_HELP, SyncSchedule, check_rule, inner_lr
 
 
 @dataclass
@@ -39,12 +43,14 @@ class DiLoCoOptions:
     outer_args: dict | None = None          # default for sgd: momentum 0.9, nesterov true (the paper)
     precision: str = "fp32"                 # precision of the pseudo-gradient exchange
     buffers: str = "average"                # average | broadcast | local: floating buffers at each sync
+    sync_rule: str = field(default="fixed", metadata={"help": SYNC_RULE_HELP})  # fixed | qsr,alpha=A[,gamma=G]
 
     def validate(self) -> None:
         check_range("sync_every", self.sync_every, low=1, integer=True)
         check_range("outer_lr", self.outer_lr, low=0)
         check_precision(self.precision)
         check_buffers(self.buffers)
+        check_rule(self.sync_rule)
         optim.registry.entry(self.outer_optimizer)
         hp = optim.hyperparameters(self.outer_optimizer)
         unknown = sorted(set(self.resolved_outer_args()) - set(hp))
@@ -81,19 +87,28 @@ class DiLoCo(GlobalModelMixin, Strategy):
     def setup(self, workers: list[Worker]) -> None:
         self.init_global(workers)
         self.outer = make_outer(self.options, self.global_params)
+        o = self.options
+        self.schedule = SyncSchedule(o.sync_rule, o.sync_every, self.total_steps, self.warmup_steps)
+        self.schedule.start(0, inner_lr(workers))
 
     def after_step(self, workers: list[Worker], step: int) -> None:
-        if step % self.options.sync_every:
+        if not self.schedule.due(step):
             return
         deltas = self.pseudo_gradients(workers)
         self.exchange.mean_(deltas, key="delta", step=step)
         outer_step(self.outer, self.global_params, deltas[0])
         self.restart_from_global(workers)
         self.sync_buffers(workers)
+        self.schedule.start(step, inner_lr(workers))
+
+    def metrics(self) -> dict[str, float]:
+        return self.schedule.metrics()
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "outer": self.outer.state_dict()}
+        return {**super().state_dict(), "outer": self.outer.state_dict(), "schedule": self.schedule.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.outer.load_state_dict(state["outer"])
+        if "schedule" in state:  # absent in checkpoints before sync rules
+            self.schedule.load_state_dict(state["schedule"])

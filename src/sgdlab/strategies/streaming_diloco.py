@@ -40,6 +40,9 @@ class StreamingDiLoCoOptions(DiLoCoOptions):
         check_range("fragments", self.fragments, low=1, integer=True)
         check_range("overlap", self.overlap, low=0, integer=True)
         check_range("mix_alpha", self.mix_alpha, low=0, high=1)
+        if self.sync_rule != "fixed":
+            raise ConfigError(f"sync_rule={self.sync_rule!r}: streaming-diloco staggers its fragments over a fixed "
+                              "sync_every; allowed: sync_rule=fixed")
         if self.sync_every % self.fragments:
             raise ConfigError(f"sync_every={self.sync_every} must be divisible by fragments={self.fragments} "
                               "(fragments are synced every sync_every/fragments steps, in turn)")
@@ -102,6 +105,9 @@ class StreamingDiLoCo(DiLoCo):
                 for w in workers:
                     for i in self.fragments[p]:
                         w.params[i].mul_(o.mix_alpha).add_(self.global_params[i], alpha=1 - o.mix_alpha)
+
+    def metrics(self) -> dict[str, float]:
+        return {}  # fixed rounds: no sync period to log
 
     def state_dict(self) -> dict[str, Any]:
         return {**GlobalModelMixin.state_dict(self), "outers": [o.state_dict() for o in self.outers],

@@ -119,6 +119,8 @@ class Task(ABC):
     metric_higher_is_better: ClassVar[bool] = False
     #: what one example is counted as in metrics ("samples" or "tokens")
     unit: ClassVar[str] = "samples"
+    #: classification tasks: the number of classes C (batches are (x, y), labels in 0..C-1), else None
+    num_classes: ClassVar[int | None] = None
 
     def __init__(self, options: Any, device: torch.device, data: str | None = None):
         self.options, self.device, self.data_path = options, device, data

@@ -34,6 +34,7 @@ class Digits(Task):
     Options = DigitsOptions
     metric = "val_accuracy"
     metric_higher_is_better = True
+    num_classes = 10
 
     def __init__(self, options: DigitsOptions, device: torch.device, data: str | None = None):
         super().__init__(options, device, data)

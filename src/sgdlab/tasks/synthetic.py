@@ -127,6 +127,7 @@ class LogReg(_SyntheticRegression):
     name = "logreg"
     description = "L2-regularised logistic regression with a known optimum (metric: optimality gap)"
     Options = LogRegOptions
+    num_classes = 2  # labels 0.0 / 1.0
 
     def __init__(self, options: LogRegOptions, device: torch.device, data: str | None = None):
         super().__init__(options, device, data)
