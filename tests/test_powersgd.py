@@ -348,7 +348,9 @@ def test_powersgd_through_strategies_matches_the_reference(case):
     _, plain, _ = _train_sim(case, compress="fp32")
     assert (_params(plain[0].model) - want).abs().max() > 1e-4  # rank 2 of a 5x6 matrix is lossy
     _, full, _ = _train_sim(case, compress="powersgd,rank=5,min_ratio=0")  # full rank: uncompressed training
-    torch.testing.assert_close(_params(full[0].model), _params(plain[0].model), atol=1e-5, rtol=1e-5)
+    # float32 Gram-Schmidt and the P Q^T product round differently on different CPUs' matmul kernels
+    # (1.7e-5 after training on an AVX-512 EPYC): float error, a third of the rank-2 loss (> 1e-4) above
+    torch.testing.assert_close(_params(full[0].model), _params(plain[0].model), atol=3e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
