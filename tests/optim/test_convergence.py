@@ -23,6 +23,11 @@ Deliberate settings, with the reason:
 * Sophia-G's estimator needs a likelihood. For logistic regression it samples labels from the model
   (:func:`gnb_loss`); the other two are least-squares problems ``0.5 ||r||^2`` (a Gaussian likelihood), for
   which the Gauss-Newton-Bartlett estimate is ``(J^T eps)^2`` with ``eps ~ N(0, I)`` (``E = diag(J^T J)``).
+* SAM uses rho = 1e-4 on Rosenbrock (default 0.05 elsewhere): its perturbation keeps length rho near a minimum,
+  and across Rosenbrock's narrow curved valley that moves the point it settles at by ~0.4 at rho = 0.05.
+* SAM, SWA and SWAD wrap SGD with momentum 0.9 at SGD's settings; SWA/SWAD leave the iterate SGD's (it is the
+  iterate that is measured here; their averages are tested in test_swa.py / test_swad.py).
+* EXEMPT lists the registered optimizers these problems cannot test, and why.
 """
 
 import math
@@ -50,6 +55,9 @@ SETTINGS = {
         "muon": (0.1, 2000, {}), "sgd": (1e-3, 10000, {}), "sgd-sai": (0.02, 5000, {"warmup": 100}),
         "sgdp": (1e-3, 10000, {}), "sophia-g": (0.1, 2000, {}), "sophia-h": (0.1, 2000, {}),
         "swan": (1.0, 2000, {}),
+        "sam": (1e-3, 10000, {"momentum": 0.9, "rho": 1e-4}), "swa": (1e-3, 10000, {"momentum": 0.9}),
+        "swad": (1e-3, 10000, {"momentum": 0.9}),
+        "mtdao": (0.1, 5000, {}),
     },
     "quadratic": {
         "adam": (1.0, 2000, {}), "adamw": (1.0, 2000, {}), "adamp": (1.0, 2000, {}),
@@ -59,6 +67,9 @@ SETTINGS = {
         "muon": (0.03, 2000, {}), "sgd": (3e-3, 2000, {}), "sgd-sai": (0.03, 2000, {}),
         "sgdp": (3e-3, 2000, {}), "sophia-g": (0.03, 2000, {}), "sophia-h": (0.03, 2000, {}),
         "swan": (3e-3, 5000, {}),
+        "sam": (3e-3, 2000, {"momentum": 0.9}), "swa": (3e-3, 2000, {"momentum": 0.9}),
+        "swad": (3e-3, 2000, {"momentum": 0.9}),
+        "mtdao": (0.3, 2000, {}),
     },
     "logistic": {
         "adam": (0.1, 2000, {}), "adamw": (0.1, 2000, {}), "adamp": (0.1, 2000, {}),
@@ -68,7 +79,17 @@ SETTINGS = {
         "muon": (0.03, 2000, {}), "sgd": (0.3, 2000, {}), "sgd-sai": (1.0, 2000, {}),
         "sgdp": (0.3, 2000, {}), "sophia-g": (0.03, 2000, {}), "sophia-h": (0.03, 2000, {}),
         "swan": (0.03, 5000, {}),
+        "sam": (0.3, 2000, {"momentum": 0.9}), "swa": (0.3, 2000, {"momentum": 0.9}),
+        "swad": (0.3, 2000, {"momentum": 0.9}),
+        "mtdao": (0.1, 2000, {}),
     },
+}
+# Registered optimizers these three problems cannot test, with the reason; their own files test convergence.
+EXEMPT = {
+    "saf": "needs a model returning class logits and example ids (ctx.model, ctx.example_ids); test_saf.py",
+    "mesa": "needs a model returning class logits (ctx.model); test_saf.py",
+    "zo-sgd": "forward-only: variance (d + 2)|g|^2 needs ~kappa * d times SGD's steps to reach 1e-3; test_zo_sgd.py",
+    "forward-gradient": "forward-only, the same variance as zo-sgd; test_forward_gradient.py",
 }
 
 
@@ -185,7 +206,7 @@ def _solve(problem: Problem, name: str, lr: float, steps: int, extra: dict) -> f
 
 def test_every_registered_optimizer_has_settings():
     for problem in SETTINGS.values():
-        assert sorted(problem) == sorted(optim.registry.names())
+        assert sorted([*problem, *EXEMPT]) == sorted(optim.registry.names())
 
 
 @pytest.mark.parametrize("name", sorted(SETTINGS["rosenbrock"]))

@@ -32,7 +32,7 @@ import torch
 from .. import optim
 from ..errors import ConfigError, check_range
 from .base import GlobalModelMixin, Strategy, Worker, check_buffers, check_precision
-from .qsr import SYNC_RULE_HELP, SyncSchedule, check_rule, inner_lr
+from .qsr import SYNC_RULE_HELP, SyncSchedule, check_rule
 
 
 @dataclass
@@ -89,7 +89,7 @@ class DiLoCo(GlobalModelMixin, Strategy):
         self.outer = make_outer(self.options, self.global_params)
         o = self.options
         self.schedule = SyncSchedule(o.sync_rule, o.sync_every, self.total_steps, self.warmup_steps)
-        self.schedule.start(0, inner_lr(workers))
+        self.schedule.start(0, workers)
 
     def after_step(self, workers: list[Worker], step: int) -> None:
         if not self.schedule.due(step):
@@ -99,7 +99,7 @@ class DiLoCo(GlobalModelMixin, Strategy):
         outer_step(self.outer, self.global_params, deltas[0])
         self.restart_from_global(workers)
         self.sync_buffers(workers)
-        self.schedule.start(step, inner_lr(workers))
+        self.schedule.start(step, workers)
 
     def metrics(self) -> dict[str, float]:
         return self.schedule.metrics()

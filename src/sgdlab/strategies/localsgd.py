@@ -28,7 +28,7 @@ import torch
 
 from ..errors import check_range
 from .base import GlobalModelMixin, Strategy, Worker, check_buffers, check_precision
-from .qsr import SYNC_RULE_HELP, SyncSchedule, check_rule, inner_lr
+from .qsr import SYNC_RULE_HELP, SyncSchedule, check_rule
 
 
 @dataclass
@@ -65,13 +65,13 @@ class LocalSGD(GlobalModelMixin, Strategy):
         self.init_global(workers)
         o = self.options
         self.schedule = SyncSchedule(o.sync_rule, o.sync_every, self.total_steps, self.warmup_steps)
-        self.schedule.start(0, inner_lr(workers))
+        self.schedule.start(0, workers)
 
     def after_step(self, workers: list[Worker], step: int) -> None:
         if not self.schedule.due(step):
             return
         self.average(workers, step)
-        self.schedule.start(step, inner_lr(workers))
+        self.schedule.start(step, workers)
 
     def average(self, workers: list[Worker], step: int) -> None:
         average_parameters(self, workers, step)
