@@ -373,6 +373,8 @@ def test_dgc_warmup_follows_the_papers_sparsities_and_counts_bytes():
     ("dgc,warmup_steps=-2", r"^warmup_steps=-2: must be an integer >= 0"),
     ("topk,ratio=true", r"ratio must be float, got True"),
     ("dgc,feedback=sparse-toy-ef", r"feedback=sparse-toy-ef does not apply; dgc keeps what it did not send"),
+    ("randk,ratio=0.1,feedback=ef", r"feedback=ef does not apply; randk with unbiased=true scales .* use "
+                                    r"randk,unbiased=false with feedback"),
 ])
 def test_bad_sparsifier_options_end_in_one_line(compress, match):
     with pytest.raises(ConfigError, match=match) as info:

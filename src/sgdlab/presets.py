@@ -176,7 +176,8 @@ def dp_charlm() -> list[Config]:
 COMPRESSORS = {  # run name → --compress spec, two or three settings per compressor
     "topk0.01-ef": "topk,ratio=0.01,feedback=ef", "topk0.001-ef": "topk,ratio=0.001,feedback=ef",
     "topk0.01-ef21": "topk,ratio=0.01,feedback=ef21", "topk0.01-econtrol": "topk,ratio=0.01,feedback=econtrol",
-    "randk0.01-ef": "randk,ratio=0.01,feedback=ef", "randk0.1-ef": "randk,ratio=0.1,feedback=ef",
+    "randk0.01-ef": "randk,ratio=0.01,unbiased=false,feedback=ef",
+    "randk0.1-ef": "randk,ratio=0.1,unbiased=false,feedback=ef",
     "qsgd16": "qsgd,levels=16", "qsgd4": "qsgd,levels=4", "terngrad": "terngrad",
     "signsgd-vote": "signsgd,vote=majority", "scaled-sign-ef": "scaled_sign,feedback=ef",
     "onebit-ef": "onebit,feedback=ef", "powersgd-r1": "powersgd,rank=1", "powersgd-r2": "powersgd,rank=2",

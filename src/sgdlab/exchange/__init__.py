@@ -154,6 +154,9 @@ class ExchangeSpec:
         if rule != "none" and compressor.lossless:
             raise ConfigError(f"compress={self.compress!r}: feedback={rule} corrects a lossy compressor; "
                               f"{name} is lossless")
+        if rule != "none" and compressor.refuses_feedback():
+            raise ConfigError(f"compress={self.compress!r}: feedback={rule} does not apply; {name} with "
+                              f"{compressor.refuses_feedback()}")
         if rule != "none" and compressor.own_feedback:
             raise ConfigError(f"compress={self.compress!r}: feedback={rule} does not apply; {name} keeps what it "
                               "did not send in its own accumulation")

@@ -64,6 +64,10 @@ class Compressor(Stage):
     own_feedback: ClassVar[bool] = False
     mean_only: ClassVar[bool] = False
 
+    def refuses_feedback(self) -> str | None:
+        """Why no error-feedback rule applies to this compressor as configured (``None``: any may)."""
+        return None
+
     @staticmethod
     def payload_bytes(payload: list[torch.Tensor]) -> int:
         return sum(t.numel() * t.element_size() for t in payload)

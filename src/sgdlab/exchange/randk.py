@@ -73,6 +73,12 @@ class RandK(Compressor):
     def nbytes(self, n: int) -> int:
         return 4 * num_kept(self.options.ratio, n)
 
+    def refuses_feedback(self) -> str | None:
+        if self.options.unbiased and self.options.ratio < 1:
+            return ("unbiased=true scales the kept values by n/k, so the residual can exceed the input and error "
+                    "feedback amplifies it (training diverges); use randk,unbiased=false with feedback")
+        return None
+
     def _indices(self, n: int, slot, device) -> torch.Tensor:
         s = slot if slot is not None else _NO_SLOT
         tag = (n, self.options.ratio, s.seed, s.key, s.step)
