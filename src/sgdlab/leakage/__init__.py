@@ -1,0 +1,1 @@
+"""Attacks that measure what a shared gradient leaks (``sgdlab attack ...``): :mod:`.dlg` (DLG and iDLG)."""
