@@ -15,8 +15,8 @@ whole model: n sums over every param group, and each group's ``lr`` scales its o
 step D is the mean of ``init_samples`` Hutchinson estimates (the reference's warm start uses 100), then
 the EMA above once per step (one Hessian-vector product of the step's loss, about one more backward).
 
-f* (``f_star``) defaults to 0 (the interpolation assumption, as the reference); ``max(0, .)`` keeps a loss
-below f* from stepping uphill (the reference does not clip). The step needs the loss value and its graph:
+f* (``f_star``) defaults to 0 (the interpolation assumption, as the reference); our ``max(0, .)`` keeps a
+loss below f* from stepping uphill. The step needs the loss value and its graph:
 the optimizer declares ``step_closure = True`` (:mod:`sgdlab.optim.protocol`), so ``step(closure)`` takes
 a closure that returns the minibatch loss with its graph (it must not call backward; the gradient in
 ``p.grad`` is the step's). Probes come from a generator owned by the optimizer (``seed``), saved in

@@ -15,7 +15,7 @@ needed. The paper derives the method from an "exponentiated" online-to-non-conve
 s ~ Exp(1), E_s[f(x + s D) - f(x)] = E_s[<grad f(x + s D), D>] exactly, which removes the smoothness
 term from the analysis of non-smooth objectives. This is the authors' practical ``Sgdm(random_scaling=...)``
 form (an EMA momentum, decay added to the step, not to the gradient); the theory's form
-``Delta_{t+1} = beta (Delta_t - lr g_t)`` is the same EMA with lr absorbed and ``beta`` factored differently.
+``Delta_{t+1} = beta (Delta_t - eta g_t)`` is the same recursion, ``Delta = -lr m`` with ``lr = eta beta / (1 - beta)``.
 With ``random_scaling=False`` (``s_t = 1``) it is SGD with an EMA momentum, i.e. ``torch.optim.SGD(momentum=beta,
 dampening=beta)`` from the second step on (torch starts its buffer at ``g_1``, this one at ``(1 - beta) g_1``).
 
