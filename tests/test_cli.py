@@ -23,7 +23,7 @@ def test_help_and_version_subprocess():
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0  # one line, no traceback
-    assert "unknown optimizer 'nope'" in r.stderr and "Valid: adam, adamp, adamw, ademamix" in r.stderr
+    assert "unknown optimizer 'nope'" in r.stderr and "Valid: adam, adamomentum, adamp, adamw, ademamix" in r.stderr
 
 
 def test_run_and_report(capsys, tmp_path):

@@ -50,7 +50,7 @@ def test_parse_value(raw, value):
     ({"schedule": "cosin"}, r"unknown schedule 'cosin'. Did you mean 'cosine'"),
     ({"device": "gpu"}, r"device='gpu'; allowed: auto, cpu, cuda, cuda:N, mps"),
     ({"task": "charlmm"}, r"unknown task 'charlmm'. Did you mean 'charlm'\?.*Valid: charlm, digits"),
-    ({"optimizer": "adamm"}, r"unknown optimizer 'adamm'.*Valid: adam, adamp, adamw, ademamix"),
+    ({"optimizer": "adamm"}, r"unknown optimizer 'adamm'.*Valid: adam, adamomentum, adamp, adamw, ademamix"),
     ({"strategy": "dpp"}, r"unknown strategy 'dpp'"),
     ({"optimizer_args": {"momentum": 0.9}}, r"hyperparameter of optimizer 'adamw' 'momentum'"),
     ({"task_args": {"d_modell": 3}}, r"unknown option of task 'charlm' 'd_modell'. Did you mean 'd_model'"),

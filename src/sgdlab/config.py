@@ -49,7 +49,7 @@ from .options import build_options, check_types, parse_value
 from .privacy.options import DPOptions
 from .strategies.base import check_client_dp, exchange_spec
 
-SCHEDULES = ("constant", "cosine", "linear")
+SCHEDULES = ("constant", "cosine", "linear", "refined")
 BACKENDS = ("sim", "torch")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 MAX_TIMEOUT = 1e9  # seconds (about 31 years); torch's timedelta overflows near 8.6e13
@@ -96,6 +96,8 @@ class Config:
                                         "decay to min_lr_ratio·lr)")
     warmup_steps: int = setting(0, "linear LR warm-up from 0 over this many steps")
     min_lr_ratio: float = setting(0.0, "final LR of a cosine or linear schedule, as a fraction of lr")
+    refine_from: str | None = setting(None, "schedule refined: the run directory whose logged gradient norms "
+                                            "refine linear decay (Defazio et al., 2023)", none="none")
     grad_clip: float = setting(0.0, "clip the global gradient norm to this (0: off)")
     io_adamw: bool = setting(False, "matrix optimizers: embedding/first/last layers in a use_adamw=True group")
     dp: str | None = setting(None, "differential privacy: DP-SGD, or client-level DP with unit=client",
@@ -243,6 +245,12 @@ class Config:
             raise UnknownNameError("schedule", self.schedule, SCHEDULES)
         check_range("warmup_steps", self.warmup_steps, low=0, high=self.steps, integer=True)
         check_range("min_lr_ratio", self.min_lr_ratio, low=0, high=1)
+        if (self.schedule == "refined") != (self.refine_from is not None):
+            raise ConfigError("schedule=refined and refine_from=RUN_DIR go together (got schedule="
+                              f"{self.schedule!r}, refine_from={self.refine_from!r})")
+        if self.refine_from is not None:
+            from .optim.refine import grad_norms_of
+            grad_norms_of(self.refine_from)  # a ConfigError unless the run logged gradient norms
         check_range("grad_clip", self.grad_clip, low=0)
         hp = optim.hyperparameters(self.optimizer, self.optimizer_args.get("base"))
         if self.io_adamw and "use_adamw" not in hp:
@@ -353,6 +361,7 @@ class RunSpec:
     schedule: str
     warmup_steps: int
     min_lr_ratio: float
+    refine_from: str | None
     grad_clip: float
     dp: DPOptions | None
     strategy: str
@@ -422,8 +431,8 @@ class RunSpec:
 
 # Config fields that RunSpec holds unchanged.
 _PLAIN = ("task", "optimizer", "steps", "batch_size", "seed", "eval_every", "log_every", "schedule", "warmup_steps",
-          "min_lr_ratio", "grad_clip", "io_adamw", "strategy", "workers", "backend", "data_split", "step_time",
-          "timeout", "tensorboard", "data", "name", "out")
+          "min_lr_ratio", "refine_from", "grad_clip", "io_adamw", "strategy", "workers", "backend", "data_split",
+          "step_time", "timeout", "tensorboard", "data", "name", "out")
 
 
 def describe(name: str) -> str:

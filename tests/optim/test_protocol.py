@@ -102,9 +102,17 @@ def test_what_each_optimizer_declares():
     assert protocol.needs(Lookahead(g)).before_backward is not None
     assert protocol.needs(Lookahead(h)).closure
     assert protocol.needs(Lookahead(torch.optim.SGD(ps, lr=0.1))).plain
+    special = {"sophia-g", "sophia-h", "sam", "saf", "mesa", "zo-sgd", "forward-gradient", "xgrad"}
     for name in optim.registry.names():
-        if name not in ("sophia-g", "sophia-h"):
+        if name not in special:
             assert protocol.needs(optim.create(name, [torch.zeros(3, 2, requires_grad=True)])).plain, name
+    need = {n: protocol.needs(optim.create(n, [torch.zeros(3, 2, requires_grad=True)])) for n in special}
+    assert need["sam"].closure and need["sam"].backward  # the loop's backward gives g, the closure g'
+    assert need["saf"].training_loss is not None and need["mesa"].training_loss is not None
+    assert need["zo-sgd"].closure and not need["zo-sgd"].backward
+    assert need["xgrad"].before_forward is not None and need["xgrad"].backward  # weight prediction
+    fg = need["forward-gradient"]
+    assert fg.before_backward is not None and not fg.backward and not fg.closure
 
 
 def test_sophia_g_hook_leaves_no_gradient_and_needs_a_sampled_loss():

@@ -16,6 +16,7 @@ from ..distributed.group import Group, SimGroup, TorchGroup, torchrun_env
 from ..errors import ConfigError
 from ..models import io_parameters
 from ..optim import protocol
+from ..optim.refine import refined_factors
 from ..privacy import ClientDP, PoissonSampler, PrivateTraining
 from ..strategies import Strategy, Worker
 
@@ -26,6 +27,10 @@ def lr_factor(step: int, spec: Any) -> float:
         return (step + 1) / spec.warmup_steps
     if spec.schedule == "constant":
         return 1.0
+    if spec.schedule == "refined":  # linear decay refined by a previous run's gradient norms (optim.refine)
+        factors = refined_factors(spec.refine_from, spec.steps - spec.warmup_steps)
+        shape = factors[min(step - spec.warmup_steps, len(factors) - 1)]
+        return spec.min_lr_ratio + (1 - spec.min_lr_ratio) * shape
     p = min(1.0, (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps))
     shape = 0.5 * (1 + math.cos(math.pi * p)) if spec.schedule == "cosine" else 1 - p
     return spec.min_lr_ratio + (1 - spec.min_lr_ratio) * shape

@@ -42,11 +42,12 @@ class State:
     best_metric: float | None = None
     last_eval: dict[str, float] | None = None
     carry: list[float] = field(default_factory=list)  # losses not yet in a metrics record
+    carry_grad_norms: list[float] = field(default_factory=list)  # likewise, the gradient norms
     saved_step: int | None = None  # step of the checkpoint on disk
 
     def state_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("step", "wall_time", "eval_time", "train_loss", "best_val_loss",
-                                              "best_metric", "last_eval", "carry")}
+                                              "best_metric", "last_eval", "carry", "carry_grad_norms")}
 
     def load(self, d: dict[str, Any]) -> None:
         for k, v in d.items():
@@ -97,6 +98,7 @@ class TrainingLoop:
         self.honest = [i for i, r in enumerate(self.replicas) if r.worker.rank not in byzantine]
         self.honest_scale = group.world / len(self.replicas) / (group.world - len(byzantine)) if byzantine else None
         self._info: dict[str, Any] = {}  # the strategy's log_info, for the first record of a fresh run
+        self._grad_norms: list[torch.Tensor] = []  # per step since the last record (for --schedule refined)
 
     # ---- resume, checkpoint, summary --------------------------------------------------------------
     def resume(self) -> None:
@@ -222,6 +224,7 @@ class TrainingLoop:
                 r.pending.append(protocol.forward_backward(opt, ctx, r.need))
             group.advance(i, (half if half is not None else self._elapsed(t0)) * speeds[r.worker.rank])
         self.strategy.after_backward(workers, step)
+        self._grad_norms.append(torch.stack([_grad_norm(r.worker.model) for r in self.replicas]).mean())
         lr_used = workers[0].optimizer.param_groups[0]["lr"]
         clip = self.spec.grad_clip
         for i, r in enumerate(self.replicas):
@@ -255,8 +258,12 @@ class TrainingLoop:
         for r in self.replicas:
             r.pending.clear()
         vote = group.stop_vote(stop.requested) if is_log else 0.0
-        reduced = group.mean_vector([*per_step.tolist(), vote])
+        local_norms = torch.stack(self._grad_norms).double().tolist() if self._grad_norms else []
+        self._grad_norms = []
+        reduced = group.mean_vector([*per_step.tolist(), *local_norms, vote])
         stop_now = stop_now or reduced[-1] > 0
+        grad_norms = st.carry_grad_norms + reduced[len(reduced) - 1 - len(local_norms):-1]
+        reduced = reduced[:len(reduced) - 1 - len(local_norms)] + reduced[-1:]
         losses = st.carry + reduced[:-1]
         bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
         if bad:
@@ -270,6 +277,9 @@ class TrainingLoop:
             rec = self._record(step)
             rec.update(train_loss=st.train_loss, lr=lr_used, wall_time_s=st.wall_time,
                        bytes_sent=group.bytes_sent, sim_time_s=group.sim_time())
+            st.carry_grad_norms = []
+            if grad_norms:  # l2 norm of the gradient the optimizer got (workers' mean), mean since the last record
+                rec["grad_norm"] = sum(grad_norms) / len(grad_norms)
             rec.update(self.strategy.metrics())  # e.g. sync_period under sync_rule=qsr
             if is_eval:
                 self._evaluate(rec)
@@ -278,6 +288,7 @@ class TrainingLoop:
             self.bar.set_postfix(_postfix(rec, self.task.metric), refresh=False)
         else:  # stopping between records: carry the losses over in the checkpoint
             st.carry = losses
+            st.carry_grad_norms = grad_norms
         if is_ckpt or stop_now:
             self.save_checkpoint()
         st.pause += time.perf_counter() - t_pause
@@ -327,6 +338,15 @@ class TrainingLoop:
         if self.tokens_per_sample:
             r["tokens"] = step * self.parts.samples_per_step * self.tokens_per_sample
         return r
+
+
+def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
+    """The l2 norm of the model's gradient (0 without one)."""
+    params = list(model.parameters())
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:  # forward-only optimizers
+        return torch.zeros((), device=params[0].device if params else None)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
 def _postfix(r: dict[str, Any], metric: str) -> dict[str, str]:
