@@ -241,7 +241,7 @@ def test_run_help_reads_defaults_from_the_config_and_the_registries():
     assert f"max_physical_batch={dp_defaults['max_physical_batch']}" in helps["dp"]
     diloco = strategies.registry.get("diloco").Options()
     assert f"default {diloco.outer_lr}" in helps["strategy_outer_lr"]
-    assert "diloco, localsgd, streaming-diloco; default 50" in helps["strategy_sync_every"]
+    assert "diloco: default 50; gossip: default 1; localsgd: default 50" in helps["strategy_sync_every"]
 
 
 def test_list_settings(capsys):

@@ -199,3 +199,14 @@ def test_unknown_key_lists_each_valid_key_once(capsys):
     assert code == 2 and "unknown config key 'nope'" in err
     valid = err.split("Valid: ")[1].rstrip(".\n").split(", ")
     assert "lr" in valid and len(valid) == len(set(valid)), valid
+
+
+@pytest.mark.parametrize("name", ["sam", "zo-sgd", "sophia-h", "xgrad"])
+def test_ddp_refuses_optimizers_whose_extra_gradients_would_not_be_averaged(tmp_path, name):
+    # ddp averages the ordinary backward's gradient; a second pass (SAM), a forward-only estimate (MeZO), a
+    # Hessian closure (Sophia-H) or predicted weights (XGrad) would be each worker's own: replicas drift apart
+    cfg = Config(task="quadratic", optimizer=name, strategy="ddp", workers=2, steps=2, out=str(tmp_path / name))
+    with pytest.raises(ConfigError, match=r"strategy ddp averages the gradient of the ordinary backward only; .* "
+                                          r"Use localsgd or diloco"):
+        run(cfg)
+    run(cfg.replace(workers=1, out=str(tmp_path / f"{name}-1")))  # one worker: nothing to drift

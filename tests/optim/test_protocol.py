@@ -102,7 +102,7 @@ def test_what_each_optimizer_declares():
     assert protocol.needs(Lookahead(g)).before_backward is not None
     assert protocol.needs(Lookahead(h)).closure
     assert protocol.needs(Lookahead(torch.optim.SGD(ps, lr=0.1))).plain
-    special = {"sophia-g", "sophia-h", "sam", "saf", "mesa", "zo-sgd", "forward-gradient", "xgrad"}
+    special = {"sophia-g", "sophia-h", "sam", "saf", "mesa", "zo-sgd", "forward-gradient", "xgrad", "psps"}
     for name in optim.registry.names():
         if name not in special:
             assert protocol.needs(optim.create(name, [torch.zeros(3, 2, requires_grad=True)])).plain, name
@@ -110,6 +110,7 @@ def test_what_each_optimizer_declares():
     assert need["sam"].closure and need["sam"].backward  # the loop's backward gives g, the closure g'
     assert need["saf"].training_loss is not None and need["mesa"].training_loss is not None
     assert need["zo-sgd"].closure and not need["zo-sgd"].backward
+    assert need["psps"].closure and need["psps"].backward  # the loss value for the Polyak step
     assert need["xgrad"].before_forward is not None and need["xgrad"].backward  # weight prediction
     fg = need["forward-gradient"]
     assert fg.before_backward is not None and not fg.backward and not fg.closure

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import UnknownNameError
+from ..errors import ConfigError, UnknownNameError
+from ..optim import protocol
 from .base import Strategy, Worker, check_buffers, check_precision
 
 
@@ -48,6 +49,15 @@ class DDP(Strategy):
     def lr_multiplier(self) -> float:
         n = self.group.world
         return {"none": 1.0, "linear": float(n), "sqrt": math.sqrt(n)}[self.options.lr_scaling]
+
+    def setup(self, workers: list[Worker]) -> None:
+        need = protocol.needs(workers[0].optimizer) if workers[0].optimizer is not None else None
+        if self.group.world > 1 and need is not None and not need.plain:
+            raise ConfigError(
+                f"strategy ddp averages the gradient of the ordinary backward only; optimizer "
+                f"{type(workers[0].optimizer).__name__} needs {need.describe()}, which each worker would compute "
+                "on its own batch, so the replicas would drift apart. Use localsgd or diloco (workers train on "
+                "their own between rounds) or an optimizer that needs only backward(); step()")
 
     def after_backward(self, workers: list[Worker], step: int) -> None:
         grads = []
