@@ -6,6 +6,10 @@ delegate, whose ``state`` is a read-only merged view (the base's per-parameter s
 tensors, so memory accounting and :class:`sgdlab.distributed.Distributed`'s broadcast see both), and whose
 ``state_dict()`` is the base's plus one entry, :attr:`Wrapper.key`, holding the wrapper's own state by
 parameter index. Subclasses implement ``step`` and the two ``_own_state`` methods.
+
+:class:`ForwardingWrapper` is a Wrapper around *any* base optimizer (Lookahead, SWA, SWAD): the step
+protocol's attributes (:mod:`sgdlab.optim.protocol`) are the base's, so the wrapper asks the loop for
+whatever its base needs.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from ..errors import ConfigError
 from . import protocol
 
-__all__ = ["Wrapper", "check_plain_base"]
+__all__ = ["ForwardingWrapper", "Wrapper", "check_plain_base"]
 
 
 def check_plain_base(name: str, base_optimizer: torch.optim.Optimizer) -> None:
@@ -35,6 +39,8 @@ class Wrapper(torch.optim.Optimizer):
     """A base optimizer plus per-parameter tensors of the wrapper's own (``self.own[p][name]``)."""
 
     key = "wrapper"
+    own_key = "own"
+    """The name of ``self.own`` (by parameter index) inside the :attr:`key` entry of ``state_dict()``."""
 
     def __init__(self, base_optimizer: torch.optim.Optimizer):
         if not isinstance(base_optimizer, torch.optim.Optimizer):
@@ -92,10 +98,16 @@ class Wrapper(torch.optim.Optimizer):
     def _load_own_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`_own_state` returned."""
 
+    def _check_own(self, own: dict[int, Any], params: list[torch.Tensor]) -> None:
+        """A ConfigError unless ``own`` (a state_dict's per-parameter entries) fits ``params``."""
+        if own and max(own) >= len(params):
+            raise ConfigError(f"{type(self).__name__} state_dict has state for parameter {max(own)}, the optimizer "
+                              f"has {len(params)} parameters")
+
     def state_dict(self) -> dict[str, Any]:
         out = dict(self.base_optimizer.state_dict())
         out[self.key] = {**self._own_state(),
-                         "own": {i: dict(self.own[p]) for i, p in enumerate(self._params()) if p in self.own}}
+                         self.own_key: {i: dict(self.own[p]) for i, p in enumerate(self._params()) if p in self.own}}
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -104,11 +116,33 @@ class Wrapper(torch.optim.Optimizer):
             raise ConfigError(f"not a {type(self).__name__} state_dict: the {self.key!r} entry is missing")
         mine = dict(state_dict.pop(self.key))
         params = self._params()
-        own = mine.pop("own")
-        if own and max(own) >= len(params):
-            raise ConfigError(f"{type(self).__name__} state_dict has state for parameter {max(own)}, the optimizer "
-                              f"has {len(params)} parameters")
+        own = mine.pop(self.own_key)
+        self._check_own(own, params)
         self.base_optimizer.load_state_dict(state_dict)
         self.own = {params[i]: {k: v.detach().to(device=params[i].device, dtype=params[i].dtype).clone()
                                 for k, v in st.items()} for i, st in own.items()}
         self._load_own_state(mine)
+
+
+class ForwardingWrapper(Wrapper):
+    """A :class:`Wrapper` whose step-protocol attributes are the base optimizer's (it serves any base)."""
+
+    @property
+    def before_forward(self) -> Callable[[protocol.StepContext], None] | None:
+        return protocol.needs(self.base_optimizer).before_forward
+
+    @property
+    def before_backward(self) -> Callable[[protocol.StepContext], None] | None:
+        return protocol.needs(self.base_optimizer).before_backward
+
+    @property
+    def step_closure(self) -> bool:
+        return protocol.needs(self.base_optimizer).closure
+
+    @property
+    def step_backward(self) -> bool:
+        return protocol.needs(self.base_optimizer).backward
+
+    @property
+    def training_loss(self) -> Callable[[protocol.StepContext], tuple[torch.Tensor, torch.Tensor]] | None:
+        return protocol.needs(self.base_optimizer).training_loss

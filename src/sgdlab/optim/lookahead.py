@@ -29,31 +29,30 @@ schedulers and per-group hyperparameters act on the inner optimizer), ``zero_gra
 ``"lookahead"`` entry holding the slow weights, the step counter and ``k``/``alpha``/``pullback``.
 ``state`` is a read-only merged view: each parameter's inner state plus ``"slow_param"`` (and
 ``"slow_momentum"``), so memory accounting sees both; change state through ``base_optimizer.state``.
-The step protocol's attributes (``before_backward``, ``step_closure``, ``step_backward``,
-:mod:`sgdlab.optim.protocol`) are the inner optimizer's, so Lookahead around Sophia-G gets its Hessian
-estimates and around Sophia-H its closure. The slow weights are copied when the wrapper is built; under
+The step protocol's attributes (``before_forward``, ``before_backward``, ``step_closure``, ``step_backward``,
+``training_loss``, :mod:`sgdlab.optim.protocol`) are the inner optimizer's, so Lookahead around Sophia-G
+gets its Hessian estimates and around Sophia-H its closure. The slow weights are copied when the wrapper is built; under
 :class:`sgdlab.distributed.Distributed` they follow the broadcast of rank 0's weights, because the wrapper
 broadcasts every tensor of ``optimizer.state`` (this merged view) too.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
 from ..errors import ConfigError, check_range
-from . import protocol
 from ._base import buckets, use_foreach
+from ._wrapper import ForwardingWrapper
 
 __all__ = ["Lookahead", "lookahead"]
 
 _PULLBACK = ("none", "reset", "pullback")
 
 
-class Lookahead(torch.optim.Optimizer):
+class Lookahead(ForwardingWrapper):
     """Lookahead (Zhang et al., NeurIPS 2019, arXiv:1907.08610) around ``base_optimizer``.
 
     Args:
@@ -69,85 +68,42 @@ class Lookahead(torch.optim.Optimizer):
         >>> opt = Lookahead(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), k=5, alpha=0.5)
     """
 
+    key = "lookahead"
+    own_key = "slow"
+
     def __init__(self, base_optimizer: torch.optim.Optimizer, k: int = 5, alpha: float = 0.5,
                  pullback: str = "none", *, foreach: bool | None = None):
-        if not isinstance(base_optimizer, torch.optim.Optimizer):
-            raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
+        super().__init__(base_optimizer)  # a TypeError unless base_optimizer is a torch.optim.Optimizer
         check_range("k", k, low=1, integer=True)
         check_range("alpha", alpha, low=0.0, high=1.0, low_open=True)
         if pullback not in _PULLBACK:
             raise ConfigError(f"pullback={pullback!r} is not allowed; allowed: {', '.join(map(repr, _PULLBACK))}")
         if foreach is not None and not isinstance(foreach, bool):
             raise ConfigError(f"foreach must be None, True or False, got {foreach!r}")
-        self.base_optimizer = base_optimizer
         self.k, self.alpha, self.pullback, self.foreach = k, float(alpha), pullback, foreach
         self.fast_steps = 0  # inner steps taken since the start
-        # torch.optim.Optimizer.__init__ would build param groups of its own; the inner ones are shared
-        # instead, so only the bookkeeping attributes it sets are set here.
-        self.defaults = base_optimizer.defaults
-        self._optimizer_step_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_step_post_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
-        self._warned_capturable_if_run_uncaptured = True
-        self._patch_step_function()
-        self.slow: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
         for group in self.param_groups:
             self._init_slow(group["params"])
 
-    # --- torch.optim.Optimizer surface -------------------------------------------------------------
+    # The wrapper's own per-parameter tensors are the slow weights; stored as ``self.slow`` (the attribute
+    # name pickles of earlier versions hold).
     @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.base_optimizer.param_groups
+    def own(self) -> dict[torch.Tensor, dict[str, torch.Tensor]]:  # type: ignore[override]
+        return self.slow
 
-    @property
-    def state(self) -> defaultdict[torch.Tensor, dict[str, Any]]:  # type: ignore[override]
-        merged: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
-        for p in self._params():
-            merged[p] = {**self.base_optimizer.state.get(p, {}), **self.slow.get(p, {})}
-        return merged
-
-    def __getstate__(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._patch_step_function()
+    @own.setter
+    def own(self, value: dict[torch.Tensor, dict[str, torch.Tensor]]) -> None:
+        self.slow = value
 
     def __repr__(self) -> str:
         return (f"Lookahead(k={self.k}, alpha={self.alpha}, pullback={self.pullback!r}, "
                 f"base_optimizer={self.base_optimizer!r})")
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.base_optimizer.zero_grad(set_to_none=set_to_none)
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self.base_optimizer.add_param_group(param_group)
+        super().add_param_group(param_group)
         self._init_slow(self.param_groups[-1]["params"])
 
-    # --- the step protocol (sgdlab.optim.protocol): what the inner optimizer needs ------------------
-    @property
-    def before_backward(self) -> Callable[[protocol.StepContext], None] | None:
-        return protocol.needs(self.base_optimizer).before_backward
-
-    @property
-    def before_forward(self) -> Callable[[protocol.StepContext], None] | None:
-        return protocol.needs(self.base_optimizer).before_forward
-
-    @property
-    def step_closure(self) -> bool:
-        return protocol.needs(self.base_optimizer).closure
-
-    @property
-    def step_backward(self) -> bool:
-        return protocol.needs(self.base_optimizer).backward
-
     # --- algorithm ---------------------------------------------------------------------------------
-    def _params(self) -> list[torch.Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
-
     @torch.no_grad()
     def _init_slow(self, params: Iterable[torch.Tensor]) -> None:
         for p in params:  # phi_0 = theta_0
@@ -182,31 +138,20 @@ class Lookahead(torch.optim.Optimizer):
                 slow_m.lerp_(buf, self.alpha)
                 buf.copy_(slow_m)
 
-    # --- checkpointing -----------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """The inner optimizer's state dict plus ``"lookahead"``: slow weights by parameter index,
-        the inner-step counter, ``k``, ``alpha`` and ``pullback``."""
-        out = dict(self.base_optimizer.state_dict())
-        out["lookahead"] = {
-            "step": self.fast_steps, "k": self.k, "alpha": self.alpha, "pullback": self.pullback,
-            "slow": {i: dict(self.slow[p]) for i, p in enumerate(self._params())},
-        }
-        return out
+    # --- checkpointing (Wrapper.state_dict: the inner state dict plus "lookahead") ----------------------
+    def _own_state(self) -> dict[str, Any]:
+        """Besides the slow weights by parameter index (``"slow"``): the inner-step counter, ``k``,
+        ``alpha`` and ``pullback``."""
+        return {"step": self.fast_steps, "k": self.k, "alpha": self.alpha, "pullback": self.pullback}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        if "lookahead" not in state_dict:
-            raise ConfigError("not a Lookahead state_dict: the 'lookahead' entry is missing")
-        la = state_dict.pop("lookahead")
-        params = self._params()
-        if len(la["slow"]) != len(params):
-            raise ConfigError(f"Lookahead state_dict has slow weights for {len(la['slow'])} parameters, "
+    def _check_own(self, own: dict[int, Any], params: list[torch.Tensor]) -> None:
+        if len(own) != len(params):
+            raise ConfigError(f"Lookahead state_dict has slow weights for {len(own)} parameters, "
                               f"the optimizer has {len(params)}")
-        self.base_optimizer.load_state_dict(state_dict)
-        self.slow = {p: {key: v.detach().to(device=p.device, dtype=p.dtype).clone() for key, v in
-                         la["slow"][i].items()} for i, p in enumerate(params)}
-        self.fast_steps = int(la["step"])
-        self.k, self.alpha, self.pullback = la["k"], la["alpha"], la["pullback"]
+
+    def _load_own_state(self, state: dict[str, Any]) -> None:
+        self.fast_steps = int(state["step"])
+        self.k, self.alpha, self.pullback = state["k"], state["alpha"], state["pullback"]
 
 
 def lookahead(params: Iterable[Any], base: str = "adamw", k: int = 5, alpha: float = 0.5,

@@ -41,15 +41,14 @@ from torch.optim.swa_utils import get_swa_avg_fn, get_swa_multi_avg_fn
 from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices
 
 from ..errors import ConfigError, check_range
-from . import protocol
-from ._wrapper import Wrapper
+from ._wrapper import ForwardingWrapper
 
 __all__ = ["SWA", "swa"]
 
 _ANNEAL = ("cos", "linear")
 
 
-class SWA(Wrapper):
+class SWA(ForwardingWrapper):
     """SWA (Izmailov et al., UAI 2018) around ``base_optimizer``; see the module docstring.
 
     Args:
@@ -83,19 +82,7 @@ class SWA(Wrapper):
         return (f"SWA(swa_start={self.swa_start}, swa_freq={self.swa_freq}, swa_lr={self.swa_lr}, "
                 f"base_optimizer={self.base_optimizer!r})")
 
-    # --- the step protocol: the base's needs, and the averaged weights ------------------------------
-    @property
-    def before_backward(self) -> Callable[[protocol.StepContext], None] | None:
-        return protocol.needs(self.base_optimizer).before_backward
-
-    @property
-    def step_closure(self) -> bool:
-        return protocol.needs(self.base_optimizer).closure
-
-    @property
-    def step_backward(self) -> bool:
-        return protocol.needs(self.base_optimizer).backward
-
+    # --- the step protocol (the base's needs: ForwardingWrapper), and the averaged weights -----------
     def averaged_parameters(self) -> dict[torch.Tensor, torch.Tensor] | None:
         """``{param: its average}`` once something is averaged, else None."""
         if int(self.n_averaged) == 0:

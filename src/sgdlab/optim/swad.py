@@ -45,8 +45,7 @@ from typing import Any
 import torch
 
 from ..errors import check_range
-from . import protocol
-from ._wrapper import Wrapper
+from ._wrapper import ForwardingWrapper
 
 __all__ = ["SWAD", "swad", "Segment", "LossValley"]
 
@@ -152,7 +151,7 @@ class LossValley:
         return final
 
 
-class SWAD(Wrapper):
+class SWAD(ForwardingWrapper):
     """SWAD (Cha et al., NeurIPS 2021) around ``base_optimizer``; see the module docstring.
 
     Args:
@@ -179,19 +178,7 @@ class SWAD(Wrapper):
         return (f"SWAD(n_converge={v.n_converge}, n_tolerance={v.n_tolerance}, tolerance_ratio={v.tolerance_ratio}, "
                 f"base_optimizer={self.base_optimizer!r})")
 
-    # --- the step protocol ---------------------------------------------------------------------------
-    @property
-    def before_backward(self) -> Callable[[protocol.StepContext], None] | None:
-        return protocol.needs(self.base_optimizer).before_backward
-
-    @property
-    def step_closure(self) -> bool:
-        return protocol.needs(self.base_optimizer).closure
-
-    @property
-    def step_backward(self) -> bool:
-        return protocol.needs(self.base_optimizer).backward
-
+    # --- the step protocol (besides the base's needs: ForwardingWrapper) ------------------------------
     def after_evaluate(self, metrics: dict[str, float]) -> None:
         """Freeze the current segment with this evaluation's ``val_loss`` into the loss valley."""
         if self.segment is None or self.segment.n == 0:  # nothing averaged since the last evaluation

@@ -51,7 +51,7 @@ import torch
 
 from ..errors import ConfigError, check_range
 from . import protocol
-from ._wrapper import Wrapper
+from ._wrapper import Wrapper, check_plain_base
 
 __all__ = ["XGrad", "xgrad"]
 
@@ -83,10 +83,7 @@ class XGrad(Wrapper):
     def __init__(self, base_optimizer: torch.optim.Optimizer, horizon: float = 1.0):
         super().__init__(base_optimizer)
         self._kind = _kind(base_optimizer)
-        need = protocol.needs(base_optimizer)
-        if not need.plain:  # e.g. a torch.optim subclass with a hook of its own
-            raise ConfigError(f"XGrad's base optimizer must take a plain backward(); step(), but "
-                              f"{type(base_optimizer).__name__} needs {need.describe()}")
+        check_plain_base("XGrad", base_optimizer)  # e.g. a torch.optim subclass with a hook of its own
         self.horizon = float(check_range("horizon", horizon, low=0.0))
         self._cache: dict[torch.Tensor, torch.Tensor] = {}  # w_t while the model holds w_hat
 
