@@ -229,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
         "dp", help="DP-SGD step time: non-private vs sgdlab vs Opacus 1.6's modes (digits CNN, charlm)"))
     bench_compress.add_arguments(bsub.add_parser(
         "compress", help="compressor encode+decode time per step vs a charlm step and fp32, payload bytes"))
+    importlib.import_module(".bench.aggregate", __package__).add_arguments(bsub.add_parser(
+        "aggregate", help="robust aggregator / pre-aggregator time per round at n workers, d values, vs mean"))
 
     _add_dp_commands(sub)
     asub = sub.add_parser("attack", help="gradient leakage: rebuild a batch from its shared update").add_subparsers(
@@ -427,7 +429,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    names = ("loop", "ddp", "optim", "dp", "compress")
+    names = ("loop", "ddp", "optim", "dp", "compress", "aggregate")
     if args.bench not in names:
         raise SgdlabError(f"bench needs a benchmark name; available: {', '.join(names)}")
     return importlib.import_module(f".bench.{args.bench}", __package__).main(args)
