@@ -48,7 +48,8 @@ def test_a_diverged_run_is_tried_but_never_best():
 
 
 def _drun(name, loss, nbytes, strategy="ddp", compress=None, status="completed"):
-    r = _run(name, "adamw", 1e-3, loss, status=status, strategy=strategy, workers=4, compress=compress)
+    r = _run(name, "adamw", 1e-3, loss, status=status, strategy=strategy, workers=4, compress=compress,
+             strategy_args={"precision": "fp32", "buffers": "average"})  # as config.json writes them
     r["summary"].update(bytes_sent_per_worker=nbytes, sim_time_s=1.0)
     return r
 

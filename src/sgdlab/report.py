@@ -247,8 +247,8 @@ def report(dirs: list[str | Path], plot_path: str | Path | None = None, make_plo
 def _reference(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The uncompressed ``ddp`` run that the others are measured against (the first such one)."""
     return next((r for r in runs if r["config"].get("strategy") == "ddp" and _finished(r)
-                 and r["config"].get("compress") in (None, "fp32") and not r["config"].get("strategy_args",
-                                                                                      {}).get("precision")), None)
+                 and r["config"].get("compress") in (None, "fp32")
+                 and r["config"].get("strategy_args", {}).get("precision") in (None, "fp32")), None)
 
 
 def pareto_front(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
