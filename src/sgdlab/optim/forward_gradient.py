@@ -45,6 +45,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import check_range
 from ._base import Optimizer
+from ._rng import copy_states, device_generator
 from .protocol import StepContext
 
 __all__ = ["ForwardGradient", "directional_derivative"]
@@ -94,15 +95,8 @@ class ForwardGradient(Optimizer):
         check_range("weight_decay", group["weight_decay"], low=0.0)
 
     def _tangent(self, p: torch.Tensor) -> torch.Tensor:
-        dev = str(p.device)
-        gen = torch.Generator(device=p.device)
-        if dev in self._rng_states:
-            gen.set_state(self._rng_states[dev])
-        else:
-            gen.manual_seed(self.seed)
-        v = torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device)
-        self._rng_states[dev] = gen.get_state()
-        return v
+        with device_generator(self._rng_states, self.seed, p.device) as gen:
+            return torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device)
 
     def before_backward(self, ctx: StepContext) -> None:
         """Write the forward gradient of ``ctx.loss`` into ``p.grad`` of every parameter (step protocol)."""
@@ -136,7 +130,7 @@ class ForwardGradient(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd["forward_gradient"] = {"rng_states": {d: s.clone() for d, s in self._rng_states.items()},
+        sd["forward_gradient"] = {"rng_states": copy_states(self._rng_states),
                                   "seed": self.seed, "tangents": self.tangents}
         return sd
 
@@ -144,5 +138,5 @@ class ForwardGradient(Optimizer):
         extra = state_dict.get("forward_gradient")
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "forward_gradient"})
         if extra is not None:
-            self._rng_states = {d: s.clone() for d, s in extra["rng_states"].items()}
+            self._rng_states = copy_states(extra["rng_states"])
             self.seed, self.tangents = int(extra["seed"]), int(extra["tangents"])

@@ -36,6 +36,7 @@ import torch
 from ..errors import ConfigError, check_range
 from ._base import ElementwiseOptimizer
 from ._compiled import Kernel
+from ._rng import copy_states, device_generator
 
 __all__ = ["Gravity"]
 
@@ -72,7 +73,7 @@ class Gravity(ElementwiseOptimizer):
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        sd["gravity"] = {"seed": self.seed, "rng_states": {d: s.clone() for d, s in self._rng_states.items()}}
+        sd["gravity"] = {"seed": self.seed, "rng_states": copy_states(self._rng_states)}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -80,18 +81,11 @@ class Gravity(ElementwiseOptimizer):
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "gravity"})
         if extra is not None:
             self.seed = int(extra["seed"])
-            self._rng_states = {d: s.clone() for d, s in extra["rng_states"].items()}
+            self._rng_states = copy_states(extra["rng_states"])
 
     def _normal(self, p: torch.Tensor, std: float) -> torch.Tensor:
-        dev = str(p.device)
-        gen = torch.Generator(device=p.device)
-        if dev in self._rng_states:
-            gen.set_state(self._rng_states[dev])
-        else:
-            gen.manual_seed(self.seed)
-        out = torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device).mul_(std)
-        self._rng_states[dev] = gen.get_state()
-        return out
+        with device_generator(self._rng_states, self.seed, p.device) as gen:
+            return torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device).mul_(std)
 
     @classmethod
     def _validate(cls, group: dict[str, Any]) -> None:

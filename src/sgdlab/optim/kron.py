@@ -55,6 +55,7 @@ import torch
 
 from ..errors import ConfigError, check_range
 from ._base import Optimizer, buckets, check_flag, defaults_from, use_foreach
+from ._rng import copy_states, device_generator
 
 __all__ = ["Kron", "norm_lower_bound", "update_probability"]
 
@@ -182,34 +183,21 @@ class Kron(Optimizer):
         check_flag("momentum_into_precond_update", group["momentum_into_precond_update"])
 
     # --- randomness and checkpointing ---------------------------------------------------------------
-    def _generator(self, device: torch.device) -> torch.Generator:
-        gen = torch.Generator(device=device)
-        dev = str(device)
-        if dev in self._rng_states:
-            gen.set_state(self._rng_states[dev])
-        else:
-            gen.manual_seed(self.seed)
-        return gen
-
     def _uniform(self) -> float:
         """One draw in [0, 1) from the CPU generator (no device sync)."""
-        gen = self._generator(torch.device("cpu"))
-        u = torch.rand((), generator=gen, dtype=torch.float64).item()
-        self._rng_states["cpu"] = gen.get_state()
-        return u
+        with device_generator(self._rng_states, self.seed, torch.device("cpu")) as gen:
+            return torch.rand((), generator=gen, dtype=torch.float64).item()
 
     def _noise(self, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``v ~ N(0, I)`` shaped like ``p`` from this device's generator."""
-        gen = self._generator(p.device)
-        v = torch.randn(p.shape, generator=gen, dtype=dtype, device=p.device)
-        self._rng_states[str(p.device)] = gen.get_state()
-        return v
+        with device_generator(self._rng_states, self.seed, p.device) as gen:
+            return torch.randn(p.shape, generator=gen, dtype=dtype, device=p.device)
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         sd["kron"] = {"step": self._kron_step, "seed": self.seed, "balance_prob": self.balance_prob,
                       "update_probability": self.update_probability,
-                      "rng_states": {d: s.clone() for d, s in self._rng_states.items()}}
+                      "rng_states": copy_states(self._rng_states)}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -220,7 +208,7 @@ class Kron(Optimizer):
         super().load_state_dict(state_dict)
         self._kron_step, self.seed = int(extra["step"]), int(extra["seed"])
         self.balance_prob, self.update_probability = float(extra["balance_prob"]), extra["update_probability"]
-        self._rng_states = {d: s.clone() for d, s in extra["rng_states"].items()}
+        self._rng_states = copy_states(extra["rng_states"])
 
     # --- the step ------------------------------------------------------------------------------------
     def _prepare(self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:

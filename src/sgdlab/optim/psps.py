@@ -35,6 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import ConfigError, check_range
 from ._base import Optimizer
+from ._rng import copy_states, device_generator, rademacher
 
 __all__ = ["PSPS"]
 
@@ -80,25 +81,18 @@ class PSPS(Optimizer):
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        sd["psps"] = {"rng_states": {d: s.clone() for d, s in self._rng_states.items()}}
+        sd["psps"] = {"rng_states": copy_states(self._rng_states)}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
         extra = state_dict.get("psps")
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "psps"})
         if extra is not None:
-            self._rng_states = {d: s.clone() for d, s in extra["rng_states"].items()}
+            self._rng_states = copy_states(extra["rng_states"])
 
     def _probe(self, p: torch.Tensor) -> torch.Tensor:
-        dev = str(p.device)
-        gen = torch.Generator(device=p.device)
-        if dev in self._rng_states:
-            gen.set_state(self._rng_states[dev])
-        else:
-            gen.manual_seed(self.seed)
-        z = torch.randint(0, 2, p.shape, generator=gen, device=p.device).to(p.dtype).mul_(2).sub_(1)
-        self._rng_states[dev] = gen.get_state()
-        return z
+        with device_generator(self._rng_states, self.seed, p.device) as gen:
+            return rademacher(p, gen)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:

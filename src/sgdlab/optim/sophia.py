@@ -86,6 +86,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..errors import ConfigError, check_range
 from ._base import ElementwiseOptimizer, buckets, check_betas, use_foreach
 from ._compiled import Kernel
+from ._rng import copy_states, device_generator, rademacher
 from .protocol import StepContext
 
 __all__ = ["Sophia", "SophiaG", "SophiaH", "gnb_loss"]
@@ -198,7 +199,7 @@ class Sophia(ElementwiseOptimizer):
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        sd["sophia"] = {"step": self._sophia_step, "rng_states": {d: s.clone() for d, s in self._rng_states.items()}}
+        sd["sophia"] = {"step": self._sophia_step, "rng_states": copy_states(self._rng_states)}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -206,7 +207,7 @@ class Sophia(ElementwiseOptimizer):
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "sophia"})
         if extra is not None:
             self._sophia_step = int(extra["step"])
-            self._rng_states = {d: s.clone() for d, s in extra["rng_states"].items()}
+            self._rng_states = copy_states(extra["rng_states"])
 
     # ----------------------------------------------------------------------------------------------
     def _ema_hessian(self, group: dict, ps: list[torch.Tensor], h_hats: list[torch.Tensor]) -> None:
@@ -237,18 +238,10 @@ class Sophia(ElementwiseOptimizer):
             self._ema_hessian(group, ps, h_hats)
 
     def _probe(self, p: torch.Tensor) -> torch.Tensor:
-        dev = str(p.device)
-        gen = torch.Generator(device=p.device)
-        if dev in self._rng_states:
-            gen.set_state(self._rng_states[dev])
-        else:
-            gen.manual_seed(self.seed)
-        if self.probe == "gaussian":
-            u = torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device)
-        else:
-            u = torch.randint(0, 2, p.shape, generator=gen, device=p.device).to(p.dtype).mul_(2).sub_(1)
-        self._rng_states[dev] = gen.get_state()
-        return u
+        with device_generator(self._rng_states, self.seed, p.device) as gen:
+            if self.probe == "gaussian":
+                return torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device)
+            return rademacher(p, gen)
 
     def _hutchinson(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
         """One Hutchinson estimate ``u * (H u)`` at the current parameters; returns the closure's loss."""
