@@ -10,6 +10,8 @@ from sgdlab.errors import ConfigError
 from sgdlab.optim import protocol
 from sgdlab.optim.lookahead import Lookahead
 from sgdlab.optim.sophia import SophiaG, SophiaH, gnb_loss
+from sgdlab.optim.swa import SWA
+from sgdlab.optim.swad import SWAD
 
 DT = torch.float64
 
@@ -128,3 +130,11 @@ def test_sophia_g_hook_leaves_no_gradient_and_needs_a_sampled_loss():
     opt.step()
     with pytest.raises(ConfigError, match="sampled"):
         opt.before_backward(protocol.StepContext(loss=pb.loss))
+
+
+@pytest.mark.parametrize("wrap", [Lookahead, SWA, SWAD], ids=["lookahead", "swa", "swad"])
+def test_wrappers_forward_every_need_of_their_base(wrap):
+    """Lookahead, SWA and SWAD (ForwardingWrapper) ask the loop for exactly what their base asks for."""
+    for name in ("sgd", "sophia-g", "sophia-h", "sam", "saf", "zo-sgd", "forward-gradient", "xgrad", "psps"):
+        base = optim.create(name, [torch.zeros(3, 2, requires_grad=True)])
+        assert protocol.needs(wrap(base)) == protocol.needs(base), name
