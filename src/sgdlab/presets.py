@@ -198,6 +198,9 @@ def compression() -> list[Config]:
     out += [Config(name="ddp-sgdm", strategy="ddp", **{**sgdm, "optimizer_args": {"momentum": 0.9}}),
             Config(name="ddp-dgc0.01", strategy="ddp", compress="dgc,ratio=0.01", **sgdm),
             Config(name="ddp-dgc0.001", strategy="ddp", compress="dgc,ratio=0.001", **sgdm)]
+    # the papers' setting for error feedback and PowerSGD: SGD with momentum, against ddp-sgdm
+    out += [Config(name=f"ddp-sgdm-{name}", strategy="ddp", compress=COMPRESSORS[name],
+                   **{**sgdm, "optimizer_args": {"momentum": 0.9}}) for name in ("topk0.01-ef", "powersgd-r2")]
     local = {"sync_every": 50, "outer_lr": 0.7}
     for h in (10, 50):
         hl = {**local, "sync_every": h}
