@@ -166,7 +166,9 @@ def test_presets_are_valid():
 
     sweep = presets.registry.get("optimizers")()  # every optimizer at 0.3x-10x its default lr, same budget
     assert sorted({c.optimizer for c in sweep}) == optim.registry.names()
-    assert len(sweep) == 4 * len(optim.registry.names())
+    free = presets.PARAMETER_FREE  # DoG, L-DoG: one run at their lr multiplier 1, no sweep
+    assert len(sweep) == 4 * len(optim.registry.names()) - 3 * len(free)
+    assert [c.lr for c in sweep if c.optimizer in free] == [1.0] * len(free)
     assert len({(c.task, c.steps, c.batch_size, c.schedule) for c in sweep}) == 1
     muon = sorted(c.lr for c in sweep if c.optimizer == "muon")
     assert muon == pytest.approx([0.006, 0.02, 0.06, 0.2]) and all(c.io_adamw for c in sweep if c.optimizer == "muon")

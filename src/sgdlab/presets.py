@@ -77,6 +77,8 @@ def _optimizer_names() -> list[str]:
 LR_MULTS = (0.3, 1.0, 3.0, 10.0)
 #: optimizers whose papers train embeddings and the output layer with AdamW (``io_adamw=true``)
 IO_ADAMW = ("muon", "swan", "auon", "hybrid-auon")
+#: parameter-free optimizers (their lr is a multiplier to leave at 1): one run each, no sweep
+PARAMETER_FREE = ("dog", "l-dog")
 
 
 @registry.add("optimizers", "charlm, one worker, 300 steps: every registered optimizer at 0.3x, 1x, 3x and 10x "
@@ -93,7 +95,7 @@ def optimizers() -> list[Config]:
         extra: dict = {"optimizer_args": {"momentum": 0.9}} if name == "sgd" else {}
         if name in IO_ADAMW:
             extra["io_adamw"] = True
-        for mult in LR_MULTS:
+        for mult in (1.0,) if name in PARAMETER_FREE else LR_MULTS:
             out.append(Config(name=f"{name}-x{mult:g}", optimizer=name, lr=lr0 * mult, **base, **extra))
     return out
 
@@ -107,7 +109,7 @@ def optimizers_digits() -> list[Config]:
     for name in _optimizer_names():
         lr0 = optim.hyperparameters(name)["lr"]
         extra: dict = {"optimizer_args": {"momentum": 0.9}} if name == "sgd" else {}
-        for mult in LR_MULTS:
+        for mult in (1.0,) if name in PARAMETER_FREE else LR_MULTS:
             out.append(Config(name=f"{name}-x{mult:g}", task="digits", optimizer=name, lr=lr0 * mult, steps=400,
                               batch_size=32, eval_every=100, **extra))
     return out
