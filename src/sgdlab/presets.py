@@ -251,7 +251,17 @@ def _byzantine(counts: tuple[int, ...], splits: tuple[str, ...], steps: int) -> 
             for agg_name, agg in _robust_aggregators(f).items():
                 out += [Config(name=f"{tag}-f{f}-{agg_name}-{atag}", data_split=split, aggregate=agg,
                                byzantine=f"count={f},attack={attack}", **base) for atag, attack in BYZANTINE_ATTACKS]
+            # nearest-neighbour mixing before the rules that fell to an attack without it (Allouah et al. 2023)
+            for agg_name, agg in _robust_aggregators(f).items():
+                if agg_name in NNM_BEFORE:
+                    out += [Config(name=f"{tag}-f{f}-nnm-{agg_name}-{atag}", data_split=split, aggregate=agg,
+                                   pre_aggregate=f"nnm,f={f}", byzantine=f"count={f},attack={attack}", **base)
+                            for atag, attack in BYZANTINE_ATTACKS]
     return out
+
+
+#: aggregators the ``byzantine`` presets also run after NNM pre-aggregation
+NNM_BEFORE = ("krum", "cclip", "trimmed-mean")
 
 
 @registry.add("byzantine", "digits MLP, 16 workers, ddp, 300 steps: every aggregator x every attack at f = 1 and 3, "
