@@ -23,9 +23,7 @@ import dataclasses
 import gc
 import json
 import resource
-import statistics
 import sys
-import time
 from typing import Any
 
 import torch
@@ -35,6 +33,7 @@ from ..distributed.network import NetworkModel
 from ..errors import ConfigError, UnknownNameError
 from ..exchange import aggregators, pre_aggregators
 from ..exchange.base import Slot, Stage, build_stage
+from . import median_seconds
 
 
 def add_arguments(p) -> None:
@@ -49,24 +48,6 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda; default auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _times_s(fn, warmup: int, repeats: int, device: torch.device) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def rule_names(text: str | None) -> list[tuple[str, str]]:
@@ -127,9 +108,9 @@ def measure(kind: str, name: str, vectors: list[torch.Tensor], f: int, warmup: i
         slot = Slot("grad", step[0], seed)
         return rule(vectors, slot) if kind == "pre-aggregator" else rule.aggregate(vectors, slot, state)
 
-    times = _times_s(round_, warmup, repeats, device)
+    secs = median_seconds(round_, warmup, repeats, device)
     gc.collect()
-    return dict(row, ms=1e3 * statistics.median(times), skipped=None,
+    return dict(row, ms=1e3 * secs, skipped=None,
                 out=rule.count(n) if kind == "pre-aggregator" else 1)
 
 

@@ -21,8 +21,6 @@ Target: each compressor's round costs at most 10% of a charlm step.
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from typing import Any
 
 import torch
@@ -35,6 +33,7 @@ from ..errors import ConfigError, UnknownNameError
 from ..exchange import ExchangeSpec, Slot, compressors, flatten
 from ..exchange.powersgd import PowerSGD
 from ..runner.build import build_task
+from . import median_seconds
 from .optim import PARAM_SETS
 
 TARGET = 0.10   # a round's compute at most this fraction of a charlm step
@@ -55,24 +54,6 @@ def add_arguments(p) -> None:
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_s(fn, warmup: int, repeats: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def charlm_step_s(device: torch.device, warmup: int, repeats: int, seed: int) -> tuple[float, int]:
     """Median seconds of one forward + backward + AdamW step of the default charlm task (and its batch size)."""
     spec = Config(task="charlm", device=str(device)).spec()
@@ -89,7 +70,7 @@ def charlm_step_s(device: torch.device, warmup: int, repeats: int, seed: int) ->
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return _median_s(step, max(3, warmup), max(5, repeats), device), spec.batch_size
+    return median_seconds(step, max(3, warmup), max(5, repeats), device), spec.batch_size
 
 
 def powersgd_bytes(comp: PowerSGD, shapes: tuple[torch.Size, ...], n: int) -> int:
@@ -139,7 +120,7 @@ def measure(spec: str, x: torch.Tensor, shapes: tuple[torch.Size, ...], seed: in
 
         nbytes = comp.payload_bytes(encode(x, Slot("grad", 0, seed, shapes, 1)))
         memory.clear()
-    secs = _median_s(round_, warmup, repeats, device)
+    secs = median_seconds(round_, warmup, repeats, device)
     return {"compressor": spec, "timed": what, "ms": 1e3 * secs, "bytes": int(nbytes)}
 
 
