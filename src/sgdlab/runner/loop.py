@@ -260,11 +260,11 @@ class TrainingLoop:
         vote = group.stop_vote(stop.requested) if is_log else 0.0
         local_norms = torch.stack(self._grad_norms).double().tolist() if self._grad_norms else []
         self._grad_norms = []
-        reduced = group.mean_vector([*per_step.tolist(), *local_norms, vote])
+        k, m = len(per_step), len(local_norms)
+        reduced = group.mean_vector([*per_step.tolist(), *local_norms, vote])  # one collective for all three
         stop_now = stop_now or reduced[-1] > 0
-        grad_norms = st.carry_grad_norms + reduced[len(reduced) - 1 - len(local_norms):-1]
-        reduced = reduced[:len(reduced) - 1 - len(local_norms)] + reduced[-1:]
-        losses = st.carry + reduced[:-1]
+        losses = st.carry + reduced[:k]
+        grad_norms = st.carry_grad_norms + reduced[k:k + m]
         bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
         if bad:
             st.step = step - len(losses) + bad[0] + 1
