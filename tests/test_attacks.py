@@ -278,7 +278,7 @@ def _cases():
 
 @pytest.mark.slow
 def test_torch_backend_matches_simulator_for_every_attack(tmp_path):
-    from .test_torch_backend import _final, torchrun
+    from .test_torch_backend import assert_matches_sim, torchrun
 
     cases = _cases()
     ours = {n for n in exchange.attacks.names() if exchange.attacks.get(n).__module__.startswith("sgdlab.")}
@@ -296,14 +296,8 @@ def test_torch_backend_matches_simulator_for_every_attack(tmp_path):
             ck = torch.load(tmp_path / "torch" / name / "checkpoint.pt", weights_only=True)
             assert ck["step"] == 2
             continue
-        run(Config(**{**kw, "out": str(tmp_path / "sim" / name)}))
-        m_t, l_t, s_t = _final(tmp_path / "torch" / name)
-        m_s, l_s, s_s = _final(tmp_path / "sim" / name)
-        for k in m_s:
-            torch.testing.assert_close(m_t[k], m_s[k], atol=1e-6, rtol=0, msg=f"{name}: {k}")
-        assert l_t == pytest.approx(l_s, abs=1e-6), name
-        assert s_t["bytes_sent_per_worker"] == s_s["bytes_sent_per_worker"], name
-        assert all(math.isfinite(v) for v in l_s), name
+        _, _, losses = assert_matches_sim(tmp_path, name, kw)
+        assert all(math.isfinite(v) for v in losses), name
 
 
 def test_mimic_state_is_checkpointed_and_resumes_exactly(tmp_path):

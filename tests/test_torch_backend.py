@@ -44,6 +44,20 @@ def _final(out: Path) -> tuple[list[dict], list[float], dict]:
         json.loads((out / "summary.json").read_text())
 
 
+def assert_matches_sim(tmp_path: Path, name: str, kw: dict) -> tuple[dict, dict, list[float]]:
+    """Run ``kw`` in the simulator as ``sim/<name>`` and check it against the torch run ``torch/<name>``: the
+    first worker's model (atol 1e-6), the train losses and the bytes. Returns the torch and sim summaries and
+    the sim losses."""
+    run(Config(**{**kw, "out": str(tmp_path / "sim" / name)}))
+    m_t, l_t, s_t = _final(tmp_path / "torch" / name)
+    m_s, l_s, s_s = _final(tmp_path / "sim" / name)
+    for k in m_s:
+        torch.testing.assert_close(m_t[k], m_s[k], atol=1e-6, rtol=0, msg=f"{name}: {k}")
+    assert l_t == pytest.approx(l_s, abs=1e-6), name
+    assert s_t["bytes_sent_per_worker"] == s_s["bytes_sent_per_worker"], name
+    return s_t, s_s, l_s
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("n", [2, 3])
 def test_torch_backend_matches_simulator(tmp_path, n):
@@ -56,13 +70,7 @@ def test_torch_backend_matches_simulator(tmp_path, n):
     m_f, l_f, _ = _final(tmp_path / "torch" / "streaming")
     assert l_r == l_f and all(torch.equal(m_r[k], m_f[k]) for k in m_f)  # torch resume is exact too
     for name, kw in configs.items():
-        run(Config(**{**kw, "out": str(tmp_path / "sim" / name)}))
-        m_t, l_t, s_t = _final(tmp_path / "torch" / name)
-        m_s, l_s, s_s = _final(tmp_path / "sim" / name)
-        for k in m_s:
-            torch.testing.assert_close(m_t[k], m_s[k], atol=1e-6, rtol=0, msg=f"{name}: {k}")
-        assert l_t == pytest.approx(l_s, abs=1e-6), name
-        assert s_t["bytes_sent_per_worker"] == s_s["bytes_sent_per_worker"], name
+        s_t, s_s, _ = assert_matches_sim(tmp_path, name, kw)
         assert s_t["sim_time_s"] == pytest.approx(s_s["sim_time_s"], rel=1e-9), name
         assert s_t["final_val_loss"] == pytest.approx(s_s["final_val_loss"], abs=1e-6), name
         assert s_t.get("epsilon") == s_s.get("epsilon"), name
