@@ -140,6 +140,30 @@ class Optimizer(torch.optim.Optimizer):
         if "maximize" in group:
             check_flag("maximize", group["maximize"])
 
+    #: the key of the optimizer's own entry in ``state_dict()``, for state outside ``state`` and
+    #: ``param_groups`` (generator states, global counters): :meth:`_extra_state` writes it and
+    #: :meth:`_load_extra_state` reads it back; ``None``: no such entry
+    extra_state_key: str | None = None
+
+    def _extra_state(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        if self.extra_state_key is not None:
+            sd[self.extra_state_key] = self._extra_state()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        key = self.extra_state_key
+        extra = None if key is None else state_dict.get(key)
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != key})
+        if extra is not None:
+            self._load_extra_state(extra)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         self._validate(merged)  # an added group's values are checked like the constructor's

@@ -128,15 +128,11 @@ class ForwardGradient(Optimizer):
                 d = buf
             p.add_(d, alpha=-lr)
 
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        sd["forward_gradient"] = {"rng_states": copy_states(self._rng_states),
-                                  "seed": self.seed, "tangents": self.tangents}
-        return sd
+    extra_state_key = "forward_gradient"
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        extra = state_dict.get("forward_gradient")
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "forward_gradient"})
-        if extra is not None:
-            self._rng_states = copy_states(extra["rng_states"])
-            self.seed, self.tangents = int(extra["seed"]), int(extra["tangents"])
+    def _extra_state(self) -> dict[str, Any]:
+        return {"rng_states": copy_states(self._rng_states), "seed": self.seed, "tangents": self.tangents}
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        self._rng_states = copy_states(extra["rng_states"])
+        self.seed, self.tangents = int(extra["seed"]), int(extra["tangents"])

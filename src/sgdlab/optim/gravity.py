@@ -71,17 +71,14 @@ class Gravity(ElementwiseOptimizer):
         super().__init__(params, dict(lr=lr, alpha=alpha, beta=beta, foreach=foreach, compiled=compiled,
                                       maximize=maximize))
 
-    def state_dict(self) -> dict:
-        sd = super().state_dict()
-        sd["gravity"] = {"seed": self.seed, "rng_states": copy_states(self._rng_states)}
-        return sd
+    extra_state_key = "gravity"
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        extra = state_dict.get("gravity")
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "gravity"})
-        if extra is not None:
-            self.seed = int(extra["seed"])
-            self._rng_states = copy_states(extra["rng_states"])
+    def _extra_state(self) -> dict[str, Any]:
+        return {"seed": self.seed, "rng_states": copy_states(self._rng_states)}
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        self.seed = int(extra["seed"])
+        self._rng_states = copy_states(extra["rng_states"])
 
     def _normal(self, p: torch.Tensor, std: float) -> torch.Tensor:
         with device_generator(self._rng_states, self.seed, p.device) as gen:

@@ -79,16 +79,13 @@ class PSPS(Optimizer):
         check_range("beta", group["beta"], low=0.0, high=1.0, high_open=True)
         check_range("alpha", group["alpha"], low=0.0, low_open=True)
 
-    def state_dict(self) -> dict:
-        sd = super().state_dict()
-        sd["psps"] = {"rng_states": copy_states(self._rng_states)}
-        return sd
+    extra_state_key = "psps"
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        extra = state_dict.get("psps")
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "psps"})
-        if extra is not None:
-            self._rng_states = copy_states(extra["rng_states"])
+    def _extra_state(self) -> dict[str, Any]:
+        return {"rng_states": copy_states(self._rng_states)}
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        self._rng_states = copy_states(extra["rng_states"])
 
     def _probe(self, p: torch.Tensor) -> torch.Tensor:
         with device_generator(self._rng_states, self.seed, p.device) as gen:

@@ -71,17 +71,14 @@ class RandomScalingSGDM(ElementwiseOptimizer):
         check_range("weight_decay", group["weight_decay"], low=0.0)
         check_flag("random_scaling", group["random_scaling"])
 
-    def state_dict(self) -> dict:
-        sd = super().state_dict()
-        sd["random_scaling"] = {"seed": self.seed, "generator": self._generator.get_state(), "scale": self.scale}
-        return sd
+    extra_state_key = "random_scaling"
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        extra = state_dict.get("random_scaling")
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "random_scaling"})
-        if extra is not None:
-            self.seed, self.scale = int(extra["seed"]), float(extra["scale"])
-            self._generator.set_state(extra["generator"])
+    def _extra_state(self) -> dict[str, Any]:
+        return {"seed": self.seed, "generator": self._generator.get_state(), "scale": self.scale}
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        self.seed, self.scale = int(extra["seed"]), float(extra["scale"])
+        self._generator.set_state(extra["generator"])
 
     def _prepare(self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
         """Draw this step's s ~ Exp(1), one for all groups."""

@@ -78,6 +78,7 @@ Usage, Sophia-H (the closure returns the loss with its graph and does NOT call `
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -197,17 +198,14 @@ class Sophia(ElementwiseOptimizer):
         """True when the next :meth:`step` is a Hessian step (paper: ``t mod k == 1``)."""
         return self._sophia_step % self.k == 0
 
-    def state_dict(self) -> dict:
-        sd = super().state_dict()
-        sd["sophia"] = {"step": self._sophia_step, "rng_states": copy_states(self._rng_states)}
-        return sd
+    extra_state_key = "sophia"
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        extra = state_dict.get("sophia")
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "sophia"})
-        if extra is not None:
-            self._sophia_step = int(extra["step"])
-            self._rng_states = copy_states(extra["rng_states"])
+    def _extra_state(self) -> dict[str, Any]:
+        return {"step": self._sophia_step, "rng_states": copy_states(self._rng_states)}
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        self._sophia_step = int(extra["step"])
+        self._rng_states = copy_states(extra["rng_states"])
 
     # ----------------------------------------------------------------------------------------------
     def _ema_hessian(self, group: dict, ps: list[torch.Tensor], h_hats: list[torch.Tensor]) -> None:
