@@ -70,7 +70,7 @@ class Replica:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     sampler: tasks.EpochSampler | PoissonSampler | None
     need: protocol.StepNeeds
-    pending: list[torch.Tensor] = field(default_factory=list)
+    pending: list[torch.Tensor | None] = field(default_factory=list)  # per step: its loss (None: no step)
     ctx: protocol.StepContext | None = None
     poison: Any = None  # batch -> batch: a Byzantine worker's data attack (labelflip), else None
 
@@ -133,7 +133,8 @@ def build_parts(spec: RunSpec, group: Group, task: tasks.Task | None = None) -> 
         dp_sgd = PrivateTraining(spec.dp_sgd, task, replicas[0].worker.model, steps=spec.steps,
                                  batch_size=spec.batch_size, seed=spec.seed)
         replicas[0].sampler = dp_sgd.sampler
-    strategy.plan(spec.steps, spec.warmup_steps)  # rounds that follow the LR schedule (sync_rule=qsr)
+    step_seconds = None if spec.step_time is None else [spec.step_time * v for v in spec.worker_speeds]
+    strategy.plan(spec.steps, spec.warmup_steps, step_seconds)  # sync_rule=qsr rounds, event clocks
     strategy.setup([r.worker for r in replicas])
     samples_per_step = (spec.batch_size if shards is not None else 1) * spec.workers
     return Parts(task, replicas, strategy, client_dp or dp_sgd, dp_sgd, samples_per_step)

@@ -34,6 +34,7 @@ from .rundir import load_agreed_checkpoint, write_summary
 @dataclass
 class State:
     step: int = 0
+    worker_steps: int = 0  # steps taken, summed over all workers (step × workers unless some skip steps)
     wall_time: float = 0.0
     eval_time: float = 0.0
     pause: float = 0.0
@@ -46,12 +47,14 @@ class State:
     saved_step: int | None = None  # step of the checkpoint on disk
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("step", "wall_time", "eval_time", "train_loss", "best_val_loss",
-                                              "best_metric", "last_eval", "carry", "carry_grad_norms")}
+        return {k: getattr(self, k) for k in ("step", "worker_steps", "wall_time", "eval_time", "train_loss",
+                                              "best_val_loss", "best_metric", "last_eval", "carry", "carry_grad_norms")}
 
-    def load(self, d: dict[str, Any]) -> None:
+    def load(self, d: dict[str, Any], workers: int) -> None:
         for k, v in d.items():
             setattr(self, k, v)
+        if "worker_steps" not in d:  # checkpoints before strategies could skip steps
+            self.worker_steps = self.step * workers
         self.saved_step = self.step
 
 
@@ -96,7 +99,7 @@ class TrainingLoop:
         # reported train loss: the honest workers' mean (the Byzantine ones are the strategy's last ranks)
         byzantine = getattr(getattr(parts.strategy, "exchange", None), "byzantine", set())
         self.honest = [i for i, r in enumerate(self.replicas) if r.worker.rank not in byzantine]
-        self.honest_scale = group.world / len(self.replicas) / (group.world - len(byzantine)) if byzantine else None
+        self.batch_per_worker = parts.samples_per_step // spec.workers
         self._info: dict[str, Any] = {}  # the strategy's log_info, for the first record of a fresh run
         self._grad_norms: list[torch.Tensor] = []  # per step since the last record (for --schedule refined)
 
@@ -115,7 +118,7 @@ class TrainingLoop:
             raise CheckpointError(f"checkpoint {self.ckpt_path} does not match this run "
                                   f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
         checkpoint.set_rng_state(ck["rng"])
-        self.st.load(ck["trainer"])
+        self.st.load(ck["trainer"], self.spec.workers)
         if self.st.step > self.spec.steps:
             raise ConfigError(f"cannot resume with steps={self.spec.steps}: the run in {self.spec.out} is already at "
                               f"step {self.st.step} (a run is not shortened); allowed: steps >= {self.st.step}")
@@ -208,7 +211,13 @@ class TrainingLoop:
         """One training step of every local worker; returns the learning rate it used."""
         task, group, workers, dp_sgd = self.task, self.group, self.workers, self.parts.dp_sgd
         half, speeds = self.spec.step_time / 2 if self.spec.step_time else None, self.spec.worker_speeds
+        active = self.strategy.computing(step)
+        replicas = self.replicas if active is None else [self.replicas[i] for i in active]
+        self.st.worker_steps += len(replicas) * group.world // len(self.replicas)
         for i, r in enumerate(self.replicas):
+            if active is not None and i not in active:
+                r.pending.append(None)
+                continue
             t0 = time.perf_counter()
             model, opt = r.worker.model, r.worker.optimizer
             ids = r.sampler.next() if r.sampler is not None else None
@@ -224,10 +233,13 @@ class TrainingLoop:
                 r.pending.append(protocol.forward_backward(opt, ctx, r.need))
             group.advance(i, (half if half is not None else self._elapsed(t0)) * speeds[r.worker.rank])
         self.strategy.after_backward(workers, step)
-        self._grad_norms.append(torch.stack([_grad_norm(r.worker.model) for r in self.replicas]).mean())
-        lr_used = workers[0].optimizer.param_groups[0]["lr"]
+        if replicas:
+            self._grad_norms.append(torch.stack([_grad_norm(r.worker.model) for r in replicas]).mean())
+        lr_used = (replicas or self.replicas)[0].worker.optimizer.param_groups[0]["lr"]
         clip = self.spec.grad_clip
         for i, r in enumerate(self.replicas):
+            if active is not None and i not in active:
+                continue
             t0 = time.perf_counter()
             model, opt = r.worker.model, r.worker.optimizer
             if clip > 0:
@@ -250,30 +262,30 @@ class TrainingLoop:
         """Read the pending losses (the one host sync), agree on a stop, log, evaluate, checkpoint.
         Returns whether the run stops here."""
         st, group = self.st, self.group
-        per_step = torch.stack([torch.stack(r.pending) for r in self.replicas]).double()
-        if self.honest_scale is None:
-            per_step = per_step.mean(0)
-        else:  # this process's share of the mean over every honest worker (0 where it has none)
-            per_step = per_step[self.honest].sum(0) * self.honest_scale
+        sums, counts = _loss_sums([self.replicas[i].pending for i in self.honest], len(self.replicas[0].pending))
         for r in self.replicas:
             r.pending.clear()
         vote = group.stop_vote(stop.requested) if is_log else 0.0
         local_norms = torch.stack(self._grad_norms).double().tolist() if self._grad_norms else []
         self._grad_norms = []
-        k, m = len(per_step), len(local_norms)
-        reduced = group.mean_vector([*per_step.tolist(), *local_norms, vote])  # one collective for all three
+        k, m = len(sums), len(local_norms)
+        # one collective for all: the honest workers' loss sums and counts per step, gradient norms, stop vote
+        reduced = group.mean_vector([*sums, *counts, *local_norms, vote])
         stop_now = stop_now or reduced[-1] > 0
-        losses = st.carry + reduced[:k]
-        grad_norms = st.carry_grad_norms + reduced[k:k + m]
-        bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
+        pairs = zip(reduced[:k], reduced[k:2 * k], strict=True)
+        chunk = [(step - k + 1 + j, s / c) for j, (s, c) in enumerate(pairs) if c > 0]
+        bad = [(j, v) for j, v in chunk if not math.isfinite(v)]
         if bad:
-            st.step = step - len(losses) + bad[0] + 1
-            raise DivergenceError(st.step, losses[bad[0]], self._last_good())
+            st.step = bad[0][0]
+            raise DivergenceError(st.step, bad[0][1], self._last_good())
+        losses = st.carry + [v for _, v in chunk]  # steps where no honest worker computed have no loss
+        grad_norms = st.carry_grad_norms + reduced[2 * k:2 * k + m]
         st.wall_time = self._t_train + (time.perf_counter() - self._t_start) - st.pause
         t_pause = time.perf_counter()
         if is_log:  # the record's train_loss is the mean since the previous record
             st.carry = []
-            st.train_loss = sum(losses) / len(losses)
+            if losses:  # else (no worker computed since the last record) the previous value stands
+                st.train_loss = sum(losses) / len(losses)
             rec = self._record(step)
             rec.update(train_loss=st.train_loss, lr=lr_used, wall_time_s=st.wall_time,
                        bytes_sent=group.bytes_sent, sim_time_s=group.sim_time())
@@ -333,11 +345,29 @@ class TrainingLoop:
             return {**self.task.evaluate(model), "iterate_val_loss": metrics["val_loss"]}
 
     def _record(self, step: int) -> dict[str, Any]:
-        r: dict[str, Any] = {"step": step, "samples": step * self.parts.samples_per_step, **self._info}
+        samples = self.st.worker_steps * self.batch_per_worker
+        r: dict[str, Any] = {"step": step, "samples": samples, **self._info}
         self._info = {}
         if self.tokens_per_sample:
-            r["tokens"] = step * self.parts.samples_per_step * self.tokens_per_sample
+            r["tokens"] = samples * self.tokens_per_sample
         return r
+
+
+def _loss_sums(pending: list[list[torch.Tensor | None]], steps: int) -> tuple[list[float], list[float]]:
+    """Per step of the last ``steps``, the sum of the workers' losses and how many workers took the step
+    (``pending[i][j]``: worker i's loss at step j, None where it took none); one host sync."""
+    taken = [x for p in pending for x in p if x is not None]
+    if not taken:
+        return [0.0] * steps, [0.0] * steps
+    values = torch.stack(taken).double().tolist()
+    sums, counts, k = [0.0] * steps, [0.0] * steps, 0
+    for p in pending:
+        for j, x in enumerate(p):
+            if x is not None:
+                sums[j] += values[k]
+                counts[j] += 1.0
+                k += 1
+    return sums, counts
 
 
 def _grad_norm(model: torch.nn.Module) -> torch.Tensor:

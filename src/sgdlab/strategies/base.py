@@ -148,9 +148,21 @@ class Strategy:
     total_steps: int | None = None
     warmup_steps: int = 0
 
-    def plan(self, steps: int, warmup_steps: int = 0) -> None:
-        """Tell the strategy the run's number of steps and LR warm-up steps (the runner calls it)."""
-        self.total_steps, self.warmup_steps = steps, warmup_steps
+    #: Seconds one step takes on each worker (``step_time`` × ``worker_speeds``), in rank order; None when
+    #: step times are measured (no ``--step-time``). Set by :meth:`plan`; event-clock strategies need it.
+    step_seconds: list[float] | None = None
+
+    def plan(self, steps: int, warmup_steps: int = 0, step_seconds: list[float] | None = None) -> None:
+        """Tell the strategy the run's number of steps, LR warm-up steps and per-worker step times (the runner
+        calls it)."""
+        self.total_steps, self.warmup_steps, self.step_seconds = steps, warmup_steps, step_seconds
+
+    def computing(self, step: int) -> list[int] | None:
+        """The local workers (indices into this process's worker list) that take a step at runner step
+        ``step``; None: every one (synchronous strategies). An event-clock strategy (asynchronous rounds,
+        time-based syncs) returns those whose next step ends within the step's slice of simulated time; the
+        others are busy communicating or waiting, and their data, LR schedule and optimizer do not move."""
+        return None
 
     def metrics(self) -> dict[str, float]:
         """Values the strategy adds to every metrics record (e.g. the current sync period)."""
