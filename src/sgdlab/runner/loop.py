@@ -13,6 +13,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -239,6 +240,9 @@ class TrainingLoop:
         clip = self.spec.grad_clip
         for i, r in enumerate(self.replicas):
             if active is not None and i not in active:
+                with warnings.catch_warnings():  # before the worker's first step: torch warns, harmlessly
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+                    r.scheduler.step()  # the LR schedule follows the runner's steps (simulated time)
                 continue
             t0 = time.perf_counter()
             model, opt = r.worker.model, r.worker.optimizer
@@ -287,7 +291,9 @@ class TrainingLoop:
             if losses:  # else (no worker computed since the last record) the previous value stands
                 st.train_loss = sum(losses) / len(losses)
             rec = self._record(step)
-            rec.update(train_loss=st.train_loss, lr=lr_used, wall_time_s=st.wall_time,
+            if st.train_loss is not None:  # None: no worker has taken a step yet (an event-clock strategy)
+                rec["train_loss"] = st.train_loss
+            rec.update(lr=lr_used, wall_time_s=st.wall_time,
                        bytes_sent=group.bytes_sent, sim_time_s=group.sim_time())
             st.carry_grad_norms = []
             if grad_norms:  # l2 norm of the gradient the optimizer got (workers' mean), mean since the last record
@@ -380,7 +386,7 @@ def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
 
 
 def _postfix(r: dict[str, Any], metric: str) -> dict[str, str]:
-    p = {"loss": f"{r['train_loss']:.4f}"}
+    p = {"loss": f"{r['train_loss']:.4f}"} if "train_loss" in r else {}
     if "val_loss" in r:
         p["val"] = f"{r['val_loss']:.4f}"
         if metric != "val_loss" and metric in r:

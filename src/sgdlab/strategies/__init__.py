@@ -31,6 +31,10 @@ from .desloc import DESLOC  # noqa: E402  (issue 15, D7)
 
 registry.register(DESLOC.name, DESLOC, DESLOC.description)
 
+from .async_diloco import AsyncDiLoCo  # noqa: E402  (issue 15, D5)
+
+registry.register(AsyncDiLoCo.name, AsyncDiLoCo, AsyncDiLoCo.description)
+
 
 def options(name: str, values: dict[str, Any] | None = None):
     """The validated options dataclass of strategy ``name``."""

@@ -161,7 +161,8 @@ class Strategy:
         """The local workers (indices into this process's worker list) that take a step at runner step
         ``step``; None: every one (synchronous strategies). An event-clock strategy (asynchronous rounds,
         time-based syncs) returns those whose next step ends within the step's slice of simulated time; the
-        others are busy communicating or waiting, and their data, LR schedule and optimizer do not move."""
+        others are busy communicating or waiting: their data and optimizer do not move (their LR schedules do:
+        they follow the runner's steps)."""
         return None
 
     def metrics(self) -> dict[str, float]:

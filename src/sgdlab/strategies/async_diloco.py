@@ -1,0 +1,259 @@
+"""``async-diloco``: asynchronous Local-SGD with Delayed Nesterov and Dynamic Local Updates (SCOPE D5).
+
+Liu, Chhaparia, Douillard, Kale, Rusu, Shen, Szlam & Ranzato, "Asynchronous Local-SGD Training for
+Language Modeling", 2024 (arXiv:2401.09135), Algorithms 2–5. No worker waits for another: when worker w
+has taken its round's local steps (inner optimizer, default AdamW, whose state stays on the worker) it
+sends its pseudo-gradient ``g = θ_start(w) − θ_w`` to a server, which applies it at once and answers with
+its current parameters; w starts its next round from them.
+
+Server rule (option ``server``):
+
+* ``dn`` (default), Delayed Nesterov (Algorithm 3). Buffer Δ = 0 and momentum m = 0; for the t-th arrival
+  g_t (t = 0, 1, ...)::
+
+      Δ ← Δ + g_t
+      if (t + 1) mod N = 0:   m ← β m + Δ/N;   θ ← θ − ε [(1 − cN + c) β m + g_t/N];   Δ ← 0
+      else:                                    θ ← θ − ε [c β m + g_t/N]
+
+  Over a window of N arrivals with c = 0 this is one Nesterov step on the window's mean pseudo-gradient,
+  so with equal speeds and N = number of workers it is synchronous DiLoCo. Defaults: N = the number of
+  workers (``buffer=0``), c = 0 (the paper's ablation: c ∈ {0, 0.1} makes no difference), β = 0.9,
+  ε = 0.7 (DiLoCo's outer step; DN divides each g by N, so ε is per window).
+* ``nesterov``: plain asynchronous DiLoCo, the paper's negative baseline — a Nesterov step
+  (m ← β m + g; θ ← θ − ε (g + β m)) on every arrival, so k near-simultaneous arrivals take an oversized
+  step (the paper's Eq. 5). The paper lowers ε for it (its toy: 0.07 against 0.7 synchronously).
+
+Dynamic Local Updates (``dylu``, default on): worker w's rounds are ``⌊H · v_w / max v⌋`` local steps (at
+least 1), with v its nominal speed (1 / step time), so the fastest worker takes H = ``sync_every`` steps
+and all finish their rounds at about the same time. Off: every round is H steps.
+
+Grace period (``grace`` seconds, default 0): once the first push of a batch reaches the server at τ,
+pushes arriving until τ + grace join the batch, and every worker of the batch receives the parameters
+after all of them (the paper's Algorithm 5); with grace 0 only pushes arriving at the same instant do.
+
+Simulated time (:mod:`.clock`): each worker's clock advances by its step times (``--step-time`` ×
+``--worker-speeds``, with ``slow_prob``/``slow_factor`` random slowdowns); a push and the answer are each
+one point-to-point message of the fp32 parameters (:meth:`NetworkModel.send`: latency + bytes/bandwidth),
+and the worker idles while they travel (and through a grace period). The server's own link and compute are
+not modelled (no queueing at the server). ``bytes_sent`` counts both messages of every push, averaged over
+the workers. Every worker's LR schedule follows simulated time (runner steps), as the paper's per-shard
+schedules follow their shards' progress, which balanced sampling keeps equal; rounds still under way when
+the run ends are not pushed. Logged: ``server_updates`` (arrivals so far) and ``staleness`` (mean server
+updates between a round's start and its arrival, since the last record).
+
+Not built here: the paper's shard sampling by remaining tokens (each worker keeps its own shard, as in every
+sgdlab strategy), the torch backend (the simulator only: a real server process is future work), and
+compressors, aggregators and attacks on the pushes (refused).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..distributed.group import Group
+from ..errors import ConfigError, UnknownNameError, check_range
+from ..exchange import ExchangeSpec
+from .base import GlobalModelMixin, Strategy, Worker
+from .clock import EventClock, check_slowdown
+
+SERVERS = ("dn", "nesterov")
+
+
+@dataclass
+class AsyncDiLoCoOptions:
+    sync_every: int = 50       # H: local steps of a round of the fastest worker
+    server: str = "dn"         # dn (Delayed Nesterov) | nesterov (naive: a Nesterov step on every arrival)
+    outer_lr: float = 0.7      # ε
+    momentum: float = 0.9      # β
+    buffer: int = 0            # N: arrivals per momentum update (dn); 0: the number of workers
+    c: float = 0.0             # momentum activation between milestones (dn); 0 <= c <= 1/N
+    dylu: bool = True          # Dynamic Local Updates: rounds sized by each worker's speed
+    grace: float = 0.0         # seconds the server waits for more pushes before answering a batch
+    slow_prob: float = 0.0     # probability that a local step straggles
+    slow_factor: float = 1.0   # how many times longer a straggling step takes
+
+    def validate(self) -> None:
+        check_range("sync_every", self.sync_every, low=1, integer=True)
+        if self.server not in SERVERS:
+            raise UnknownNameError("server", self.server, SERVERS)
+        check_range("outer_lr", self.outer_lr, low=0)
+        check_range("momentum", self.momentum, low=0, high=1, high_open=True)
+        check_range("buffer", self.buffer, low=0, integer=True)
+        check_range("c", self.c, low=0)
+        check_range("grace", self.grace, low=0)
+        if self.grace == float("inf") or self.outer_lr == float("inf"):
+            raise ConfigError(f"grace={self.grace!r}, outer_lr={self.outer_lr!r}; allowed: finite numbers")
+        check_slowdown(self.slow_prob, self.slow_factor)
+
+
+def dylu_steps(h: int, step_seconds: list[float], dylu: bool = True) -> list[int]:
+    """Local steps per round of each worker: ⌊H · v_w / max v⌋ (at least 1) with v = 1/step time; H without
+    DyLU."""
+    if not dylu:
+        return [h] * len(step_seconds)
+    fastest = min(step_seconds)
+    return [max(1, int(h * fastest / s + 1e-9)) for s in step_seconds]
+
+
+@torch.no_grad()
+def dn_update(theta: list[torch.Tensor], m: list[torch.Tensor], buf: list[torch.Tensor], g: list[torch.Tensor],
+              t: int, n: int, c: float, beta: float, lr: float) -> None:
+    """Delayed Nesterov: apply the ``t``-th (0-based) arrival ``g`` to ``theta`` in place (momentum ``m``,
+    buffer ``buf``)."""
+    torch._foreach_add_(buf, g)
+    if (t + 1) % n == 0:
+        torch._foreach_mul_(m, beta)
+        torch._foreach_add_(m, buf, alpha=1.0 / n)
+        torch._foreach_add_(theta, m, alpha=-lr * (1 - c * n + c) * beta)
+        torch._foreach_add_(theta, g, alpha=-lr / n)
+        torch._foreach_zero_(buf)
+    else:
+        if c:
+            torch._foreach_add_(theta, m, alpha=-lr * c * beta)
+        torch._foreach_add_(theta, g, alpha=-lr / n)
+
+
+@torch.no_grad()
+def nesterov_update(theta: list[torch.Tensor], m: list[torch.Tensor], g: list[torch.Tensor], beta: float,
+                    lr: float) -> None:
+    """One Nesterov step on ``g``: m ← β m + g; θ ← θ − lr (g + β m) (torch.optim.SGD's, dampening 0)."""
+    torch._foreach_mul_(m, beta)
+    torch._foreach_add_(m, g)
+    torch._foreach_add_(theta, g, alpha=-lr)
+    torch._foreach_add_(theta, m, alpha=-lr * beta)
+
+
+class AsyncDiLoCo(GlobalModelMixin, Strategy):
+    name = "async-diloco"
+    description = ("asynchronous Local-SGD: pushes applied on arrival by Delayed Nesterov, rounds sized by "
+                   "speed (Liu et al., 2024)")
+    Options = AsyncDiLoCoOptions
+
+    @classmethod
+    def check_workers(cls, options: Any, workers: int) -> None:
+        n = options.buffer or workers
+        if options.server == "dn" and options.c > 1.0 / n + 1e-12:
+            raise ConfigError(f"c={options.c!r} with buffer N={n}; allowed: 0 <= c <= 1/N = {1.0 / n:.6g}")
+
+    def __init__(self, options: Any, group: Group, exchange: ExchangeSpec | None = None, seed: int = 0):
+        super().__init__(options, group, exchange, seed)
+        if self.exchange_spec.canonical() != ExchangeSpec().canonical():
+            s = self.exchange_spec
+            raise ConfigError("strategy async-diloco pushes exact fp32 pseudo-gradients to its server; compress, "
+                              f"aggregate and byzantine are not supported (got compress={s.compress!r}, "
+                              f"aggregate={s.aggregate!r}, byzantine={s.byzantine!r})")
+        self.check_workers(options, group.world)
+        self.seed = seed
+
+    def setup(self, workers: list[Worker]) -> None:
+        o, n = self.options, self.group.world
+        if len(workers) != n:
+            raise ConfigError("strategy async-diloco runs on the simulator only (--backend sim); on --backend "
+                              "torch a server process is not built yet")
+        self.clock = EventClock(self.name, self.step_seconds, o.slow_prob, o.slow_factor, self.seed)
+        self.init_global(workers)
+        self.n_buffer = o.buffer or n
+        self.rounds = dylu_steps(o.sync_every, self.clock.seconds, o.dylu)
+        self.m = [torch.zeros_like(g) for g in self.global_params]
+        self.buf = [torch.zeros_like(g) for g in self.global_params] if o.server == "dn" else []
+        self.start = [[g.clone() for g in self.global_params] for _ in range(n)]  # θ each round began from
+        self.t = 0                      # arrivals applied
+        self.done = [0] * n             # local steps of the current round
+        self.k = [0] * n                # local steps taken
+        self.version = [0] * n          # server updates when the round began
+        self.batch: dict[str, Any] | None = None  # open batch: {"close": time, "members": [rank, ...]}
+        self.history: list[tuple[float, int]] = []  # (arrival time, rank) of every push
+        self._staleness: list[int] = []
+        self._active: list[int] = []
+        self.nbytes = sum(g.numel() for g in self.global_params) * 4  # fp32 parameters, one message
+
+    # ---- the event clock ----------------------------------------------------------------------------
+    def computing(self, step: int) -> list[int]:
+        waiting = set(self.batch["members"]) if self.batch else set()
+        self._active = [i for i in range(self.group.world)
+                        if i not in waiting and self.clock.fits(self.group.clocks[i], i, self.k[i] + 1, step)]
+        return self._active
+
+    def after_step(self, workers: list[Worker], step: int) -> None:
+        pushes = []
+        for i in self._active:
+            self.k[i] += 1
+            self.done[i] += 1
+            self.group.advance(i, self.clock.extra(i, self.k[i]))
+            if self.done[i] == self.rounds[i]:
+                pushes.append(i)
+        up = self.group.network.send(self.nbytes)[1]
+        for i in sorted(pushes, key=lambda r: (self.group.clocks[r], r)):
+            arrival = self.group.clocks[i] + up
+            if self.batch is not None and arrival > self.batch["close"]:
+                self._answer(workers)
+            self._apply(workers[i], i)
+            self.history.append((arrival, i))
+            if self.batch is None:
+                self.batch = {"close": arrival + self.options.grace, "members": []}
+            self.batch["members"].append(i)
+        if self.batch is not None and self.batch["close"] <= self.clock.slice_end(step) * (1 + 1e-9):
+            self._answer(workers)
+
+    def _apply(self, worker: Worker, i: int) -> None:
+        """The server applies worker ``i``'s pseudo-gradient at its arrival."""
+        o = self.options
+        g = [s - p.detach() for s, p in zip(self.start[i], worker.params, strict=True)]
+        if o.server == "dn":
+            dn_update(self.global_params, self.m, self.buf, g, self.t, self.n_buffer, o.c, o.momentum, o.outer_lr)
+        else:
+            nesterov_update(self.global_params, self.m, g, o.momentum, o.outer_lr)
+        self._staleness.append(self.t - self.version[i])
+        self.t += 1
+        sent, seconds = self.group.network.send(self.nbytes)
+        self.group.bytes_sent += 2 * sent / self.group.world  # the push and the answer
+        self.group.comm_time += 2 * seconds
+
+    def _answer(self, workers: list[Worker]) -> None:
+        """Close the open batch: its workers receive the server's parameters and start their next round."""
+        assert self.batch is not None
+        down = self.group.network.send(self.nbytes)[1]
+        with torch.no_grad():
+            for i in self.batch["members"]:
+                torch._foreach_copy_([p.data for p in workers[i].params], self.global_params)
+                torch._foreach_copy_(self.start[i], self.global_params)
+                self.done[i], self.version[i] = 0, self.t
+                self.group.clocks[i] = max(self.group.clocks[i], self.batch["close"] + down)
+        self.batch = None
+
+    # ---- reporting and checkpoints --------------------------------------------------------------------
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {"server_updates": self.t}
+        if self._staleness:
+            out["staleness"] = sum(self._staleness) / len(self._staleness)
+            self._staleness = []
+        return out
+
+    def log_info(self) -> dict[str, Any]:
+        return {"async": {"server": self.options.server, "buffer": self.n_buffer, "round_steps": self.rounds,
+                          **self.clock.info()}}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "m": [t.clone() for t in self.m], "buf": [t.clone() for t in self.buf],
+                "start": [[t.clone() for t in s] for s in self.start], "t": self.t, "done": list(self.done),
+                "k": list(self.k), "version": list(self.version),
+                "batch": None if self.batch is None else {"close": self.batch["close"],
+                                                          "members": list(self.batch["members"])},
+                "history": list(self.history), "staleness": list(self._staleness)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        torch._foreach_copy_(self.m, state["m"])
+        if self.buf:
+            torch._foreach_copy_(self.buf, state["buf"])
+        for mine, saved in zip(self.start, state["start"], strict=True):
+            torch._foreach_copy_(mine, saved)
+        self.t, self.done, self.k = int(state["t"]), list(state["done"]), list(state["k"])
+        self.version = list(state["version"])
+        b = state["batch"]
+        self.batch = None if b is None else {"close": float(b["close"]), "members": list(b["members"])}
+        self.history = [(float(a), int(r)) for a, r in state["history"]]
+        self._staleness = list(state["staleness"])
