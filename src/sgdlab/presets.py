@@ -274,3 +274,135 @@ def byzantine() -> list[Config]:
               "iid split, against the clean mean")
 def byzantine_quick() -> list[Config]:
     return _byzantine((3,), ("iid",), 100)
+
+
+# ---- asynchronous and advanced local-update methods (issue 15, benchmarks) ---------------------------------------
+#: per-worker compute-time multipliers of the ``async`` preset (4 = four times slower than a speed-1 worker)
+ASYNC_SPEEDS = [1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]
+
+
+def _async_runs(sync_steps: int) -> list[Config]:
+    """The ``async`` preset at ``sync_steps`` synchronous steps. A synchronous runner step is one step of every
+    worker, so it takes the slowest worker's 4 × 0.05 s; an event-clock runner step (async-diloco, A-EDiT) is a
+    0.05 s slice of the fastest worker's time: event-clock runs take 4× the steps (and warm-up and eval periods)
+    for the same simulated time."""
+    from . import strategies
+
+    slow = int(max(ASYNC_SPEEDS) / min(ASYNC_SPEEDS))
+    base = dict(task="charlm", optimizer="adamw", lr=3e-3, batch_size=8, workers=len(ASYNC_SPEEDS),
+                schedule="cosine", grad_clip=1.0, step_time=0.05, worker_speeds=list(ASYNC_SPEEDS),
+                optimizer_args={"weight_decay": 0.01}, network="bandwidth=1G,latency=1ms")
+    sync = dict(base, steps=sync_steps, warmup_steps=20, eval_every=sync_steps // 25)
+    evt = dict(base, steps=slow * sync_steps, warmup_steps=slow * 20, eval_every=slow * (sync_steps // 25),
+               log_every=slow * 10)
+    dn = {"sync_every": 50, "server": "dn", "outer_lr": 0.7, "dylu": True}
+    out = [
+        Config(name="ddp", strategy="ddp", **sync),
+        Config(name="diloco-h50", strategy="diloco", strategy_args={"sync_every": 50, "outer_lr": 0.7}, **sync),
+        Config(name="async-dn-dylu", strategy="async-diloco", strategy_args=dn, **evt),
+        Config(name="async-naive", strategy="async-diloco",
+               strategy_args={"sync_every": 50, "server": "nesterov", "outer_lr": 0.1, "dylu": False}, **evt),
+        Config(name="gossip-ring-merge", strategy="gossip",
+               strategy_args={"topology": "ring", "sync_every": 10, "merge_at": sync_steps}, **sync),
+        Config(name="async-dn-dylu-slow", strategy="async-diloco",
+               strategy_args={**dn, "slow_prob": 0.1, "slow_factor": 4.0}, **evt),
+    ]
+    if "edit" in strategies.registry.names():  # A-EDiT: syncs every 2.5 s (the fastest worker's 50 steps)
+        out.append(Config(name="a-edit", strategy="edit", strategy_args={"sync_time": 2.5, "outer_lr": 0.7}, **evt))
+    return out
+
+
+@registry.add("async", "charlm, 8 workers of speeds 1,1,1,1,2,2,4,4 at 0.05 s per step, 50 s of simulated time "
+              "(250 synchronous steps, 1000 event-clock steps): ddp, sync diloco (H=50), async-diloco with Delayed "
+              "Nesterov + DyLU (and with random slowdowns), naive async Nesterov, gossip ring + one merge, A-EDiT "
+              "when `edit` is registered; time to a target loss (BENCHMARKS.md; ~35 minutes on 2 CPU cores)")
+def async_() -> list[Config]:
+    return _async_runs(250)
+
+
+def time_to_target(run: str, target: float) -> float | None:
+    """Simulated seconds at which run directory ``run`` first reaches validation loss ``target``, interpolated
+    linearly between its two evaluations around the crossing; None when it never does."""
+    from .runner import load_run
+
+    ev = [(m.get("sim_time_s", 0.0), m["val_loss"]) for m in load_run(run)["metrics"] if "val_loss" in m]
+    for (t0, l0), (t1, l1) in zip(ev, ev[1:], strict=False):
+        if l1 <= target:
+            return t1 if l0 <= target or l0 == l1 else t0 + (t1 - t0) * (l0 - target) / (l0 - l1)
+    return ev[0][0] if ev and ev[0][1] <= target else None
+
+
+def loss_at_time(run: str, seconds: float) -> float | None:
+    """Validation loss of run directory ``run`` at simulated time ``seconds``, interpolated linearly between
+    evaluations; None outside the evaluated range."""
+    from .runner import load_run
+
+    ev = [(m.get("sim_time_s", 0.0), m["val_loss"]) for m in load_run(run)["metrics"] if "val_loss" in m]
+    for (t0, l0), (t1, l1) in zip(ev, ev[1:], strict=False):
+        if t0 <= seconds <= t1:
+            return l0 if t1 == t0 else l0 + (l1 - l0) * (seconds - t0) / (t1 - t0)
+    return None
+
+
+def sync_times_with_slowdowns(run: str, slow_prob: float, slow_factor: float, seed: int = 0) -> list[tuple]:
+    """(step, simulated seconds, val loss) of a synchronous local-update run directory (``diloco``,
+    ``localsgd``: rounds of ``sync_every`` steps) re-timed as if each local step of each worker had straggled
+    as in ``async-diloco``'s ``slow_prob``/``slow_factor`` (the same seeded draws, :class:`EventClock`).
+    Slowdowns do not change a synchronous run's arithmetic, only its clock: within a round every worker's
+    clock advances by its own step times, the run's time is the slowest clock, and each sync adds the run's
+    own measured communication time per sync."""
+    from .runner import load_run
+    from .strategies.clock import EventClock
+
+    r = load_run(run)
+    c = r["config"]
+    h, steps = c["strategy_args"]["sync_every"], c["steps"]
+    seconds = [c["step_time"] * v for v in c["worker_speeds"]]
+    clock = EventClock("sync", seconds, slow_prob, slow_factor, seed)
+    comm = (r["summary"]["sim_time_s"] - steps * max(seconds)) / (steps // h)
+    evals = {m["step"]: m["val_loss"] for m in r["metrics"] if "val_loss" in m}
+    out, start, clocks = [], 0.0, [0.0] * len(seconds)
+    for k in range(1, steps + 1):
+        clocks = [t + clock.step_time(i, k) for i, t in enumerate(clocks)]
+        now = start + max(clocks)
+        if k % h == 0:
+            start, clocks = now + comm, [0.0] * len(seconds)
+            now = start
+        if k in evals:
+            out.append((k, now, evals[k]))
+    return out
+
+
+def _local4(steps: int = 600) -> dict:
+    """charlm, 4 workers, the ``strategies-4`` settings (AdamW 3e-3, cosine, 20 warm-up steps, 1 Gbit/s)."""
+    return dict(task="charlm", optimizer="adamw", lr=3e-3, steps=steps, batch_size=8, workers=4, eval_every=50,
+                schedule="cosine", warmup_steps=20, grad_clip=1.0, step_time=0.05,
+                optimizer_args={"weight_decay": 0.01}, network="bandwidth=1G,latency=1ms")
+
+
+@registry.add("desloc-bytes", "charlm, 4 workers, 600 steps, same tokens: DES-LOC (K_x = H, K_u = 3H, K_v = 6H) vs "
+              "Local Adam (desloc with K_x = K_u = K_v = H) vs DiLoCo and Local SGD at H = 16, DES-LOC and Local Adam "
+              "at H = 64, and ddp; loss vs bytes (BENCHMARKS.md; ~25 minutes on 2 CPU cores)")
+def desloc_bytes() -> list[Config]:
+    base = _local4()
+    out = [Config(name="ddp", strategy="ddp", **base)]
+    for h in (16, 64):
+        out += [Config(name=f"desloc-h{h}", strategy="desloc", strategy_args={"sync_every": h}, **base),
+                Config(name=f"local-adam-h{h}", strategy="desloc",
+                       strategy_args={"sync_every": h, "sync_u": h, "sync_v": h}, **base)]
+    out += [Config(name="diloco-h16", strategy="diloco", strategy_args={"sync_every": 16, "outer_lr": 0.7}, **base),
+            Config(name="localsgd-h16", strategy="localsgd", strategy_args={"sync_every": 16}, **base)]
+    return out
+
+
+@registry.add("qsr", "charlm, 4 workers, 600 steps, cosine to 0: localsgd with the Quadratic Synchronization Rule "
+              "(H_base 5, alpha 0.006: 59 rounds; H_base 10, alpha 0.01: 25 rounds) vs fixed H with the same number "
+              "of rounds (10, 24) and fixed H_base (BENCHMARKS.md; ~15 minutes on 2 CPU cores)")
+def qsr() -> list[Config]:
+    base = _local4()
+    out = [Config(name=f"localsgd-h{h}", strategy="localsgd", strategy_args={"sync_every": h}, **base)
+           for h in (5, 10, 24)]
+    out += [Config(name=f"qsr-h{h}-a{a:g}", strategy="localsgd",
+                   strategy_args={"sync_every": h, "sync_rule": f"qsr,alpha={a:g}"}, **base)
+            for h, a in ((5, 0.006), (10, 0.01))]
+    return out

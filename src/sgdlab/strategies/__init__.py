@@ -31,6 +31,10 @@ from .desloc import DESLOC  # noqa: E402  (issue 15, D7)
 
 registry.register(DESLOC.name, DESLOC, DESLOC.description)
 
+from .scaled_local import ScaledLocal  # noqa: E402  (issue 15, D10)
+
+registry.register(ScaledLocal.name, ScaledLocal, ScaledLocal.description)
+
 from .async_diloco import AsyncDiLoCo  # noqa: E402  (issue 15, D5)
 
 registry.register(AsyncDiLoCo.name, AsyncDiLoCo, AsyncDiLoCo.description)
