@@ -15,19 +15,7 @@ from sgdlab.distributed.network import NetworkModel
 from sgdlab.errors import ConfigError
 from sgdlab.metrics import read_metrics
 from sgdlab.strategies import Worker
-from sgdlab.strategies.edit import EDiT, EWMADetector, clip_factor, softmax_weights
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _registered():
-    """Register ``edit`` for these tests until sgdlab.strategies does, and take it out again afterwards: other
-    modules' tests read the registry (test_cli checks the per-strategy defaults of ``--sync-every``)."""
-    added = "edit" not in strategies.registry
-    if added:
-        strategies.registry.register(EDiT.name, EDiT, EDiT.description)
-    yield
-    if added:
-        del strategies.registry._entries[EDiT.name]
+from sgdlab.strategies.edit import EWMADetector, clip_factor, softmax_weights
 
 DT = torch.float64
 # the exchange sends fp32, so float64 models agree with the float64 reference to float32 rounding

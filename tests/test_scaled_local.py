@@ -2,15 +2,10 @@
 against plain float64 reference loops — D̂ = I is localsgd bit for bit; H = 1 with SGD is centralised
 mini-batch SGD preconditioned by the same D̂; M = 1 is single-device scaled SGD with D̂ refreshed every H
 steps; D̂ is one for all workers (also with a lossy exchange) and within [α, Γ]; the per-worker ablation is
-local RMSProp/Adam between averages — plus bytes, resume, bad options and the torch backend.
-
-Run as a script under torchrun (``test_torch_backend_matches_simulator``), it registers the strategy and runs
-``dist_script.py``."""
+local RMSProp/Adam between averages — plus bytes, resume, bad options and the torch backend."""
 
 import json
 import math
-import runpy
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,11 +17,6 @@ from sgdlab.distributed.network import NetworkModel
 from sgdlab.errors import ConfigError
 from sgdlab.metrics import read_metrics
 from sgdlab.strategies import Worker
-from sgdlab.strategies.scaled_local import ScaledLocal
-
-# until sgdlab.strategies registers it (issue 15, D10)
-if "scaled-local" not in strategies.registry:
-    strategies.registry.register(ScaledLocal.name, ScaledLocal, ScaledLocal.description)
 
 HERE = Path(__file__).parent
 DT = torch.float64
@@ -288,15 +278,11 @@ def test_torch_backend_matches_simulator(tmp_path):
 
     configs = {name: {**COMMON, **kw, "workers": 2} for name, kw in TORCH_CASES.items()}
     resumed = {**configs["adam"], "stop_at": 3}  # mid-round, after the refresh at step 3
-    res = torchrun(2, __file__, str(tmp_path / "torch"), json.dumps({**configs, "adam-resumed": resumed}))
+    res = torchrun(2, str(HERE / "dist_script.py"), str(tmp_path / "torch"),
+                   json.dumps({**configs, "adam-resumed": resumed}))
     assert res.returncode == 0, res.stderr[-3000:]
     for name, kw in configs.items():
         s_t, s_s, _ = assert_matches_sim(tmp_path, name, kw)
         assert s_s["bytes_sent_per_worker"] > 0, name
     resumed_kw = {k: v for k, v in resumed.items() if k != "stop_at"}
     assert_matches_sim(tmp_path, "adam-resumed", resumed_kw)
-
-
-if __name__ == "__main__":  # under torchrun: the strategy is registered above; run the shared script
-    sys.argv = [str(HERE / "dist_script.py"), *sys.argv[1:]]
-    runpy.run_path(str(HERE / "dist_script.py"), run_name="__main__")

@@ -445,3 +445,27 @@ class TorchGroup(Group):
             raise CheckpointError(f"rank {self.rank}: the ranks' checkpoints share no step (steps per rank: "
                                   f"{[[s for s in st if s >= 0] for st in gathered]}); cannot resume consistently")
         return max(common)
+
+
+class IndependentTorchGroup(TorchGroup):
+    """A :class:`TorchGroup` whose processes never wait for each other during training (asynchronous
+    strategies): measurement stays local — the logged losses are this process's worker's, the clock is its
+    own, a stop request stops this process — and a run cannot resume (its processes checkpoint at different
+    moments of the shared state). The strategy's own messages are its only traffic."""
+
+    def max_clock(self) -> float:
+        return self.clocks[0]
+
+    def mean_vector(self, values: list[float]) -> list[float]:
+        return list(values)
+
+    def stops_at_once(self, requested: bool) -> bool:
+        return requested
+
+    def stop_vote(self, requested: bool) -> float:
+        return 0.0
+
+    def agreed_step(self, steps: list[int]) -> int | None:
+        raise CheckpointError("an asynchronous run on --backend torch cannot resume: its processes checkpoint at "
+                              "different moments, so no checkpoint step is consistent across them; start it again "
+                              "(or use --backend sim, which resumes bit-identically)")

@@ -12,7 +12,7 @@ import torch
 
 from .. import optim, strategies, tasks
 from ..config import RunSpec
-from ..distributed.group import Group, SimGroup, TorchGroup, torchrun_env
+from ..distributed.group import Group, IndependentTorchGroup, SimGroup, TorchGroup, torchrun_env
 from ..errors import ConfigError
 from ..models import io_parameters
 from ..optim import protocol
@@ -52,7 +52,8 @@ def make_group(spec: RunSpec) -> tuple[Group, RunSpec]:
         if spec.device.startswith("cuda") and ":" not in spec.device:  # one GPU per process
             spec = spec.placed(device=f"cuda:{env[2]}")
             torch.cuda.set_device(spec.device)
-        group = TorchGroup(spec.network, torch.device(spec.device), spec.timeout)
+        kind = IndependentTorchGroup if strategies.registry.get(spec.strategy).independent_processes else TorchGroup
+        group = kind(spec.network, torch.device(spec.device), spec.timeout)
     group.check_same(spec.fingerprint())
     return group, spec
 

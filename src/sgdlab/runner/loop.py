@@ -199,6 +199,8 @@ class TrainingLoop:
                 st.step = step
                 raise DivergenceError(step, e.value, self._last_good(), what=e.what, hint=e.hint) from None
             st.step = step
+            if step == spec.steps:
+                self.strategy.finish(self.workers)
             self.bar.update(1)
             if is_log or stop_now:
                 stop_now = self._at_log(step, lr_used, is_log, is_eval, is_ckpt, stop_now, stop)

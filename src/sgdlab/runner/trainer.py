@@ -53,7 +53,8 @@ class Trainer:
         spec, resume = open_run_dir(group, spec, resume=resume, overwrite=overwrite)
         out = Path(spec.out or ".")
         sync_every = getattr(spec.strategy_options, "sync_every", None)
-        if group.is_lead and sync_every is not None and spec.steps < sync_every:
+        timed = getattr(spec.strategy_options, "sync_time", None) is not None  # A-EDiT: rounds by time
+        if group.is_lead and sync_every is not None and spec.steps < sync_every and not timed:
             warnings.warn(f"strategy {spec.strategy!r}: steps={spec.steps} < sync_every={sync_every}, so no round "
                           "ends and the workers never synchronise; lower --sync-every or raise --steps", stacklevel=3)
         loop = TrainingLoop(spec, group, build_parts(spec, group, self.task), checkpoint_path(out, group),

@@ -31,6 +31,10 @@ from .desloc import DESLOC  # noqa: E402  (issue 15, D7)
 
 registry.register(DESLOC.name, DESLOC, DESLOC.description)
 
+from .edit import EDiT  # noqa: E402  (issue 15, D9)
+
+registry.register(EDiT.name, EDiT, EDiT.description)
+
 from .scaled_local import ScaledLocal  # noqa: E402  (issue 15, D10)
 
 registry.register(ScaledLocal.name, ScaledLocal, ScaledLocal.description)

@@ -115,6 +115,9 @@ class Strategy:
     Options: ClassVar[type] = NoOptions
     #: Whether the strategy exchanges per-round updates that client-level DP can clip and noise.
     supports_client_dp: ClassVar[bool] = False
+    #: Whether, on ``--backend torch``, processes must never wait for each other during training (asynchronous
+    #: strategies): the runner then measures locally (:class:`~sgdlab.distributed.group.IndependentTorchGroup`).
+    independent_processes: ClassVar[bool] = False
 
     def __init__(self, options: Any, group: Group, exchange: ExchangeSpec | None = None, seed: int = 0):
         self.options, self.group = options, group
@@ -177,6 +180,10 @@ class Strategy:
 
     def after_step(self, workers: list[Worker], step: int) -> None:
         pass
+
+    def finish(self, workers: list[Worker]) -> None:
+        """After the run's last step, before its last record: end any communication still under way (an
+        asynchronous server waits here for every worker's last push)."""
 
     @property
     def buffer_rule(self) -> str:
