@@ -247,3 +247,54 @@ def test_bad_input_is_one_config_error(tmp_path, kw, msg):
     args.update(kw)
     with pytest.raises(ConfigError, match=msg):
         run(Config(**args))
+
+
+# ---- torch backend: real asynchrony ---------------------------------------------------------------------
+TORCH = dict(BASE, workers=2, steps=24, eval_every=12, network=FAST_NET, strategy="async-diloco")
+
+
+@pytest.mark.slow
+def test_torch_backend_is_asynchronous_loses_no_update_and_in_rank_order_equals_the_simulator(tmp_path):
+    import json
+
+    from .test_torch_backend import HERE, torchrun
+    cases = {
+        # rank 1 is 6× slower and takes 1-step rounds (DyLU): rank 0 must not wait for it
+        "hetero": dict(TORCH, worker_speeds=[1.0, 6.0], step_time=0.02, strategy_args={"sync_every": 4}),
+        # equal speeds, the server takes one round of each worker in rank order: the simulator's run
+        "ordered": dict(TORCH, strategy_args={"sync_every": 3, "order": "rank"}),
+        # no --step-time: each process steps as fast as it can, for --steps steps, rounds of H
+        "free": dict(TORCH, step_time=None, strategy_args={"sync_every": 4, "server": "nesterov",
+                                                            "outer_lr": 0.3}),
+    }
+    res = torchrun(2, str(HERE / "dist_script.py"), str(tmp_path / "torch"), json.dumps(cases))
+    assert res.returncode == 0, res.stderr[-3000:]
+    # no update lost: the server applied every push of every rank
+    for name, rounds in (("hetero", 24 // 4 + 4 // 1), ("ordered", 2 * 24 // 3), ("free", 2 * 24 // 4)):
+        ck, recs = _final(tmp_path / "torch" / name)
+        assert recs[-1]["pushes"] == recs[-1]["server_updates"] == rounds, name
+        assert ck["strategy"]["t"] == rounds
+        assert math.isfinite(recs[-1]["val_loss"])
+    # asynchrony: rank 0 pushed 6 rounds while rank 1, six times slower, pushed 4 one-step rounds; the server
+    # saw rank 0's rounds come in between rank 1's
+    history = _final(tmp_path / "torch" / "hetero")[0]["strategy"]["history"]
+    order = [r for _, r in history]
+    assert order.count(0) == 6 and order.count(1) == 4
+    assert order != sorted(order) and order[:2] != [1, 1]
+    # in rank order with equal speeds: the same models as the simulator (arrival order there is rank order)
+    sim = dict(cases["ordered"], strategy_args={"sync_every": 3}, out=str(tmp_path / "sim"))
+    run(Config(**sim))
+    ck_s, recs_s = _final(tmp_path / "sim")
+    for rank, path in ((0, "checkpoint.pt"), (1, "checkpoint.rank1.pt")):
+        ck_t = torch.load(tmp_path / "torch" / "ordered" / path, weights_only=True)
+        for k, v in _model_of(ck_s, rank).items():
+            torch.testing.assert_close(ck_t["workers"][0]["model"][k], v, rtol=0, atol=1e-6)
+    ck_t, recs_t = _final(tmp_path / "torch" / "ordered")
+    assert recs_t[-1]["val_loss"] == pytest.approx(recs_s[-1]["val_loss"], abs=1e-6)
+    assert recs_t[-1]["bytes_sent"] == recs_s[-1]["bytes_sent"]
+
+
+def test_torch_only_settings_are_refused_in_the_simulator(tmp_path):
+    with pytest.raises(ConfigError, match=r"order='rank' applies to --backend torch"):
+        run(Config(**dict(BASE, workers=2, steps=2, strategy="async-diloco", out=str(tmp_path / "x"),
+                          strategy_args={"order": "rank", "sync_every": 1})))

@@ -41,13 +41,26 @@ schedules follow their shards' progress, which balanced sampling keeps equal; ro
 the run ends are not pushed. Logged: ``server_updates`` (arrivals so far) and ``staleness`` (mean server
 updates between a round's start and its arrival, since the last record).
 
+``--backend torch`` (:mod:`.async_server`): real asynchrony. Rank 0 runs the server in a thread next to its
+own worker; every rank pushes by point-to-point messages and waits only for the server's answer. Each
+process logs its own worker's losses and clock (the lead's are rank 0's); bytes and simulated time are
+combined over the ranks when the run ends, after every rank's last push, and the last record's
+``pushes`` (every rank's) equals ``server_updates`` when no update was lost. With ``--step-time`` each
+process follows the same event clock as the simulator and sleeps so that each of its steps takes its
+step time (emulated heterogeneous hardware); without it every process steps as fast as it can, each for
+``--steps`` steps, and every round is H steps. ``order=rank`` makes the server apply one round of every
+worker in rank order (deterministic: equal to the simulator with equal speeds; the workers then wait for
+each other). Not on torch: ``grace`` > 0, resuming (the ranks checkpoint at different moments).
+
 Not built here: the paper's shard sampling by remaining tokens (each worker keeps its own shard, as in every
-sgdlab strategy), the torch backend (the simulator only: a real server process is future work), and
-compressors, aggregators and attacks on the pushes (refused).
+sgdlab strategy), a server that goes on when a worker dies (a lost rank stops the run, as for every torch
+strategy), and compressors, aggregators and attacks on the pushes (refused).
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +73,7 @@ from .base import GlobalModelMixin, Strategy, Worker
 from .clock import EventClock, check_slowdown
 
 SERVERS = ("dn", "nesterov")
+ORDERS = ("arrival", "rank")
 
 
 @dataclass
@@ -74,6 +88,7 @@ class AsyncDiLoCoOptions:
     grace: float = 0.0         # seconds the server waits for more pushes before answering a batch
     slow_prob: float = 0.0     # probability that a local step straggles
     slow_factor: float = 1.0   # how many times longer a straggling step takes
+    order: str = "arrival"     # torch: arrival (as pushes come) | rank (one round of every worker, rank order)
 
     def validate(self) -> None:
         check_range("sync_every", self.sync_every, low=1, integer=True)
@@ -87,6 +102,8 @@ class AsyncDiLoCoOptions:
         if self.grace == float("inf") or self.outer_lr == float("inf"):
             raise ConfigError(f"grace={self.grace!r}, outer_lr={self.outer_lr!r}; allowed: finite numbers")
         check_slowdown(self.slow_prob, self.slow_factor)
+        if self.order not in ORDERS:
+            raise UnknownNameError("order", self.order, ORDERS)
 
 
 def dylu_steps(h: int, step_seconds: list[float], dylu: bool = True) -> list[int]:
@@ -131,6 +148,7 @@ class AsyncDiLoCo(GlobalModelMixin, Strategy):
     description = ("asynchronous Local-SGD: pushes applied on arrival by Delayed Nesterov, rounds sized by "
                    "speed (Liu et al., 2024)")
     Options = AsyncDiLoCoOptions
+    independent_processes = True
 
     @classmethod
     def check_workers(cls, options: Any, workers: int) -> None:
@@ -150,41 +168,70 @@ class AsyncDiLoCo(GlobalModelMixin, Strategy):
 
     def setup(self, workers: list[Worker]) -> None:
         o, n = self.options, self.group.world
-        if len(workers) != n:
-            raise ConfigError("strategy async-diloco runs on the simulator only (--backend sim); on --backend "
-                              "torch a server process is not built yet")
-        self.clock = EventClock(self.name, self.step_seconds, o.slow_prob, o.slow_factor, self.seed)
+        self.torch = len(workers) != n  # one worker per process
+        if self.torch and o.grace > 0:
+            raise ConfigError(f"grace={o.grace!r}: a grace period is simulated only; on --backend torch the server "
+                              "answers each push at once (allowed there: grace=0)")
+        if not self.torch and o.order != "arrival":
+            raise ConfigError(f"order={o.order!r} applies to --backend torch; the simulator's order of arrivals is "
+                              "already deterministic (allowed: order=arrival)")
+        self.clock = (EventClock(self.name, self.step_seconds, o.slow_prob, o.slow_factor, self.seed)
+                      if self.step_seconds is not None or not self.torch else None)
         self.init_global(workers)
         self.n_buffer = o.buffer or n
-        self.rounds = dylu_steps(o.sync_every, self.clock.seconds, o.dylu)
+        self.rounds = dylu_steps(o.sync_every, self.step_seconds or [1.0] * n, o.dylu)
         self.m = [torch.zeros_like(g) for g in self.global_params]
         self.buf = [torch.zeros_like(g) for g in self.global_params] if o.server == "dn" else []
-        self.start = [[g.clone() for g in self.global_params] for _ in range(n)]  # θ each round began from
-        self.t = 0                      # arrivals applied
-        self.done = [0] * n             # local steps of the current round
-        self.k = [0] * n                # local steps taken
-        self.version = [0] * n          # server updates when the round began
+        self.start = [[g.clone() for g in self.global_params] for _ in workers]  # θ each round began from
+        self.t = 0                          # arrivals applied (the server's)
+        self.done = [0] * len(workers)      # local steps of the current round, per local worker
+        self.k = [0] * len(workers)         # local steps taken
+        self.version = [0] * len(workers)   # server updates when the round began
         self.batch: dict[str, Any] | None = None  # open batch: {"close": time, "members": [rank, ...]}
         self.history: list[tuple[float, int]] = []  # (arrival time, rank) of every push
         self._staleness: list[int] = []
-        self._active: list[int] = []
-        self.nbytes = sum(g.numel() for g in self.global_params) * 4  # fp32 parameters, one message
+        self._active: list[int] | None = []
+        self.pushes = 0                     # this process's pushes (torch)
+        self.total_pushes: int | None = None
+        numel = sum(g.numel() for g in self.global_params)
+        self.nbytes = numel * 4  # fp32 parameters, one message
+        self.server = None
+        self.lock: Any = contextlib.nullcontext()
+        if self.torch:
+            from .async_server import TorchServer
+            self.server = TorchServer(self.group, numel, self._apply_flat, self._snapshot, o.order)  # type: ignore[arg-type]
+            self.lock = self.server.lock
+            self._t_last = time.perf_counter()
+            self._t0 = self._t_last
 
     # ---- the event clock ----------------------------------------------------------------------------
-    def computing(self, step: int) -> list[int]:
+    def computing(self, step: int) -> list[int] | None:
+        ranks = self.group.local
+        if self.clock is None:
+            self._active = None
+            return None
         waiting = set(self.batch["members"]) if self.batch else set()
-        self._active = [i for i in range(self.group.world)
-                        if i not in waiting and self.clock.fits(self.group.clocks[i], i, self.k[i] + 1, step)]
+        self._active = [i for i, r in enumerate(ranks)
+                        if r not in waiting and self.clock.fits(self.group.clocks[i], r, self.k[i] + 1, step)]
         return self._active
 
     def after_step(self, workers: list[Worker], step: int) -> None:
+        active = range(len(workers)) if self._active is None else self._active
         pushes = []
-        for i in self._active:
+        for i in active:
+            rank = self.group.local[i]
             self.k[i] += 1
             self.done[i] += 1
-            self.group.advance(i, self.clock.extra(i, self.k[i]))
-            if self.done[i] == self.rounds[i]:
+            if self.clock is not None:
+                self.group.advance(i, self.clock.extra(rank, self.k[i]))
+                if self.torch:
+                    self._emulate(self.clock.step_time(rank, self.k[i]))
+            if self.done[i] == self.rounds[rank]:
                 pushes.append(i)
+        if self.torch:
+            for i in pushes:
+                self._push_torch(workers[i], i)
+            return
         up = self.group.network.send(self.nbytes)[1]
         for i in sorted(pushes, key=lambda r: (self.group.clocks[r], r)):
             arrival = self.group.clocks[i] + up
@@ -198,22 +245,28 @@ class AsyncDiLoCo(GlobalModelMixin, Strategy):
         if self.batch is not None and self.batch["close"] <= self.clock.slice_end(step) * (1 + 1e-9):
             self._answer(workers)
 
-    def _apply(self, worker: Worker, i: int) -> None:
-        """The server applies worker ``i``'s pseudo-gradient at its arrival."""
+    # ---- the server's rule (both backends) -------------------------------------------------------------
+    def _server_apply(self, g: list[torch.Tensor], rank: int, version: int) -> None:
+        """Apply one arriving pseudo-gradient ``g`` of worker ``rank``, whose round began at server update
+        ``version`` (on torch: under the server's lock)."""
         o = self.options
-        g = [s - p.detach() for s, p in zip(self.start[i], worker.params, strict=True)]
         if o.server == "dn":
             dn_update(self.global_params, self.m, self.buf, g, self.t, self.n_buffer, o.c, o.momentum, o.outer_lr)
         else:
             nesterov_update(self.global_params, self.m, g, o.momentum, o.outer_lr)
-        self._staleness.append(self.t - self.version[i])
+        self._staleness.append(self.t - version)
         self.t += 1
+
+    def _apply(self, worker: Worker, i: int) -> None:
+        """Simulator: the server applies worker ``i``'s pseudo-gradient at its arrival."""
+        g = [s - p.detach() for s, p in zip(self.start[i], worker.params, strict=True)]
+        self._server_apply(g, i, self.version[i])
         sent, seconds = self.group.network.send(self.nbytes)
         self.group.bytes_sent += 2 * sent / self.group.world  # the push and the answer
         self.group.comm_time += 2 * seconds
 
     def _answer(self, workers: list[Worker]) -> None:
-        """Close the open batch: its workers receive the server's parameters and start their next round."""
+        """Simulator: close the open batch; its workers receive the server's parameters and start a round."""
         assert self.batch is not None
         down = self.group.network.send(self.nbytes)[1]
         with torch.no_grad():
@@ -224,19 +277,81 @@ class AsyncDiLoCo(GlobalModelMixin, Strategy):
                 self.group.clocks[i] = max(self.group.clocks[i], self.batch["close"] + down)
         self.batch = None
 
+    # ---- torch: real asynchrony ------------------------------------------------------------------------
+    def _apply_flat(self, g: torch.Tensor, rank: int, version: int) -> None:
+        like = self.global_params
+        flat = g.to(like[0].device)
+        parts = [t.view_as(p).to(p.dtype) for t, p in zip(flat.split([p.numel() for p in like]), like, strict=True)]
+        self._server_apply(parts, rank, version)
+        self.history.append((time.perf_counter() - self._t0, rank))
+
+    def _snapshot(self) -> tuple[torch.Tensor, int]:
+        return torch.cat([g.detach().reshape(-1) for g in self.global_params]).float().cpu(), self.t
+
+    def _push_torch(self, worker: Worker, i: int) -> None:
+        assert self.server is not None
+        g = torch.cat([(s - p.detach()).reshape(-1) for s, p in zip(self.start[i], worker.params, strict=True)])
+        flat, count = self.server.push(g.float().cpu(), self.version[i])
+        params = [p.data for p in worker.params]
+        with torch.no_grad():
+            for p, t in zip(params, flat.split([p.numel() for p in params]), strict=True):
+                p.copy_(t.view_as(p))
+            torch._foreach_copy_(self.start[i], params)
+            if self.group.local[i] != 0:  # rank 0's global parameters are the server's own
+                torch._foreach_copy_(self.global_params, params)
+        self.done[i], self.version[i] = 0, count
+        self.pushes += 1
+        sent, seconds = self.group.network.send(self.nbytes)
+        self.group.bytes_sent += 2 * sent
+        self.group.comm_time += 2 * seconds
+        self.group.advance(i, 2 * seconds)
+
+    def _emulate(self, seconds: float) -> None:
+        """torch with --step-time: make this step last ``seconds`` of real time (emulated slower hardware)."""
+        left = seconds - (time.perf_counter() - self._t_last)
+        if left > 0:
+            time.sleep(left)
+        self._t_last = time.perf_counter()
+
+    def finish(self, workers: list[Worker]) -> None:
+        """torch: wait for every rank's last push, then combine bytes (mean), pushes (sum) and clocks (max)."""
+        if self.server is None:
+            return
+        import torch.distributed as dist
+
+        self.server.close()
+        totals = torch.tensor([self.group.bytes_sent, float(self.pushes)], dtype=torch.float64)
+        clock = torch.tensor([self.group.clocks[0]], dtype=torch.float64)
+        dist.all_reduce(totals, group=self.server.up)
+        dist.all_reduce(clock, op=dist.ReduceOp.MAX, group=self.server.up)
+        self.group.bytes_sent = float(totals[0]) / self.group.world
+        self.total_pushes = int(totals[1])
+        self.group.clocks[0] = float(clock[0])
+
     # ---- reporting and checkpoints --------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
-        out: dict[str, float] = {"server_updates": self.t}
-        if self._staleness:
-            out["staleness"] = sum(self._staleness) / len(self._staleness)
-            self._staleness = []
+        with self.lock:
+            out: dict[str, float] = {"server_updates": self.t}
+            if self._staleness:
+                out["staleness"] = sum(self._staleness) / len(self._staleness)
+                self._staleness = []
+        if self.total_pushes is not None:
+            out["pushes"] = self.total_pushes
         return out
+
+    def eval_model(self, workers: list[Worker]) -> Any:
+        with self.lock:
+            return super().eval_model(workers)
 
     def log_info(self) -> dict[str, Any]:
         return {"async": {"server": self.options.server, "buffer": self.n_buffer, "round_steps": self.rounds,
-                          **self.clock.info()}}
+                          **(self.clock.info() if self.clock is not None else {})}}
 
     def state_dict(self) -> dict[str, Any]:
+        with self.lock:
+            return self._state_dict()
+
+    def _state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "m": [t.clone() for t in self.m], "buf": [t.clone() for t in self.buf],
                 "start": [[t.clone() for t in s] for s in self.start], "t": self.t, "done": list(self.done),
                 "k": list(self.k), "version": list(self.version),
