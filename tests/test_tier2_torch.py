@@ -1,4 +1,4 @@
-"""QSR (localsgd, diloco), DES-LOC and MT-DAO on torch.distributed (3 gloo processes, one torchrun launch)
+"""QSR (localsgd, diloco), DES-LOC, MT-DAO, EDiT and A-EDiT on torch.distributed (3 gloo processes, one torchrun launch)
 give the simulator's numbers, sync periods and bytes; a DES-LOC run stopped and resumed on torch ends as
 the uninterrupted one."""
 
@@ -23,6 +23,11 @@ CASES = {
     "mtdao": dict(strategy="desloc", optimizer="mtdao", lr=1e-3,
                   optimizer_args={"betas": [0.9, 0.99, 0.999], "weights": [0.3, 0.4]},
                   strategy_args={"sync_every": 2, "sync_u": 2, "sync_v": 2, "state_sync": {"exp_avg_2": 6}}),
+    # weights from all-gathered norms, clipping that acts (φ small)
+    "edit": dict(strategy="edit", optimizer="adamw", lr=1e-3, strategy_args={"sync_every": 2, "clip": 0.05}),
+    # A-EDiT: syncs every 0.04 simulated s; the third worker is 2× slower and takes half the steps
+    "a-edit": dict(strategy="edit", optimizer="adamw", lr=1e-3, worker_speeds=[1.0, 1.0, 2.0], steps=12,
+                   strategy_args={"sync_time": 0.04, "step_weight": True}),
 }
 
 

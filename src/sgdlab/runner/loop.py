@@ -102,7 +102,9 @@ class TrainingLoop:
         self.honest = [i for i, r in enumerate(self.replicas) if r.worker.rank not in byzantine]
         self.batch_per_worker = parts.samples_per_step // spec.workers
         self._info: dict[str, Any] = {}  # the strategy's log_info, for the first record of a fresh run
-        self._grad_norms: list[torch.Tensor] = []  # per step since the last record (for --schedule refined)
+        # per step since the last record (for --schedule refined): the stepping workers' gradient norms, summed
+        self._grad_norms: list[torch.Tensor] = []
+        self._norm_counts: list[float] = []  # how many workers stepped
 
     # ---- resume, checkpoint, summary --------------------------------------------------------------
     def resume(self) -> None:
@@ -237,7 +239,10 @@ class TrainingLoop:
             group.advance(i, (half if half is not None else self._elapsed(t0)) * speeds[r.worker.rank])
         self.strategy.after_backward(workers, step)
         if replicas:
-            self._grad_norms.append(torch.stack([_grad_norm(r.worker.model) for r in replicas]).mean())
+            self._grad_norms.append(torch.stack([_grad_norm(r.worker.model) for r in replicas]).sum())
+        else:
+            self._grad_norms.append(torch.zeros((), device=self.spec.device))
+        self._norm_counts.append(float(len(replicas)))
         lr_used = (replicas or self.replicas)[0].worker.optimizer.param_groups[0]["lr"]
         clip = self.spec.grad_clip
         for i, r in enumerate(self.replicas):
@@ -272,11 +277,12 @@ class TrainingLoop:
         for r in self.replicas:
             r.pending.clear()
         vote = group.stop_vote(stop.requested) if is_log else 0.0
-        local_norms = torch.stack(self._grad_norms).double().tolist() if self._grad_norms else []
-        self._grad_norms = []
-        k, m = len(sums), len(local_norms)
-        # one collective for all: the honest workers' loss sums and counts per step, gradient norms, stop vote
-        reduced = group.mean_vector([*sums, *counts, *local_norms, vote])
+        norm_sums = torch.stack(self._grad_norms).double().tolist() if self._grad_norms else []
+        norm_counts, self._grad_norms, self._norm_counts = self._norm_counts, [], []
+        k, m = len(sums), len(norm_sums)
+        # one collective for all: per step, the honest workers' loss sums and counts and every stepping worker's
+        # gradient-norm sums and counts; the stop vote
+        reduced = group.mean_vector([*sums, *counts, *norm_sums, *norm_counts, vote])
         stop_now = stop_now or reduced[-1] > 0
         pairs = zip(reduced[:k], reduced[k:2 * k], strict=True)
         chunk = [(step - k + 1 + j, s / c) for j, (s, c) in enumerate(pairs) if c > 0]
@@ -285,7 +291,8 @@ class TrainingLoop:
             st.step = bad[0][0]
             raise DivergenceError(st.step, bad[0][1], self._last_good())
         losses = st.carry + [v for _, v in chunk]  # steps where no honest worker computed have no loss
-        grad_norms = st.carry_grad_norms + reduced[2 * k:2 * k + m]
+        norms = zip(reduced[2 * k:2 * k + m], reduced[2 * k + m:2 * k + 2 * m], strict=True)
+        grad_norms = st.carry_grad_norms + [s / c for s, c in norms if c > 0]
         st.wall_time = self._t_train + (time.perf_counter() - self._t_start) - st.pause
         t_pause = time.perf_counter()
         if is_log:  # the record's train_loss is the mean since the previous record
