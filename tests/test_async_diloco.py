@@ -277,7 +277,9 @@ def test_torch_backend_is_asynchronous_loses_no_update_and_in_rank_order_equals_
         assert math.isfinite(recs[-1]["val_loss"])
     # asynchrony: rank 0 pushed 6 rounds while rank 1, six times slower, pushed 4 one-step rounds; the server
     # saw rank 0's rounds come in between rank 1's
-    history = _final(tmp_path / "torch" / "hetero")[0]["strategy"]["history"]
+    ck, recs = _final(tmp_path / "torch" / "hetero")
+    assert recs[-1]["samples"] == (24 + 4) * 16  # every rank's steps, combined at the end
+    history = ck["strategy"]["history"]
     order = [r for _, r in history]
     assert order.count(0) == 6 and order.count(1) == 4
     assert order != sorted(order) and order[:2] != [1, 1]
@@ -292,6 +294,7 @@ def test_torch_backend_is_asynchronous_loses_no_update_and_in_rank_order_equals_
     ck_t, recs_t = _final(tmp_path / "torch" / "ordered")
     assert recs_t[-1]["val_loss"] == pytest.approx(recs_s[-1]["val_loss"], abs=1e-6)
     assert recs_t[-1]["bytes_sent"] == recs_s[-1]["bytes_sent"]
+    assert recs_t[-1]["samples"] == recs_s[-1]["samples"]
 
 
 def test_torch_only_settings_are_refused_in_the_simulator(tmp_path):

@@ -203,6 +203,7 @@ class TrainingLoop:
             st.step = step
             if step == spec.steps:
                 self.strategy.finish(self.workers)
+                st.worker_steps = self.strategy.worker_steps() or st.worker_steps
             self.bar.update(1)
             if is_log or stop_now:
                 stop_now = self._at_log(step, lr_used, is_log, is_eval, is_ckpt, stop_now, stop)

@@ -44,7 +44,8 @@ updates between a round's start and its arrival, since the last record).
 ``--backend torch`` (:mod:`.async_server`): real asynchrony. Rank 0 runs the server in a thread next to its
 own worker; every rank pushes by point-to-point messages and waits only for the server's answer. Each
 process logs its own worker's losses and clock (the lead's are rank 0's); bytes and simulated time are
-combined over the ranks when the run ends, after every rank's last push, and the last record's
+combined over the ranks when the run ends, after every rank's last push (so are the steps behind ``samples``;
+earlier records count rank 0's steps × the number of workers), and the last record's
 ``pushes`` (every rank's) equals ``server_updates`` when no update was lost. With ``--step-time`` each
 process follows the same event clock as the simulator and sleeps so that each of its steps takes its
 step time (emulated heterogeneous hardware); without it every process steps as fast as it can, each for
@@ -306,6 +307,9 @@ class AsyncDiLoCo(GlobalModelMixin, Strategy):
         self.group.comm_time += 2 * seconds
         self.group.advance(i, 2 * seconds)
 
+    def worker_steps(self) -> int | None:
+        return getattr(self, "_all_steps", None)
+
     def _emulate(self, seconds: float) -> None:
         """torch with --step-time: make this step last ``seconds`` of real time (emulated slower hardware)."""
         left = seconds - (time.perf_counter() - self._t_last)
@@ -320,12 +324,12 @@ class AsyncDiLoCo(GlobalModelMixin, Strategy):
         import torch.distributed as dist
 
         self.server.close()
-        totals = torch.tensor([self.group.bytes_sent, float(self.pushes)], dtype=torch.float64)
+        totals = torch.tensor([self.group.bytes_sent, float(self.pushes), float(sum(self.k))], dtype=torch.float64)
         clock = torch.tensor([self.group.clocks[0]], dtype=torch.float64)
         dist.all_reduce(totals, group=self.server.up)
         dist.all_reduce(clock, op=dist.ReduceOp.MAX, group=self.server.up)
         self.group.bytes_sent = float(totals[0]) / self.group.world
-        self.total_pushes = int(totals[1])
+        self.total_pushes, self._all_steps = int(totals[1]), int(totals[2])
         self.group.clocks[0] = float(clock[0])
 
     # ---- reporting and checkpoints --------------------------------------------------------------------

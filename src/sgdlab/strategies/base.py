@@ -185,6 +185,12 @@ class Strategy:
         """After the run's last step, before its last record: end any communication still under way (an
         asynchronous server waits here for every worker's last push)."""
 
+    def worker_steps(self) -> int | None:
+        """Steps taken, summed over every worker of every process, where the runner cannot count them (an
+        asynchronous torch run, whose processes step on their own clocks; known after :meth:`finish`); None:
+        the runner's count (its local count × processes) is right."""
+        return None
+
     @property
     def buffer_rule(self) -> str:
         """The ``buffers`` option (``local`` for a strategy without one)."""
