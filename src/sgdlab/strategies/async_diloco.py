@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -80,16 +80,21 @@ ORDERS = ("arrival", "rank")
 @dataclass
 class AsyncDiLoCoOptions:
     sync_every: int = 50       # H: local steps of a round of the fastest worker
-    server: str = "dn"         # dn (Delayed Nesterov) | nesterov (naive: a Nesterov step on every arrival)
+    server: str = field(default="dn", metadata={
+        "help": "async-diloco's server rule: dn (Delayed Nesterov) or nesterov (a Nesterov step per arrival)"})
     outer_lr: float = 0.7      # ε
-    momentum: float = 0.9      # β
-    buffer: int = 0            # N: arrivals per momentum update (dn); 0: the number of workers
-    c: float = 0.0             # momentum activation between milestones (dn); 0 <= c <= 1/N
-    dylu: bool = True          # Dynamic Local Updates: rounds sized by each worker's speed
-    grace: float = 0.0         # seconds the server waits for more pushes before answering a batch
-    slow_prob: float = 0.0     # probability that a local step straggles
-    slow_factor: float = 1.0   # how many times longer a straggling step takes
-    order: str = "arrival"     # torch: arrival (as pushes come) | rank (one round of every worker, rank order)
+    momentum: float = field(default=0.9, metadata={"help": "async-diloco's outer momentum β"})
+    buffer: int = field(default=0, metadata={
+        "help": "async-diloco dn: arrivals N per momentum update (0: the number of workers)"})
+    c: float = field(default=0.0, metadata={"help": "async-diloco dn: momentum activation, 0 <= c <= 1/N"})
+    dylu: bool = field(default=True, metadata={
+        "help": "async-diloco: Dynamic Local Updates, rounds of floor(H * v / v_max) steps"})
+    grace: float = field(default=0.0, metadata={
+        "help": "async-diloco: seconds the server waits for more pushes before answering a batch (sim only)"})
+    slow_prob: float = field(default=0.0, metadata={"help": "probability that a local step straggles"})
+    slow_factor: float = field(default=1.0, metadata={"help": "how many times longer a straggling step takes"})
+    order: str = field(default="arrival", metadata={
+        "help": "async-diloco on torch: arrival, or rank (one round of every worker in rank order)"})
 
     def validate(self) -> None:
         check_range("sync_every", self.sync_every, low=1, integer=True)
