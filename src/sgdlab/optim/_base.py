@@ -17,7 +17,9 @@ hands each parameter group to :meth:`Optimizer._step_group`. Hyperparameters are
   ``_coefficients(group, t)`` (the per-step scalars it takes) and ``_constants(group)``.
 
 Dispatch, one policy for every optimizer and parameter group: the compiled kernel where
-:func:`~sgdlab.optim._compiled.compiled_mode` picks it (hyperparameter ``compiled``); otherwise ``_update``
+:func:`~sgdlab.optim._compiled.compiled_mode` picks it (hyperparameter ``compiled``; with ``compiled=None``
+and a run-length hint, :meth:`Optimizer.expect_steps`, :func:`~sgdlab.optim._compiled.planned_mode`
+decides instead); otherwise ``_update``
 on :func:`buckets` of tensors, all of a device and dtype at once (the multi-tensor path, ``torch._foreach_*``
 ops) where :func:`use_foreach` says so, else one parameter at a time (the per-parameter path, plain tensor
 ops). On the CPU ``torch._foreach_*`` ops run the per-tensor ops one tensor after the other, so the two
@@ -37,12 +39,12 @@ import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
 from ..errors import ConfigError, check_range
-from ._compiled import Kernel, check_compiled, compiled_mode
+from ._compiled import Kernel, check_compiled, check_steps, compiled_mode, planned_mode
 from ._ops import FOREACH, SINGLE
 
 __all__ = ["AdamFamily", "ElementwiseOptimizer", "Optimizer", "SparseGradientError", "adam_denominator", "buckets",
            "check_adam", "check_betas",
-           "check_flag", "defaults_from", "use_foreach"]
+           "check_flag", "defaults_from", "expect_steps", "use_foreach"]
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -121,6 +123,21 @@ def check_adam(group: dict[str, Any]) -> None:
     check_range("weight_decay", group["weight_decay"], low=0.0)
 
 
+def expect_steps(opt: torch.optim.Optimizer, steps: int | None) -> torch.optim.Optimizer:
+    """:meth:`Optimizer.expect_steps` for any optimizer: sets the hint on ``opt`` and, through wrappers
+    (``base_optimizer``: Lookahead, SAM, SWA, ...), on every sgdlab optimizer inside; others (torch.optim's)
+    have no use for it. ``steps`` is checked either way. Returns ``opt``."""
+    steps = check_steps(steps)
+    inner: Any = opt
+    for _ in range(16):  # wrappers of wrappers, without looping on a cycle
+        if isinstance(inner, Optimizer):
+            inner.expect_steps(steps)
+        inner = getattr(inner, "base_optimizer", None)
+        if inner is None:
+            break
+    return opt
+
+
 class Optimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` whose ``step`` calls :meth:`_step_group` for each group's parameters with a
     gradient, and whose hyperparameters are checked by :meth:`_validate` (added groups included)."""
@@ -139,6 +156,18 @@ class Optimizer(torch.optim.Optimizer):
             check_compiled(group["compiled"])
         if "maximize" in group:
             check_flag("maximize", group["maximize"])
+
+    #: the run-length hint (:meth:`expect_steps`): about how many steps this optimizer will take; None: unknown
+    expected_steps: int | None = None
+
+    def expect_steps(self, steps: int | None) -> Optimizer:
+        """Tell the optimizer about how many ``step()`` calls it will make from now on (None: unknown), so that
+        ``compiled=None`` compiles only where the run repays the compile time (:mod:`sgdlab.optim._compiled`,
+        "the run-length hint"). Speed only: the paths compute the same update (to rounding, see there).
+        Returns the optimizer. sgdlab's runner calls it with ``--steps`` right after creating the optimizer."""
+        self.expected_steps = check_steps(steps)
+        self.__dict__.pop("_plans", None)  # decide again with the new hint
+        return self
 
     #: the key of the optimizer's own entry in ``state_dict()``, for state outside ``state`` and
     #: ``param_groups`` (generator states, global counters): :meth:`_extra_state` writes it and
@@ -223,7 +252,8 @@ class ElementwiseOptimizer(Optimizer):
     * ``foreach``: True: the multi-tensor path, False: one parameter at a time; None: :func:`use_foreach`
       (the multi-tensor path when all parameters share one device type, for AdamP/SGDP on CUDA only).
     * ``compiled``: the ``torch.compile``d kernel (one fused loop per tensor); None picks it for groups of at
-      least 4M elements (:mod:`sgdlab.optim._compiled`), else ``foreach`` decides.
+      least 4M elements, or, given the run's length (:meth:`Optimizer.expect_steps`), where the run repays the
+      compile time (:mod:`sgdlab.optim._compiled`), else ``foreach`` decides.
     * ``maximize``: ascend the objective (the gradient is negated; ``p.grad`` is left as it is).
     """
 
@@ -250,11 +280,34 @@ class ElementwiseOptimizer(Optimizer):
             return None
         return compiled_mode(group["compiled"], [*params, *grads, *chain.from_iterable(columns)])
 
+    def _planned(self, group: dict[str, Any], params: list[torch.Tensor], default: str | None) -> str | None:
+        """``compiled=None``'s mode with the run-length hint (:func:`~sgdlab.optim._compiled.planned_mode`),
+        decided once per group and set of parameters with a gradient; the eager path (``foreach`` decides) once
+        the kernel failed to compile."""
+        if self.kernel.error is not None:
+            return None
+        plans = self.__dict__.setdefault("_plans", {})
+        key = (id(group), len(params))
+        mode = plans.get(key, False)
+        if mode is False:
+            devices = {p.device for p in params}
+            mode = plans[key] = planned_mode(default, self.expected_steps, len(params),
+                                             sum(p.numel() for p in params), params[0].device.type,
+                                             len(devices) == 1)
+        return mode
+
+    def planned_modes(self) -> set[str | None]:
+        """The modes the run-length hint picked so far (one per group and set of parameters; empty without
+        a hint or before the first step)."""
+        return set(self.__dict__.get("_plans", {}).values())
+
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         states = [self.state.get(p) or self._state(p) for p in params]  # a known state without a call
         columns = [[st[name] for st in states] for name in self.state_names]
         grads = [p.grad for p in params]
         mode = self._mode(group, params, grads, columns)
+        if self.expected_steps is not None and self.kernel is not None and group.get("compiled") is None:
+            mode = self._planned(group, params, mode)
         if group.get("maximize"):
             grads = torch._foreach_neg(grads)
         if mode:
