@@ -24,7 +24,7 @@ from ..errors import ConfigError
 from ..registry import Registry
 
 __all__ = ["create", "registry", "hyperparameters", "check", "check_hyperparameters", "HyperparameterTypeError",
-           "state_bytes", "SparseGradientError",
+           "state_bytes", "SparseGradientError", "expect_steps",
            "param_groups", "AdamP", "SGDP", "AdEMAMix", "AuON", "HybridAuON",
            "DiffGrad", "FRUGAL", "Grams", "LaProp", "Lookahead", "MARS", "Muon", "SGDSaI", "SophiaG", "SophiaH", "SWAN"]
 
@@ -36,7 +36,7 @@ registry.register("adam", torch.optim.Adam, "torch.optim.Adam (Kingma & Ba, 2015
 registry.register("adamw", torch.optim.AdamW, "torch.optim.AdamW: Adam with decoupled weight decay "
                   "(Loshchilov & Hutter, 2019)", default_lr=1e-3)
 
-from ._base import SparseGradientError  # noqa: E402
+from ._base import SparseGradientError, expect_steps  # noqa: E402  (expect_steps: the run's length hint)
 from ._matrix import param_groups  # noqa: E402  (groups for Muon/SWAN/AuON/FRUGAL from a model)
 from .adamp import SGDP, AdamP  # noqa: E402
 from .ademamix import AdEMAMix  # noqa: E402

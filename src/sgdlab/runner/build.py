@@ -149,7 +149,7 @@ def _replica(spec: RunSpec, task: tasks.Task, rank: int, lr: float, shard: torch
         io = {id(p) for p in io_parameters(model)}
         params = [{"params": [p for p in params if id(p) not in io]},
                   {"params": [p for p in params if id(p) in io], "use_adamw": True}]
-    opt = optim._base.expect_steps(optim.create(spec.optimizer, params, lr=lr, **spec.optimizer_kwargs()), spec.steps)
+    opt = optim.expect_steps(optim.create(spec.optimizer, params, lr=lr, **spec.optimizer_kwargs()), spec.steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, spec))
     sampler = None if shard is None else tasks.EpochSampler(shard, spec.batch_size, spec.seed + 7919 * rank)
     return Replica(Worker(rank, model, opt), sched, sampler, protocol.needs(opt))
