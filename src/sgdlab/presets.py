@@ -308,6 +308,10 @@ def _async_runs(sync_steps: int) -> list[Config]:
                strategy_args={**dn, "slow_prob": 0.1, "slow_factor": 4.0}, **evt),
         # DN takes 4x more outer steps per second than sync diloco here: the same with half the outer lr
         Config(name="async-dn-dylu-lr0.35", strategy="async-diloco", strategy_args={**dn, "outer_lr": 0.35}, **evt),
+        # DyLU's floor makes the slowest workers push 0.1 s before the others: a 0.2 s grace joins them to the batch
+        Config(name="async-dn-dylu-grace0.2", strategy="async-diloco", strategy_args={**dn, "grace": 0.2}, **evt),
+        Config(name="async-dn-dylu-slow-grace0.2", strategy="async-diloco",
+               strategy_args={**dn, "grace": 0.2, "slow_prob": 0.1, "slow_factor": 4.0}, **evt),
     ]
     if "edit" in strategies.registry.names():  # A-EDiT: syncs every 2.5 s (the fastest worker's 50 steps)
         out.append(Config(name="a-edit", strategy="edit", strategy_args={"sync_time": 2.5, "outer_lr": 0.7}, **evt))
@@ -316,8 +320,9 @@ def _async_runs(sync_steps: int) -> list[Config]:
 
 @registry.add("async", "charlm, 8 workers of speeds 1,1,1,1,2,2,4,4 at 0.05 s per step, 50 s of simulated time "
               "(250 synchronous steps, 1000 event-clock steps): ddp, sync diloco (H=50), async-diloco with Delayed "
-              "Nesterov + DyLU (outer lr 0.7 and 0.35; and with random slowdowns), naive async Nesterov, gossip ring + one merge, A-EDiT "
-              "when `edit` is registered; time to a target loss (BENCHMARKS.md; ~35 minutes on 2 CPU cores)")
+              "Nesterov + DyLU (outer lr 0.7 and 0.35, a 0.2 s grace period; random slowdowns with and without "
+              "the grace), naive async Nesterov, gossip ring + one merge, A-EDiT when `edit` is registered; time "
+              "to a target loss (BENCHMARKS.md; ~60 minutes on 2 free CPU cores)")
 def async_() -> list[Config]:
     return _async_runs(250)
 
@@ -381,8 +386,8 @@ def _local4(steps: int = 600) -> dict:
 
 
 @registry.add("desloc-bytes", "charlm, 4 workers, 600 steps, same tokens: DES-LOC (K_x = H, K_u = 3H, K_v = 6H) vs "
-              "Local Adam (desloc with K_x = K_u = K_v = H) vs DiLoCo and Local SGD at H = 16, DES-LOC and Local Adam "
-              "at H = 64, and ddp; loss vs bytes (BENCHMARKS.md; ~25 minutes on 2 CPU cores)")
+              "Local Adam (desloc with K_x = K_u = K_v = H) vs DiLoCo at H = 16, DES-LOC and Local Adam at H = 64, "
+              "and ddp; loss vs bytes (BENCHMARKS.md; ~20 minutes on 2 free CPU cores)")
 def desloc_bytes() -> list[Config]:
     base = _local4()
     out = [Config(name="ddp", strategy="ddp", **base)]
@@ -390,8 +395,7 @@ def desloc_bytes() -> list[Config]:
         out += [Config(name=f"desloc-h{h}", strategy="desloc", strategy_args={"sync_every": h}, **base),
                 Config(name=f"local-adam-h{h}", strategy="desloc",
                        strategy_args={"sync_every": h, "sync_u": h, "sync_v": h}, **base)]
-    out += [Config(name="diloco-h16", strategy="diloco", strategy_args={"sync_every": 16, "outer_lr": 0.7}, **base),
-            Config(name="localsgd-h16", strategy="localsgd", strategy_args={"sync_every": 16}, **base)]
+    out.append(Config(name="diloco-h16", strategy="diloco", strategy_args={"sync_every": 16, "outer_lr": 0.7}, **base))
     return out
 
 
@@ -400,9 +404,9 @@ def desloc_bytes() -> list[Config]:
               "of rounds (10, 24) and fixed H_base (BENCHMARKS.md; ~15 minutes on 2 CPU cores)")
 def qsr() -> list[Config]:
     base = _local4()
-    out = [Config(name=f"localsgd-h{h}", strategy="localsgd", strategy_args={"sync_every": h}, **base)
-           for h in (5, 10, 24)]
-    out += [Config(name=f"qsr-h{h}-a{a:g}", strategy="localsgd",
-                   strategy_args={"sync_every": h, "sync_rule": f"qsr,alpha={a:g}"}, **base)
-            for h, a in ((5, 0.006), (10, 0.01))]
-    return out
+    fixed = {h: Config(name=f"localsgd-h{h}", strategy="localsgd", strategy_args={"sync_every": h}, **base)
+             for h in (5, 10, 24)}
+    rule = {(h, a): Config(name=f"qsr-h{h}-a{a:g}", strategy="localsgd",
+                           strategy_args={"sync_every": h, "sync_rule": f"qsr,alpha={a:g}"}, **base)
+            for h, a in ((5, 0.006), (10, 0.01))}
+    return [rule[5, 0.006], fixed[10], fixed[5], rule[10, 0.01], fixed[24]]
