@@ -163,7 +163,7 @@ def _reference_pushes(speeds, step_time, h, steps, up, down, slowed=None):
 def _strategy_history(tmp_path, **extra):
     kw = dict(BASE, workers=3, worker_speeds=[1.0, 1.5, 3.0], steps=40, eval_every=0, log_every=10,
               network="bandwidth=1e8,latency=0.002", strategy="async-diloco", out=str(tmp_path / "h"))
-    kw["strategy_args"] = {"sync_every": 4, **extra}
+    kw["strategy_args"] = {"sync_every": 4, "grace": 0, **extra}
     cfg = Config(**kw)
     run(cfg)
     ck, recs = _final(cfg.out)
@@ -207,6 +207,21 @@ def test_a_grace_period_answers_a_batch_together(tmp_path):
     assert first == [0, 1, 2]
 
 
+def test_the_default_grace_is_dylus_rounding_gap(tmp_path):
+    """Speeds 1, 1.5, 3 and H = 4: rounds of 4, 2, 1 steps take 0.04, 0.03, 0.03 s; the default grace is
+    the 0.01 s gap, so every worker's first round is answered in one batch."""
+    kw = dict(BASE, workers=3, worker_speeds=[1.0, 1.5, 3.0], steps=12, eval_every=0, network=FAST_NET,
+              strategy="async-diloco", strategy_args={"sync_every": 4}, out=str(tmp_path / "g"))
+    run(Config(**kw))
+    ck, recs = _final(tmp_path / "g")
+    assert recs[0]["async"]["grace"] == pytest.approx(0.01)
+    assert sorted(r for _, r in ck["strategy"]["history"][:3]) == [0, 1, 2]
+    assert ck["strategy"]["t"] == 9  # three batches of three pushes: the rounds end together
+    no_dylu = dict(kw, strategy_args={"sync_every": 4, "dylu": False}, out=str(tmp_path / "n"))
+    run(Config(**no_dylu))
+    assert _final(tmp_path / "n")[1][0]["async"]["grace"] == 0.0
+
+
 def test_resume_is_bit_identical_with_stragglers_and_grace(tmp_path):
     kw = dict(BASE, workers=3, worker_speeds=[1.0, 1.3, 2.6], steps=30, eval_every=10,
               network="bandwidth=1e7,latency=0.001", strategy="async-diloco",
@@ -239,6 +254,7 @@ def test_naive_async_diloco_runs_and_logs_staleness(tmp_path):
     (dict(strategy_args={"sync_every": 0}), r"sync_every=0 is out of range"),
     (dict(strategy_args={"slow_factor": 0.5}), r"slow_factor=0.5 is out of range"),
     (dict(strategy_args={"grace": -1}), r"grace=-1(.0)? is out of range; allowed: 0 <= grace"),
+    (dict(strategy_args={"grace": "soon"}), r"grace='soon'; allowed: auto or a number of seconds >= 0"),
     (dict(step_time=None), r"needs a fixed step time: pass --step-time"),
     (dict(compress="topk,ratio=0.1"), r"compress, aggregate and byzantine are not supported"),
 ])

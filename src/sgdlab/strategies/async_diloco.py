@@ -27,9 +27,14 @@ Dynamic Local Updates (``dylu``, default on): worker w's rounds are ``⌊H · v_
 least 1), with v its nominal speed (1 / step time), so the fastest worker takes H = ``sync_every`` steps
 and all finish their rounds at about the same time. Off: every round is H steps.
 
-Grace period (``grace`` seconds, default 0): once the first push of a batch reaches the server at τ,
-pushes arriving until τ + grace join the batch, and every worker of the batch receives the parameters
-after all of them (the paper's Algorithm 5); with grace 0 only pushes arriving at the same instant do.
+Grace period (``grace`` seconds): once the first push of a batch reaches the server at τ, pushes arriving
+until τ + grace join the batch, and every worker of the batch receives the parameters after all of them
+(the paper's Algorithm 5); with grace 0 only pushes arriving at the same instant do. Default ``auto``: with
+DyLU, the largest amount by which the floor makes a worker's nominal round shorter than the longest round
+(0 at equal speeds), so rounds that DyLU meant to end together are answered together; without DyLU, 0.
+Measured (BENCHMARKS.md, ``async`` preset): with grace 0 the four slow workers of speeds 2, 2, 4, 4 arrive
+0.1 s before the others every round, are answered without the window's momentum step and start each round
+one window behind (final loss 2.32 against 1.98 with a 0.2 s grace).
 
 Simulated time (:mod:`.clock`): each worker's clock advances by its step times (``--step-time`` ×
 ``--worker-speeds``, with ``slow_prob``/``slow_factor`` random slowdowns); a push and the answer are each
@@ -89,8 +94,9 @@ class AsyncDiLoCoOptions:
     c: float = field(default=0.0, metadata={"help": "async-diloco dn: momentum activation, 0 <= c <= 1/N"})
     dylu: bool = field(default=True, metadata={
         "help": "async-diloco: Dynamic Local Updates, rounds of floor(H * v / v_max) steps"})
-    grace: float = field(default=0.0, metadata={
-        "help": "async-diloco: seconds the server waits for more pushes before answering a batch (sim only)"})
+    grace: float | str = field(default="auto", metadata={
+        "help": "async-diloco: seconds the server waits for more pushes before answering a batch, or auto "
+                "(DyLU's rounding gap; sim only)"})
     slow_prob: float = field(default=0.0, metadata={"help": "probability that a local step straggles"})
     slow_factor: float = field(default=1.0, metadata={"help": "how many times longer a straggling step takes"})
     order: str = field(default="arrival", metadata={
@@ -104,7 +110,10 @@ class AsyncDiLoCoOptions:
         check_range("momentum", self.momentum, low=0, high=1, high_open=True)
         check_range("buffer", self.buffer, low=0, integer=True)
         check_range("c", self.c, low=0)
-        check_range("grace", self.grace, low=0)
+        if self.grace != "auto":
+            if isinstance(self.grace, str):
+                raise ConfigError(f"grace={self.grace!r}; allowed: auto or a number of seconds >= 0")
+            check_range("grace", self.grace, low=0)
         if self.grace == float("inf") or self.outer_lr == float("inf"):
             raise ConfigError(f"grace={self.grace!r}, outer_lr={self.outer_lr!r}; allowed: finite numbers")
         check_slowdown(self.slow_prob, self.slow_factor)
@@ -175,7 +184,7 @@ class AsyncDiLoCo(GlobalModelMixin, Strategy):
     def setup(self, workers: list[Worker]) -> None:
         o, n = self.options, self.group.world
         self.torch = len(workers) != n  # one worker per process
-        if self.torch and o.grace > 0:
+        if self.torch and o.grace != "auto" and o.grace > 0:
             raise ConfigError(f"grace={o.grace!r}: a grace period is simulated only; on --backend torch the server "
                               "answers each push at once (allowed there: grace=0)")
         if not self.torch and o.order != "arrival":
@@ -186,6 +195,10 @@ class AsyncDiLoCo(GlobalModelMixin, Strategy):
         self.init_global(workers)
         self.n_buffer = o.buffer or n
         self.rounds = dylu_steps(o.sync_every, self.step_seconds or [1.0] * n, o.dylu)
+        self.grace = float(o.grace) if o.grace != "auto" else 0.0
+        if o.grace == "auto" and o.dylu and not self.torch and self.clock is not None:
+            lengths = [r * t for r, t in zip(self.rounds, self.clock.seconds, strict=True)]
+            self.grace = max(lengths) - min(lengths)
         self.m = [torch.zeros_like(g) for g in self.global_params]
         self.buf = [torch.zeros_like(g) for g in self.global_params] if o.server == "dn" else []
         self.start = [[g.clone() for g in self.global_params] for _ in workers]  # θ each round began from
@@ -241,12 +254,12 @@ class AsyncDiLoCo(GlobalModelMixin, Strategy):
         up = self.group.network.send(self.nbytes)[1]
         for i in sorted(pushes, key=lambda r: (self.group.clocks[r], r)):
             arrival = self.group.clocks[i] + up
-            if self.batch is not None and arrival > self.batch["close"]:
+            if self.batch is not None and arrival > self.batch["close"] * (1 + 1e-9):  # (clocks: float sums)
                 self._answer(workers)
             self._apply(workers[i], i)
             self.history.append((arrival, i))
             if self.batch is None:
-                self.batch = {"close": arrival + self.options.grace, "members": []}
+                self.batch = {"close": arrival + self.grace, "members": []}
             self.batch["members"].append(i)
         if self.batch is not None and self.batch["close"] <= self.clock.slice_end(step) * (1 + 1e-9):
             self._answer(workers)
@@ -354,6 +367,7 @@ class AsyncDiLoCo(GlobalModelMixin, Strategy):
 
     def log_info(self) -> dict[str, Any]:
         return {"async": {"server": self.options.server, "buffer": self.n_buffer, "round_steps": self.rounds,
+                          "grace": self.grace,
                           **(self.clock.info() if self.clock is not None else {})}}
 
     def state_dict(self) -> dict[str, Any]:
