@@ -295,7 +295,7 @@ def _async_runs(sync_steps: int) -> list[Config]:
     sync = dict(base, steps=sync_steps, warmup_steps=20, eval_every=sync_steps // 25)
     evt = dict(base, steps=slow * sync_steps, warmup_steps=slow * 20, eval_every=slow * (sync_steps // 25),
                log_every=slow * 10)
-    dn = {"sync_every": 50, "server": "dn", "outer_lr": 0.7, "dylu": True}
+    dn = {"sync_every": 50, "server": "dn", "outer_lr": 0.7, "dylu": True, "grace": 0.0}  # as measured first
     out = [
         Config(name="ddp", strategy="ddp", **sync),
         Config(name="diloco-h50", strategy="diloco", strategy_args={"sync_every": 50, "outer_lr": 0.7}, **sync),
@@ -310,6 +310,8 @@ def _async_runs(sync_steps: int) -> list[Config]:
         Config(name="async-dn-dylu-lr0.35", strategy="async-diloco", strategy_args={**dn, "outer_lr": 0.35}, **evt),
         # DyLU's floor makes the slowest workers push 0.1 s before the others: a 0.2 s grace joins them to the batch
         Config(name="async-dn-dylu-grace0.2", strategy="async-diloco", strategy_args={**dn, "grace": 0.2}, **evt),
+        # the default grace (auto: DyLU's rounding gap, 0.1 s here)
+        Config(name="async-dn-dylu-auto", strategy="async-diloco", strategy_args={**dn, "grace": "auto"}, **evt),
         Config(name="async-dn-dylu-slow-grace0.2", strategy="async-diloco",
                strategy_args={**dn, "grace": 0.2, "slow_prob": 0.1, "slow_factor": 4.0}, **evt),
     ]
