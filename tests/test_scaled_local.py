@@ -18,6 +18,8 @@ from sgdlab.errors import ConfigError
 from sgdlab.metrics import read_metrics
 from sgdlab.strategies import Worker
 
+from .test_desloc import _loss, _model  # the same float64 linear model and squared loss
+
 HERE = Path(__file__).parent
 DT = torch.float64
 W = 3
@@ -34,14 +36,10 @@ def _batch(rank: int, step: int):
     return x, x @ TRUE + 0.5 * rank  # badly scaled features, non-iid (a shift per worker)
 
 
-def _model():
-    torch.manual_seed(0)
-    return torch.nn.Linear(5, 1).to(DT)
-
-
-def _loss(model, batch):
-    x, y = batch
-    return (model(x) - y).square().mean()
+def _average(x):
+    """Every worker's copy of the mean over workers of their tensor lists ``x``."""
+    mean = [sum(x[r][i] for r in range(len(x))) / len(x) for i in range(len(x[0]))]
+    return [[m.clone() for m in mean] for _ in range(len(x))]
 
 
 def _train(opts, steps, world=W, optimizer=None, precision=None, spy=None):
@@ -143,8 +141,7 @@ def test_local_rounds_match_the_reference():
             d = pc.refresh([sum(g[i] for g in gs) / W for i in range(len(gs[0]))])
         x = [[xi - LR * gi / di for xi, gi, di in zip(x[r], gs[r], d, strict=True)] for r in range(W)]
         if t % h == 0:
-            mean = [sum(x[r][i] for r in range(W)) / W for i in range(len(x[0]))]
-            x = [[m.clone() for m in mean] for _ in range(W)]
+            x = _average(x)
     for r, w in enumerate(workers):
         for a, b in zip(w.params, x[r], strict=True):
             torch.testing.assert_close(a.detach(), b, **TOL)
@@ -166,8 +163,7 @@ def test_per_worker_ablation_is_local_preconditioning_between_averages():
             d = pcs[r].refresh(g)
             x[r] = [xi - LR * gi / di for xi, gi, di in zip(x[r], g, d, strict=True)]
         if t % h == 0:
-            mean = [sum(x[r][i] for r in range(W)) / W for i in range(len(x[0]))]
-            x = [[m.clone() for m in mean] for _ in range(W)]
+            x = _average(x)
     for r, w in enumerate(workers):
         for a, b in zip(w.params, x[r], strict=True):
             torch.testing.assert_close(a.detach(), b, **TOL)
