@@ -47,26 +47,28 @@ def test_a_diverged_run_is_tried_but_never_best():
     assert sweep_table([runs[2], runs[3]]) is None  # nothing finished: no best to show
 
 
-def _drun(name, loss, nbytes, strategy="ddp", compress=None, status="completed"):
-    r = _run(name, "adamw", 1e-3, loss, status=status, strategy=strategy, workers=4, compress=compress,
+def _drun(name, loss, nbytes, strategy="ddp", compress=None, status="completed", lr=1e-3):
+    r = _run(name, "adamw", lr, loss, status=status, strategy=strategy, workers=4, compress=compress,
              strategy_args={"precision": "fp32", "buffers": "average"})  # as config.json writes them
     r["summary"].update(bytes_sent_per_worker=nbytes, sim_time_s=1.0)
     return r
 
 
-def test_pareto_front_and_frontier_table(tmp_path):
-    from sgdlab.report import frontier_plot, frontier_table, pareto_front
+def test_frontier_table_and_plot_in_the_report(tmp_path):
+    from sgdlab import frontier
 
     runs = [_drun("ddp", 2.00, 1e9), _drun("topk", 2.01, 1e7, compress="topk,ratio=0.01"),
             _drun("bad", 2.50, 5e7, compress="int4"), _drun("tiny", 2.30, 1e5, strategy="diloco"),
-            _drun("worse-same-bytes", 2.40, 1e5, strategy="diloco"), _drun("nan", 1.0, 1.0, status="diverged")]
-    assert [r["config"]["name"] for r in pareto_front(runs)] == ["tiny", "topk", "ddp"]
-    md = frontier_table(runs)
+            _drun("worse-same-bytes", 2.40, 1e5, strategy="diloco", lr=2e-3),
+            _drun("nan", 1.0, 1.0, status="diverged")]
+    assert [p.label for p in frontier.points(runs) if p.front2] == ["tiny", "topk", "ddp"]
+    md = frontier.table(runs)
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in md.splitlines()
-            if line.startswith("| ") and not line.startswith("| run")}
-    assert rows["topk"][2] == "+0.50" and rows["topk"][4] == "100" and rows["topk"][6] == "yes"
-    assert rows["bad"][6] == "" and rows["ddp"][4] == "1" and "nan" not in rows
-    assert "topk with 100× fewer bytes" in md  # the largest reduction within 1% of ddp's loss
-    assert frontier_plot(runs, tmp_path / "f.png").stat().st_size > 0
+            if line.startswith("| ") and not line.startswith("| configuration")}
+    assert rows["topk"][2] == "+0.50" and rows["topk"][4] == "100" and rows["topk"][8] == "yes"
+    assert rows["bad"][8] == "" and rows["ddp"][4] == "1" and "nan" not in rows
+    assert "at most 1% above ddp's final validation loss: topk reaches 1.005× ddp's loss" in md
+    assert "with 100× fewer bytes per worker" in md
+    assert frontier.plot(runs, tmp_path / "f.png").stat().st_size > 0
     # no uncompressed ddp run to compare with: nothing to report
-    assert frontier_table(runs[1:]) is None and frontier_plot(runs[1:], tmp_path / "g.png") is None
+    assert frontier.table(runs[1:]) is None and frontier.plot(runs[1:], tmp_path / "g.png") is None

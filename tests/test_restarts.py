@@ -69,11 +69,11 @@ def test_a_killed_worker_is_restarted_by_torchrun_and_the_run_ends_as_if_uninter
     """torchrun --max-restarts 1 restarts both workers after rank 1 is killed; with --resume auto they go on
     from the newest checkpoint both ranks have, and the run ends bit-identical to one that was never
     interrupted: the steps after that checkpoint are recomputed from the same state, so nothing is lost."""
-    steps = 1000
+    steps = 400
 
     def torchrun(out: Path) -> subprocess.Popen:
         args = ["-m", "sgdlab", "run", "--backend", "torch", "--workers", "2", "--strategy", "diloco",
-                "--sync-every", "20", "--task", "digits", "--steps", str(steps), "--eval-every", "250",
+                "--sync-every", "20", "--task", "digits", "--steps", str(steps), "--eval-every", "200",
                 "--checkpoint-every", "50", "--log-every", "10", "--step-time", "0.01", "--timeout", "20",
                 "--device", "cpu", "--no-progress", "--tensorboard", "--out", str(out), "--resume", "auto"]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",

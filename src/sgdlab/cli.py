@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import fnmatch
 import importlib
 import os
 import sys
@@ -161,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         "loss, time and optimizer memory, written to a run directory and plotted.",
         epilog="Examples:\n  sgdlab run --task digits --optimizer sgd --lr 0.1 --set momentum=0.9\n"
                "  sgdlab compare --preset demo --out runs/demo\n  sgdlab report runs/demo/*\n"
+               "  sgdlab frontier --scale cpu --network cross-region --out runs/frontier\n"
                "  sgdlab list optimizers\n"
                "  sgdlab run --task digits --dp noise=1.0,clip=1.0   # DP-SGD\n"
                "  sgdlab dp-epsilon --noise 1.5 --sample-rate 0.04 --steps 2250 --delta 1e-5",
@@ -232,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     importlib.import_module(".bench.aggregate", __package__).add_arguments(bsub.add_parser(
         "aggregate", help="robust aggregator / pre-aggregator time per round at n workers, d values, vs mean"))
 
+    importlib.import_module(".frontier", __package__).add_arguments(sub.add_parser(
+        "frontier", help="loss-bytes-time Pareto front of ddp and local methods x H x precision (tuned outer lr)",
+        description="Train ddp (uncompressed and compressed) and a grid of local methods x sync period H x "
+                    "exchange precision x outer learning rate at one token budget, step time and simulated "
+                    "network, then report each configuration's final validation loss, bytes per worker and "
+                    "simulated time against ddp, the Pareto front, a takeaway line, and a loss-vs-bytes plot "
+                    "with a +-1%% band around ddp (--out/report-frontier.png). Resumable (--resume) and partial "
+                    "(--only) like compare."))
     _add_dp_commands(sub)
     asub = sub.add_parser("attack", help="gradient leakage: rebuild a batch from its shared update").add_subparsers(
         dest="attack", metavar="ATTACK")
@@ -323,7 +331,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from . import presets
     from .config import Config
     from .report import report
-    from .runner import Trainer
+    from .runset import is_lead, run_set
 
     if bool(args.preset) == bool(args.configs):
         raise SgdlabError("compare needs either --preset NAME or one or more config files (not both); "
@@ -336,42 +344,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         configs = [c if c.name else c.replace(name=p.stem) for c, p in zip(configs, args.configs, strict=True)]
         out = Path(args.out or "runs/compare")
     configs = [config_from_args(args, c) for c in configs]
-    names = [c.name or c.optimizer for c in configs]
-    if len(set(names)) != len(names):
-        raise SgdlabError(f"compare needs a distinct name for each run, got {names}; set name = \"...\"")
-    for c in configs:  # fail on any bad config before training anything
-        c.validate()
-    if out.exists() and not out.is_dir():
-        raise SgdlabError(f"--out {out} is a file, not a directory; choose a directory")
-    selected = set(names)
-    if args.only:
-        patterns = [pat.strip() for pat in args.only.split(",") if pat.strip()]
-        selected = {n for n in names if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)}
-        if not selected:
-            raise SgdlabError(f"--only {args.only!r} matches no run; the runs are: {', '.join(names)}")
-    dirs, diverged = [], []
-    for i, (c, name) in enumerate(zip(configs, names, strict=True)):
-        run_dir = out / name
-        if name not in selected:
-            if (run_dir / "config.json").is_file():  # an earlier run of this set: reported, not trained
-                dirs.append(run_dir)
-            continue
-        dirs.append(run_dir)
-        done = (run_dir / "summary.json").is_file() and _load_json(run_dir / "summary.json").get(
-            "status") == "completed"
-        if args.resume and done:
-            print(f"[{i + 1}/{len(configs)}] {name}: already completed, skipped", file=sys.stderr)
-            continue
-        print(f"[{i + 1}/{len(configs)}] {name}", file=sys.stderr)
-        resume = args.resume and (run_dir / "checkpoint.pt").is_file()
-        # --resume on a run that never checkpointed: nothing to continue, start it again
-        restart = args.resume and not resume
-        try:
-            Trainer(c.replace(out=str(run_dir)), progress=args.progress, handle_signals=True).run(
-                resume=resume, overwrite=args.overwrite or restart)
-        except DivergenceError as e:  # a result, not a reason to drop the remaining runs (a high lr in a sweep)
-            diverged.append(name)
-            print(f"[{i + 1}/{len(configs)}] {name} diverged: {e}; going on with the next run", file=sys.stderr)
+    dirs, diverged = run_set(configs, out, only=args.only, resume=args.resume, overwrite=args.overwrite,
+                             progress=args.progress)
+    if not is_lead():  # a torchrun worker other than rank 0: rank 0 reports
+        return 0
     md, png = report(dirs, out / "report.png")
     print(md)
     print(f"\nplot: {png}")
@@ -493,7 +469,8 @@ def _main(argv: list[str] | None) -> int:
         return 2
     commands = {"run": cmd_run, "compare": cmd_compare, "report": cmd_report, "list": cmd_list,
                 "bench": cmd_bench, "dp-epsilon": cmd_dp_epsilon, "dp-noise": cmd_dp_noise, "attack": cmd_attack,
-                "audit": lambda a: importlib.import_module(".privacy.audit", __package__).main(a)}
+                "audit": lambda a: importlib.import_module(".privacy.audit", __package__).main(a),
+                "frontier": lambda a: importlib.import_module(".frontier", __package__).main(a)}
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning

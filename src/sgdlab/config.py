@@ -118,7 +118,8 @@ class Config:
                                   "process, torch.distributed)")
     data_split: str = setting("iid", "how the data is sharded over workers: iid, contiguous or "
                                      "dirichlet:ALPHA (label skew)")
-    network: str | None = setting(None, "the simulated network, e.g. bandwidth=10G,latency=5ms",
+    network: str | None = setting(None, "the simulated network, e.g. bandwidth=10G,latency=5ms, or datacenter "
+                                  "(100G, 10us), cross-region (1G, 30ms) or wan (100M, 100ms)",
                                   none=_network_default())
     worker_speeds: list[float] | None = setting(None, "per-worker compute-time multipliers, e.g. 1,1,2,1",
                                                 none="all 1")

@@ -11,11 +11,12 @@ registry: Registry[Callable[[], list[Config]]] = Registry("preset")
 
 
 @registry.add("demo", "charlm, 4 simulated workers, same token budget: ddp, localsgd, diloco and "
-              "streaming-diloco (int4) on a 1 Gbit/s network (~3 minutes on 2 CPU cores)")
+              "streaming-diloco (int4) on the cross-region network (1 Gbit/s, 30 ms), one step time measured once "
+              "for every run; a takeaway line under the table (~4 minutes on 2 CPU cores)")
 def demo() -> list[Config]:
     base = dict(task="charlm", optimizer="adamw", lr=3e-3, steps=200, batch_size=8, workers=4, eval_every=40,
                 schedule="cosine", warmup_steps=20, grad_clip=1.0, optimizer_args={"weight_decay": 0.01},
-                network="bandwidth=1G,latency=1ms")
+                network="cross-region")
     return [
         Config(name="ddp", strategy="ddp", **base),
         Config(name="localsgd", strategy="localsgd", strategy_args={"sync_every": 40}, **base),
@@ -412,3 +413,37 @@ def qsr() -> list[Config]:
                            strategy_args={"sync_every": h, "sync_rule": f"qsr,alpha={a:g}"}, **base)
             for h, a in ((5, 0.006), (10, 0.01))}
     return [rule[5, 0.006], fixed[10], fixed[5], rule[10, 0.01], fixed[24]]
+
+
+# ---- the loss–bytes–time headline (issue 17, item 2) ----------------------------------------------------------
+
+def _headline(workers: int, steps: int, seed: int) -> dict:
+    """charlm at the ``strategies-4`` settings for ``steps`` steps (same tokens per worker step), on the
+    cross-region network (1 Gbit/s, 30 ms) with the stated 50 ms step time."""
+    return dict(_local4(steps), workers=workers, seed=seed, eval_every=steps // 12, network="cross-region")
+
+
+def _streaming(h: int, precision: str) -> dict:
+    return {"sync_every": h, "outer_lr": 0.7, "fragments": 2, "overlap": 1, "mix_alpha": 0.5, "precision": precision}
+
+
+@registry.add("headline", "charlm, 3000 steps at 4 workers (and 1500 at 8: the same tokens), cross-region "
+              "network: ddp against streaming-diloco int4 at H = 100 and 200 (753x and 1506x fewer bytes) and "
+              "diloco int4 at H = 200, two seeds for ddp and the 1506x run (BENCHMARKS.md; ~2.5 hours on one CPU core)")
+def headline() -> list[Config]:
+    out = []
+    for workers, steps, seeds in ((4, 3000, (0, 1)), (8, 1500, (0,))):
+        for seed in seeds:
+            base = _headline(workers, steps, seed)
+            tag = f"n{workers}-s{seed}"
+            out.append(Config(name=f"{tag}-ddp", strategy="ddp", **base))
+            hs = (200, 100) if seed == 0 and workers == 4 else (200,) if workers == 4 else (100,)
+            out += [Config(name=f"{tag}-streaming-h{h}-int4", strategy="streaming-diloco",
+                           strategy_args=_streaming(h, "int4"), **base) for h in hs]
+            if seed == 0 and workers == 4:
+                out.append(Config(name=f"{tag}-diloco-h200-int4", strategy="diloco",
+                                  strategy_args={"sync_every": 200, "outer_lr": 0.7}, compress="int4", **base))
+    # ddp and the two streaming runs of seed 0, then seed 1, then 8 workers, then the diloco comparison
+    order = ("n4-s0-ddp", "n4-s0-streaming-h200-int4", "n4-s0-streaming-h100-int4", "n4-s1-ddp",
+             "n4-s1-streaming-h200-int4", "n8-s0-ddp", "n8-s0-streaming-h100-int4", "n4-s0-diloco-h200-int4")
+    return sorted(out, key=lambda c: order.index(c.name))

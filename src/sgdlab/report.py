@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from . import frontier
 from .errors import ConfigError
 from .runner import load_run
 
@@ -225,10 +226,10 @@ def report(dirs: list[str | Path], plot_path: str | Path | None = None, make_plo
     if sweep_md:
         md += ("\n\nLearning-rate sweeps (runs that differ only in lr; best = lowest final validation loss):\n\n"
                + sweep_md)
-    front_md = frontier_table(runs)
+    front_md = frontier.table(runs)
     if front_md:
-        md += "\n\nLoss against bytes (relative to uncompressed ddp; Pareto: no run has both less loss and fewer " \
-              "bytes):\n\n" + front_md
+        md += ("\n\nLoss, bytes and simulated time against uncompressed ddp (seeds merged, outer learning rates "
+               "tuned; a front holds the configurations no other one beats on every column):\n\n" + front_md)
     out = None
     if make_plot:
         if plot_path is None:  # the single run's directory, else the runs' common parent, else here
@@ -236,101 +237,7 @@ def report(dirs: list[str | Path], plot_path: str | Path | None = None, make_plo
             plot_path = (runs[0]["path"] if len(runs) == 1 else parents.pop() if len(parents) == 1
                          else Path.cwd()) / "report.png"
         out = plot(runs, plot_path)
-        fp = frontier_plot(runs, Path(out).with_name(Path(out).stem + "-frontier.png")) if front_md else None
+        fp = frontier.plot(runs, Path(out).with_name(Path(out).stem + "-frontier.png")) if front_md else None
         if fp is not None:
             md += f"\n\nloss-vs-bytes plot: {fp}"
     return md, out
-
-
-# --- the loss-bytes frontier of distributed runs --------------------------------------------------------------
-
-def _reference(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The uncompressed ``ddp`` run that the others are measured against (the first such one)."""
-    return next((r for r in runs if r["config"].get("strategy") == "ddp" and _finished(r)
-                 and r["config"].get("compress") in (None, "fp32")
-                 and r["config"].get("strategy_args", {}).get("precision") in (None, "fp32")), None)
-
-
-def pareto_front(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The finished runs that no other run beats on both final validation loss and bytes sent per worker
-    (lower is better on both), by increasing bytes."""
-    pts = sorted((r for r in runs if _finished(r) and r["summary"].get("final_val_loss") is not None
-                  and math.isfinite(r["summary"]["final_val_loss"])),
-                 key=lambda r: (r["summary"].get("bytes_sent_per_worker", 0), r["summary"]["final_val_loss"]))
-    front, best = [], math.inf
-    for r in pts:
-        if r["summary"]["final_val_loss"] < best:
-            front.append(r)
-            best = r["summary"]["final_val_loss"]
-    return front
-
-
-def frontier_table(runs: list[dict[str, Any]]) -> str | None:
-    """Each finished distributed run's final validation loss and bytes relative to the uncompressed ``ddp`` run,
-    marking the Pareto front; ``None`` without such a reference run or with one distributed run."""
-    ref = _reference(runs)
-    dist = [r for r in runs if r["config"].get("workers", 1) > 1 and _finished(r)]
-    if ref is None or len(dist) < 2:
-        return None
-    front = {id(r) for r in pareto_front(dist)}
-    l0, b0 = ref["summary"]["final_val_loss"], ref["summary"].get("bytes_sent_per_worker") or 0
-    rows = []
-    for r in sorted(dist, key=lambda r: r["summary"].get("bytes_sent_per_worker", 0)):
-        s = r["summary"]
-        b, loss = s.get("bytes_sent_per_worker") or 0, s["final_val_loss"]
-        rows.append([r["config"].get("name") or r["path"].name, _fmt(loss), _fmt(100 * (loss / l0 - 1), "+.2f"),
-                     _fmt(b / 1e6, ".4g"), "∞" if b == 0 else _fmt(b0 / b, ".3g"), _fmt(s.get("sim_time_s"), ".1f"),
-                     "yes" if id(r) in front else ""])
-    head = ["run", "final val loss", "vs ddp %", "MB sent / worker", "fewer bytes ×", "sim s", "Pareto"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
-    within = [r for r in dist if r["summary"]["final_val_loss"] <= 1.01 * l0 and r is not ref]
-    best = max(within, key=lambda r: b0 / max(r["summary"].get("bytes_sent_per_worker") or 1e-300, 1e-300),
-               default=None)
-    lines.append("")
-    lines.append("Within 1% of ddp's final validation loss: " + (
-        f"{best['config'].get('name') or best['path'].name} with "
-        f"{b0 / max(best['summary'].get('bytes_sent_per_worker') or 1e-300, 1e-300):.3g}× fewer bytes."
-        if best is not None else "no compressed or local configuration."))
-    return "\n".join(lines)
-
-
-def frontier_plot(runs: list[dict[str, Any]], path: str | Path) -> Path | None:
-    """Final validation loss against bytes sent per worker (log x) with the Pareto front and a ±1% band around
-    the uncompressed ``ddp`` run; ``None`` where :func:`frontier_table` has nothing to show."""
-    ref = _reference(runs)
-    dist = [r for r in runs if r["config"].get("workers", 1) > 1 and _finished(r)
-            and r["summary"].get("final_val_loss") is not None and math.isfinite(r["summary"]["final_val_loss"])]
-    if ref is None or len(dist) < 2:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8.5, 5.5))
-    l0 = ref["summary"]["final_val_loss"]
-    ax.axhspan(0.99 * l0, 1.01 * l0, color="0.85", label="ddp ±1%")
-    floor = min((r["summary"]["bytes_sent_per_worker"] for r in dist if r["summary"].get("bytes_sent_per_worker")),
-                default=1.0)
-    xs = [r["summary"].get("bytes_sent_per_worker") or floor / 2 for r in dist]
-    ys = [r["summary"]["final_val_loss"] for r in dist]
-    ax.scatter(xs, ys, s=22, color="C0", zorder=3)
-    for r, x, y in zip(dist, xs, ys, strict=True):
-        ax.annotate(r["config"].get("name") or r["path"].name, (x, y), fontsize=6.5, xytext=(3, 3),
-                    textcoords="offset points")
-    front = pareto_front(dist)
-    ax.step([r["summary"].get("bytes_sent_per_worker") or floor / 2 for r in front],
-            [r["summary"]["final_val_loss"] for r in front], where="post", color="C3", lw=1.5,
-            label="Pareto front", zorder=2)
-    ax.set_xscale("log")
-    ax.set_xlabel("bytes sent per worker (log)")
-    ax.set_ylabel("final validation loss")
-    ax.set_title(f"{ref['config'].get('task', '')}, {ref['config'].get('workers')} workers: loss vs bytes")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

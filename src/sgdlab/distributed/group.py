@@ -271,17 +271,26 @@ def torchrun_env() -> tuple[int, int, int] | None:
         return None
 
 
+_GROUPS_MADE = [0]  # default process groups this process has created (one per run: compare runs several)
+
+
 def _init_process_group(backend: str, timeout: timedelta, env: tuple[int, int, int]) -> None:
-    """The default process group; under a torchrun restart (``TORCHELASTIC_RESTART_COUNT`` > 0) on a store
-    prefixed by the attempt: torchrun keeps its store across restarts, so without a prefix a restarted worker
-    reads the previous attempt's peer addresses and fails to connect (torch issue #135712)."""
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    if attempt in ("", "0"):
+    """The default process group. The first group of a torchrun worker's first attempt uses torchrun's store
+    as it is; a later one (a torchrun restart, ``TORCHELASTIC_RESTART_COUNT`` > 0, or the next run of a
+    ``compare``/``frontier`` set in the same processes) uses it under a prefix naming the attempt and the
+    group: torchrun keeps its store, so without a prefix a worker reads the peer addresses of an earlier group
+    and fails to connect (torch issue #135712). Every rank trains the same runs in the same order, so the
+    prefixes agree."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or "0"
+    made = _GROUPS_MADE[0]
+    _GROUPS_MADE[0] += 1
+    if attempt == "0" and made == 0:
         dist.init_process_group(backend, timeout=timeout)
         return
     store, rank, world = next(dist.rendezvous("env://", rank=env[0], world_size=env[1], timeout=timeout))
-    dist.init_process_group(backend, store=dist.PrefixStore(f"sgdlab/attempt{attempt}", store), rank=rank,
-                            world_size=world, timeout=timeout)
+    prefix = f"sgdlab/attempt{attempt}" + (f"/group{made}" if made else "")
+    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=world,
+                            timeout=timeout)
 
 
 def neighbour_exchange(ops: list) -> None:

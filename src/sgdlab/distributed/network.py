@@ -35,6 +35,9 @@ _FORMS = {
                 "e.g. 5ms"),
 }
 _BASE = {"bandwidth": "bit/s", "latency": "s"}
+#: named networks (``--network cross-region``): link bandwidth and per-message latency
+NETWORKS = {"datacenter": "bandwidth=100G,latency=10us", "cross-region": "bandwidth=1G,latency=30ms",
+            "wan": "bandwidth=100M,latency=100ms"}
 
 
 @dataclass(frozen=True)
@@ -44,12 +47,14 @@ class NetworkModel:
 
     @classmethod
     def parse(cls, spec: str | None) -> NetworkModel:
-        """``"bandwidth=10G,latency=5ms"`` (bandwidth in bit/s with optional k/M/G/T; latency in s, ms, us).
+        """``"bandwidth=10G,latency=5ms"`` (bandwidth in bit/s with optional k/M/G/T; latency in s, ms, us),
+        or a name of :data:`NETWORKS` (``datacenter``, ``cross-region``, ``wan``).
 
         Either key may be left out (defaults 1G and 1ms); each may be given once. Bandwidth must be a finite
         number > 0 and latency a finite number >= 0 after applying the unit."""
         if not spec:
             return cls()
+        spec = NETWORKS.get(str(spec).strip().lower(), spec)
         values: dict[str, float] = {}
         for part in str(spec).split(","):
             key, eq, raw = part.partition("=")
@@ -59,7 +64,7 @@ class NetworkModel:
                     raise ConfigError(f"--network: empty item in {spec!r}; expected KEY=VALUE items separated by "
                                       "commas, e.g. bandwidth=1G,latency=1ms")
                 raise ConfigError(f"--network: unknown key {key!r}; allowed: bandwidth, latency "
-                                  "(e.g. bandwidth=1G,latency=1ms)")
+                                  f"(e.g. bandwidth=1G,latency=1ms), or a named network: {', '.join(NETWORKS)}")
             if key in values:
                 raise ConfigError(f"--network: {key} is given twice in {spec!r}")
             pattern, units, allowed = _FORMS[key]
@@ -75,6 +80,15 @@ class NetworkModel:
                                   f"{key} {bound}")
             values[key] = value + 0.0  # -0.0 -> 0.0
         return cls(**values)
+
+    def describe(self) -> str:
+        """The network's name in :data:`NETWORKS`, else its bandwidth and latency in words."""
+        name = next((k for k, v in NETWORKS.items() if NetworkModel.parse(v) == self), None)
+        bw = next(f"{self.bandwidth / s:g} {u}bit/s" for u, s in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3),
+                                                                    ("", 1)) if self.bandwidth >= s or s == 1)
+        lat = next(f"{self.latency / s:g} {u}" for u, s in (("s", 1), ("ms", 1e-3), ("us", 1e-6))
+                   if self.latency >= s or s == 1e-6)
+        return f"{name} ({bw}, {lat})" if name else f"{bw}, {lat}"
 
     def canonical(self) -> str:
         """The spec that :meth:`parse` reads back to exactly this model (every key, shortest exact floats)."""
