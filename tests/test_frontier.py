@@ -103,8 +103,11 @@ def test_named_networks():
     assert dc.bandwidth == 1e11 and dc.latency == pytest.approx(1e-5)
     assert NetworkModel.parse("wan").describe() == "wan (100 Mbit/s, 100 ms)"
     assert NetworkModel(2e9, 0.005).describe() == "2 Gbit/s, 5 ms"
-    with pytest.raises(ConfigError, match="or a named network: " + ", ".join(NETWORKS)):
+    with pytest.raises(ConfigError, match="unknown network 'cross-regoin'. Did you mean 'cross-region'[?] Allowed: "
+                       + ", ".join(NETWORKS)):
         NetworkModel.parse("cross-regoin")
+    with pytest.raises(ConfigError, match="or a named network: " + ", ".join(NETWORKS)):
+        NetworkModel.parse("bandwith=1G")
     assert Config(network="cross-region").spec().network == NetworkModel(1e9, 0.03)
 
 

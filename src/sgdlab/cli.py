@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "exchange precision x outer learning rate at one token budget, step time and simulated "
                     "network, then report each configuration's final validation loss, bytes per worker and "
                     "simulated time against ddp, the Pareto front, a takeaway line, and a loss-vs-bytes plot "
-                    "with a +-1%% band around ddp (--out/report-frontier.png). Resumable (--resume) and partial "
+                    "with a ±1% band around ddp (--out/report-frontier.png). Resumable (--resume) and partial "
                     "(--only) like compare."))
     _add_dp_commands(sub)
     asub = sub.add_parser("attack", help="gradient leakage: rebuild a batch from its shared update").add_subparsers(

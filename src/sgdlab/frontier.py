@@ -98,6 +98,8 @@ def grid(scale: str = "cpu", *, task: str = "charlm", workers: int | None = None
         raise ConfigError(f"unknown precision(s) {', '.join(bad)}; allowed: {', '.join(ALL_PRECISIONS)}")
     if not seeds:
         raise ConfigError("a frontier needs at least one seed")
+    if workers < 2:
+        raise ConfigError(f"--workers {workers}: a frontier compares distributed runs; allowed: --workers >= 2")
     base = dict(task=task, task_args=targs, optimizer="adamw", lr=3e-3, optimizer_args={"weight_decay": 0.01},
                 steps=steps, batch_size=batch_size, workers=workers, eval_every=max(1, steps // 6),
                 schedule="cosine", warmup_steps=max(1, steps // 30), grad_clip=1.0, network=network,
@@ -320,17 +322,21 @@ def plot(runs: list[dict[str, Any]], path: str | Path) -> Path | None:
 # ---- the command ------------------------------------------------------------------------------------------------
 
 def _ints(text: str) -> tuple[int, ...]:
+    import argparse
+
     try:
         return tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise ConfigError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _floats(text: str) -> tuple[float, ...]:
+    import argparse
+
     try:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise ConfigError(f"expected comma-separated numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -340,7 +346,8 @@ def _names(text: str) -> tuple[str, ...]:
 def add_arguments(p) -> None:
     from .distributed.network import NETWORKS
 
-    p.add_argument("--scale", default="cpu", help=f"grid size: {', '.join(SCALES)} (default cpu: charlm's 0.45M "
+    p.add_argument("--scale", default="cpu", choices=list(SCALES),
+                   help=f"grid size: {', '.join(SCALES)} (default cpu: charlm's 0.45M "
                    "model, 4 workers, 600 steps; tiny: seconds, for tests; gpu: a 25M model, 8 workers, 3000 steps, "
                    "for one CUDA device)")
     p.add_argument("--task", default="charlm", help="task name (see `sgdlab list tasks`)")
@@ -392,7 +399,7 @@ def main(args) -> int:
     configs = [c.replace(data=args.data) if args.data else c for c in configs]
     for s in args.sets:
         configs = [c.set(s) for c in configs]
-    c0 = configs[0]
+    c0 = configs[0].validate()  # the settings every run shares (task, network, --set) before anything trains
     tokens = c0.steps * tokens_per_step(c0.task, c0.task_args, c0.workers, c0.batch_size)
     if is_lead() or args.list:
         print(f"frontier: {len(configs)} runs of {c0.task}, {c0.workers} workers, {c0.steps} steps "

@@ -447,3 +447,16 @@ def headline() -> list[Config]:
     order = ("n4-s0-ddp", "n4-s0-streaming-h200-int4", "n4-s0-streaming-h100-int4", "n4-s1-ddp",
              "n4-s1-streaming-h200-int4", "n8-s0-ddp", "n8-s0-streaming-h100-int4", "n4-s0-diloco-h200-int4")
     return sorted(out, key=lambda c: order.index(c.name))
+
+
+@registry.add("headline-sizes", "charlm, 4 workers, 600 steps, cross-region: ddp against streaming-diloco int4 at "
+              "H = 50 (376x fewer bytes) at model widths 32, 64 and 128 (the gap against model size; BENCHMARKS.md; "
+              "~20 minutes on one CPU core)")
+def headline_sizes() -> list[Config]:
+    out = []
+    for width in (32, 64, 128):
+        base = {**_headline(4, 600, 0), "task_args": {"d_model": width}}
+        out += [Config(name=f"d{width}-ddp", strategy="ddp", **base),
+                Config(name=f"d{width}-streaming-h50-int4", strategy="streaming-diloco",
+                       strategy_args=_streaming(50, "int4"), **base)]
+    return out

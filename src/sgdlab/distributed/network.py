@@ -55,6 +55,13 @@ class NetworkModel:
         if not spec:
             return cls()
         spec = NETWORKS.get(str(spec).strip().lower(), spec)
+        if "=" not in str(spec) and str(spec).strip():
+            import difflib
+
+            close = difflib.get_close_matches(str(spec).strip().lower(), NETWORKS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"--network: unknown network {spec!r}.{hint} Allowed: {', '.join(NETWORKS)}, or "
+                              "bandwidth=B,latency=L (e.g. bandwidth=1G,latency=1ms)")
         values: dict[str, float] = {}
         for part in str(spec).split(","):
             key, eq, raw = part.partition("=")
