@@ -72,3 +72,26 @@ def test_frontier_table_and_plot_in_the_report(tmp_path):
     assert frontier.plot(runs, tmp_path / "f.png").stat().st_size > 0
     # no uncompressed ddp run to compare with: nothing to report
     assert frontier.table(runs[1:]) is None and frontier.plot(runs[1:], tmp_path / "g.png") is None
+
+
+def test_time_helpers_against_a_diloco_run(tmp_path):
+    """time_to_target / loss_at_time read a run's evaluations; with no slowdowns, re-timing a synchronous
+    local run gives its own simulated clock back at every evaluation."""
+    import pytest
+
+    from sgdlab import Config, run
+    from sgdlab.report import loss_at_time, sync_times_with_slowdowns, time_to_target
+    from sgdlab.runner import load_run
+
+    out = tmp_path / "d"
+    run(Config(task="digits", strategy="diloco", workers=2, steps=12, batch_size=8, eval_every=4, step_time=0.01,
+               worker_speeds=[1.0, 2.0], strategy_args={"sync_every": 4}, device="cpu", out=str(out)))
+    ev = [(m["step"], m["sim_time_s"], m["val_loss"]) for m in load_run(out)["metrics"] if "val_loss" in m]
+    t_target = next(t for _, t, v in ev if v <= ev[1][2])
+    assert time_to_target(str(out), ev[1][2]) == t_target and time_to_target(str(out), -1.0) is None
+    (_, t0, l0), (_, t1, l1) = ev[1], ev[2]
+    assert loss_at_time(str(out), (t0 + t1) / 2) == pytest.approx((l0 + l1) / 2)
+    assert loss_at_time(str(out), t1 * 100) is None
+    retimed = sync_times_with_slowdowns(str(out), 0.0, 4.0)
+    assert [(k, v) for k, _, v in retimed] == [(k, v) for k, _, v in ev if k > 0]
+    assert [t for _, t, _ in retimed] == pytest.approx([t for k, t, _ in ev if k > 0], rel=1e-9)

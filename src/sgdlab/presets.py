@@ -330,57 +330,6 @@ def async_() -> list[Config]:
     return _async_runs(250)
 
 
-def time_to_target(run: str, target: float) -> float | None:
-    """Simulated seconds of the first evaluation of run directory ``run`` at or below validation loss ``target``
-    (no interpolation: a synchronous local method's evaluated model only changes at its syncs, so the answer
-    is late by at most one evaluation period); None when no evaluation reaches it."""
-    from .runner import load_run
-
-    return next((m.get("sim_time_s", 0.0) for m in load_run(run)["metrics"]
-                 if "val_loss" in m and m["val_loss"] <= target), None)
-
-
-def loss_at_time(run: str, seconds: float) -> float | None:
-    """Validation loss of run directory ``run`` at simulated time ``seconds``, interpolated linearly between
-    evaluations; None outside the evaluated range."""
-    from .runner import load_run
-
-    ev = [(m.get("sim_time_s", 0.0), m["val_loss"]) for m in load_run(run)["metrics"] if "val_loss" in m]
-    for (t0, l0), (t1, l1) in zip(ev, ev[1:], strict=False):
-        if t0 <= seconds <= t1:
-            return l0 if t1 == t0 else l0 + (l1 - l0) * (seconds - t0) / (t1 - t0)
-    return None
-
-
-def sync_times_with_slowdowns(run: str, slow_prob: float, slow_factor: float, seed: int = 0) -> list[tuple]:
-    """(step, simulated seconds, val loss) of a synchronous local-update run directory (``diloco``,
-    ``localsgd``: rounds of ``sync_every`` steps) re-timed as if each local step of each worker had straggled
-    as in ``async-diloco``'s ``slow_prob``/``slow_factor`` (the same seeded draws, :class:`EventClock`).
-    Slowdowns do not change a synchronous run's arithmetic, only its clock: within a round every worker's
-    clock advances by its own step times, the run's time is the slowest clock, and each sync adds the run's
-    own measured communication time per sync."""
-    from .runner import load_run
-    from .strategies.clock import EventClock
-
-    r = load_run(run)
-    c = r["config"]
-    h, steps = c["strategy_args"]["sync_every"], c["steps"]
-    seconds = [c["step_time"] * v for v in c["worker_speeds"]]
-    clock = EventClock("sync", seconds, slow_prob, slow_factor, seed)
-    comm = (r["summary"]["sim_time_s"] - steps * max(seconds)) / (steps // h)
-    evals = {m["step"]: m["val_loss"] for m in r["metrics"] if "val_loss" in m}
-    out, start, clocks = [], 0.0, [0.0] * len(seconds)
-    for k in range(1, steps + 1):
-        clocks = [t + clock.step_time(i, k) for i, t in enumerate(clocks)]
-        now = start + max(clocks)
-        if k % h == 0:
-            start, clocks = now + comm, [0.0] * len(seconds)
-            now = start
-        if k in evals:
-            out.append((k, now, evals[k]))
-    return out
-
-
 def _local4(steps: int = 600) -> dict:
     """charlm, 4 workers, the ``strategies-4`` settings (AdamW 3e-3, cosine, 20 warm-up steps, 1 Gbit/s)."""
     return dict(task="charlm", optimizer="adamw", lr=3e-3, steps=steps, batch_size=8, workers=4, eval_every=50,
