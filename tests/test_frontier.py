@@ -192,3 +192,16 @@ def test_frontier_under_torchrun_trains_several_runs_in_the_same_processes(tmp_p
         assert t["status"] == "completed" and t["backend"] == "torch"
         assert t["bytes_sent_per_worker"] == s["bytes_sent_per_worker"]
         assert t["final_val_loss"] == pytest.approx(s["final_val_loss"], abs=1e-5)
+
+
+def test_runs_of_different_budgets_get_separate_fronts(tmp_path):
+    four = [_run("ddp", 2.0, 1e9, 50.0, "ddp"), _run("d", 2.1, 1e7, 20.0)]
+    eight = [_run(n + "-8", loss, b, t, strat) for n, loss, b, t, strat in
+             (("ddp", 1.9, 2e9, 60.0, "ddp"), ("d", 1.95, 2e7, 30.0, "diloco"))]
+    for r in eight:
+        r["config"]["workers"] = 8
+    md = frontier.table(four + eight)
+    assert md.count("Takeaway") == 2 and "charlm, 4 workers, 100 steps of batch None:" in md
+    assert "| d-8 | 1.9500 | +2.63 |" in md  # against the 8-worker ddp, not the 4-worker one
+    assert frontier.plot(four + eight, tmp_path / "p.png").stat().st_size > 0
+    assert frontier.table(four[:1] + eight[1:]) is None  # no budget has both a ddp run and another one

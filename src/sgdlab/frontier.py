@@ -240,27 +240,53 @@ def takeaway(pts: list[Point], ref: Point | None = None) -> str | None:
             f"{time}.")
 
 
+_BUDGET = ("task", "task_args", "data", "workers", "steps", "batch_size", "network")
+
+
+def budgets(runs: list[dict[str, Any]]) -> list[tuple[str, list[Point], Point]]:
+    """The finished distributed runs split by budget (task and its options, workers, steps, batch, network:
+    only runs that agree on these are compared), each as (title, :func:`points` of the group, its ``ddp``
+    point); groups without an uncompressed ``ddp`` run or with one configuration are left out."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        if r["config"].get("workers", 1) > 1 and _finished(r):
+            key = json.dumps({k: r["config"].get(k) for k in _BUDGET}, sort_keys=True, default=str)
+            groups.setdefault(key, []).append(r)
+    out = []
+    for members in groups.values():
+        pts = points(members)
+        ref = reference(pts)
+        if ref is None or len(pts) < 2:
+            continue
+        c = ref.config
+        opts = ", ".join(f"{k}={v}" for k, v in sorted((c.get("task_args") or {}).items()))
+        out.append((f"{c.get('task', '')}{f' ({opts})' if opts else ''}, {c.get('workers')} workers, "
+                    f"{c.get('steps')} steps of batch {c.get('batch_size')}", pts, ref))
+    return out
+
+
 def table(runs: list[dict[str, Any]]) -> str | None:
-    """The frontier table of ``runs`` (one row per :class:`Point`, by increasing bytes) and its takeaway line;
-    None without an uncompressed ``ddp`` run or with fewer than two distributed points."""
-    pts = points(runs)
-    ref = reference(pts)
-    if ref is None or len(pts) < 2:
-        return None
-    seeds = max(len(p.runs) for p in pts)
-    head = ["configuration", "final val loss", *(["seeds, spread"] if seeds > 1 else []), "vs ddp %",
-            "MB sent / worker", "fewer bytes ×", "sim s", "less time ×", "outer lrs tried", "front (loss, bytes)",
-            "front (+ time)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for p in pts:
-        row = [_describe(p), f"{p.loss:.4f}", *([f"{len(p.runs)}, {p.spread:.4f}"] if seeds > 1 else []),
-               f"{100 * (p.loss / ref.loss - 1):+.2f}", f"{p.nbytes / 1e6:.4g}", _ratio(ref.nbytes, p.nbytes),
-               f"{p.sim_time:.1f}", _ratio(ref.sim_time, p.sim_time),
-               ", ".join(f"{v:g}" for v in p.outer_lrs_tried) or "–", "yes" if p.front2 else "",
-               "yes" if p.front3 else ""]
-        lines.append("| " + " | ".join(row) + " |")
-    lines += ["", f"Takeaway ({_networks(pts)}): " + (takeaway(pts, ref) or "")]
-    return "\n".join(lines)
+    """The frontier table of each budget of ``runs`` (:func:`budgets`; one row per :class:`Point`, by
+    increasing bytes) with its takeaway line; None when no budget has a ``ddp`` run and another configuration."""
+    groups = budgets(runs)
+    parts = []
+    for title, pts, ref in groups:
+        seeds = max(len(p.runs) for p in pts)
+        head = ["configuration", "final val loss", *(["seeds, spread"] if seeds > 1 else []), "vs ddp %",
+                "MB sent / worker", "fewer bytes ×", "sim s", "less time ×", "outer lrs tried",
+                "front (loss, bytes)", "front (+ time)"]
+        lines = [f"{title}:", ""] if len(groups) > 1 else []
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for p in pts:
+            row = [_describe(p), f"{p.loss:.4f}", *([f"{len(p.runs)}, {p.spread:.4f}"] if seeds > 1 else []),
+                   f"{100 * (p.loss / ref.loss - 1):+.2f}", f"{p.nbytes / 1e6:.4g}", _ratio(ref.nbytes, p.nbytes),
+                   f"{p.sim_time:.1f}", _ratio(ref.sim_time, p.sim_time),
+                   ", ".join(f"{v:g}" for v in p.outer_lrs_tried) or "–", "yes" if p.front2 else "",
+                   "yes" if p.front3 else ""]
+            lines.append("| " + " | ".join(row) + " |")
+        lines += ["", f"Takeaway ({_networks(pts)}): " + (takeaway(pts, ref) or "")]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) or None
 
 
 def _networks(pts: list[Point]) -> str:
@@ -272,19 +298,28 @@ def _networks(pts: list[Point]) -> str:
 
 
 def plot(runs: list[dict[str, Any]], path: str | Path) -> Path | None:
-    """Final validation loss against bytes sent per worker (log x) and against simulated time, each point
-    labelled, the loss–bytes front as a staircase and a ±1% band around ``ddp``; None where :func:`table` has
-    nothing to show."""
-    pts = points(runs)
-    ref = reference(pts)
-    if ref is None or len(pts) < 2:
+    """For each budget (:func:`budgets`), final validation loss against bytes sent per worker (log x) and
+    against simulated time, each point labelled, the loss–bytes front as a staircase and a ±1% band around
+    ``ddp``; None where :func:`table` has nothing to show."""
+    groups = budgets(runs)
+    if not groups:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axs = plt.subplots(1, 2, figsize=(14, 5.5))
+    fig, grid_axs = plt.subplots(len(groups), 2, figsize=(14, 5.5 * len(groups)), squeeze=False)
+    for axs, (title, pts, ref) in zip(grid_axs, groups, strict=True):
+        _plot_budget(axs, title, pts, ref)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_budget(axs: Any, title: str, pts: list[Point], ref: Point) -> None:
     floor = min((p.nbytes for p in pts if p.nbytes), default=1.0) / 2
     for ax, key, xlabel in ((axs[0], "nbytes", "bytes sent per worker (log)"),
                             (axs[1], "sim_time", "simulated time (s)")):
@@ -308,15 +343,9 @@ def plot(runs: list[dict[str, Any]], path: str | Path) -> Path | None:
                 label="loss–bytes front", zorder=2)
     axs[0].set_xscale("log")
     axs[0].scatter([], [], s=36, c="C3", label="on the loss–bytes–time front")
-    c = ref.config
-    axs[0].set_title(f"{c.get('task', '')}, {c.get('workers')} workers, {c.get('steps')} steps: loss vs bytes")
-    axs[1].set_title(f"loss vs simulated time, {_networks(pts)}")
+    axs[0].set_title(f"{title}: loss vs bytes", fontsize=10)
+    axs[1].set_title(f"loss vs simulated time, {_networks(pts)}", fontsize=10)
     axs[0].legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 # ---- the command ------------------------------------------------------------------------------------------------
