@@ -37,7 +37,7 @@ SCALES: dict[str, dict[str, Any]] = {
     # the tests' size: a 1-layer 16-wide model, seconds on a CPU
     "tiny": dict(task_args={"context": 16, "d_model": 16, "n_layers": 1, "n_heads": 2, "eval_windows": 4},
                  steps=24, batch_size=4, workers=2, hs=(4, 12), outer_lrs=(0.7,)),
-    # charlm's default model (0.45M parameters), the strategies-4 settings: ~1.5 hours on 2 CPU cores
+    # charlm's default model (0.45M parameters), the strategies-4 settings: 45 runs, 2-4 hours on one CPU core
     "cpu": dict(task_args={}, steps=600, batch_size=8, workers=4, hs=(10, 50, 200), outer_lrs=(0.4, 0.7, 1.0)),
     # a 25M-parameter byte transformer on one CUDA device (simulated workers), for the headline at scale
     "gpu": dict(task_args={"context": 256, "d_model": 512, "n_layers": 8, "n_heads": 8, "max_bytes": 50_000_000,
