@@ -124,6 +124,8 @@ def test_one_step_time_per_set(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "step_time.json").read_text())["step_time"] == 0.125
     out, line = runset.shared_step_time(same, tmp_path)  # measured once: read back on a later call
     assert calls == ["ddp"] and out[1].step_time == 0.125 and "read from" in line
+    runset.shared_step_time(same, tmp_path, reuse=False)  # --overwrite: measured again
+    assert calls == ["ddp", "ddp"]
     for other in ([same[0], same[1].replace(optimizer="sgd")],  # different compute per step
                   [same[0], same[1].replace(step_time=0.5)],    # a stated step time
                   [c.replace(workers=1, strategy="single") for c in same]):  # no distributed run

@@ -47,16 +47,17 @@ def _compute_key(cfg: Config) -> str:
     return json.dumps({k: d.get(k) for k in COMPUTE_KEYS}, sort_keys=True, default=str)
 
 
-def shared_step_time(configs: list[Config], out: Path) -> tuple[list[Config], str | None]:
+def shared_step_time(configs: list[Config], out: Path, reuse: bool = True) -> tuple[list[Config], str | None]:
     """``configs`` with one step time where they share their compute and state none (module docstring), and a
-    line saying what was used; unchanged (and None) otherwise."""
+    line saying what was used; unchanged (and None) otherwise. ``reuse=False`` (``--overwrite``) measures
+    again instead of reading ``OUT/step_time.json``."""
     if any(c.step_time is not None or c.dp or c.backend != "sim" for c in configs) \
             or len({_compute_key(c) for c in configs}) != 1 or all(c.workers == 1 for c in configs):
         return configs, None
     path = out / STEP_TIME_FILE
     key = _compute_key(configs[0])
     saved = None
-    if path.is_file():
+    if reuse and path.is_file():
         try:
             saved = json.loads(path.read_text())
         except ValueError:
@@ -106,7 +107,7 @@ def run_set(configs: list[Config], out: Path, only: str | None = None, resume: b
     if out.exists() and not out.is_dir():
         raise SgdlabError(f"--out {out} is a file, not a directory; choose a directory")
     selected = select(names, only)
-    configs, line = shared_step_time(configs, out)
+    configs, line = shared_step_time(configs, out, reuse=not overwrite)
     say = print if is_lead() else (lambda *a, **k: None)
     if line and any(n in selected for n in names):
         say(line, file=sys.stderr)
