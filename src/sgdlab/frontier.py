@@ -259,10 +259,21 @@ def budgets(runs: list[dict[str, Any]]) -> list[tuple[str, list[Point], Point]]:
         if ref is None or len(pts) < 2:
             continue
         c = ref.config
-        opts = ", ".join(f"{k}={v}" for k, v in sorted((c.get("task_args") or {}).items()))
+        opts = ", ".join(f"{k}={v}" for k, v in sorted(_non_default(c.get("task", ""), c.get("task_args")).items()))
         out.append((f"{c.get('task', '')}{f' ({opts})' if opts else ''}, {c.get('workers')} workers, "
                     f"{c.get('steps')} steps of batch {c.get('batch_size')}", pts, ref))
     return out
+
+
+def _non_default(task: str, options: dict | None) -> dict:
+    """The task options that differ from the task's defaults (config.json lists every one)."""
+    from . import tasks
+
+    try:
+        defaults = {f.name: f.default for f in dataclasses.fields(tasks.registry.get(task).Options)}
+    except ConfigError:  # a task this version does not know: show them all
+        defaults = {}
+    return {k: v for k, v in (options or {}).items() if k not in defaults or defaults[k] != v}
 
 
 def table(runs: list[dict[str, Any]]) -> str | None:
