@@ -428,3 +428,16 @@ def headline_sizes() -> list[Config]:
                 Config(name=f"d{width}-streaming-h50-int4", strategy="streaming-diloco",
                        strategy_args=_streaming(50, "int4"), **base)]
     return out
+
+
+@registry.add("headline-steps", "charlm, 4 workers, cross-region: ddp against streaming-diloco int4 at H = 100 "
+              "(753x fewer bytes) at 600 and 1500 steps (with the headline's 3000: the gap against steps; "
+              "BENCHMARKS.md; ~20 minutes on one CPU core)")
+def headline_steps() -> list[Config]:
+    out = []
+    for steps in (600, 1500):
+        base = _headline(4, steps, 0)
+        out += [Config(name=f"t{steps}-ddp", strategy="ddp", **base),
+                Config(name=f"t{steps}-streaming-h100-int4", strategy="streaming-diloco",
+                       strategy_args=_streaming(100, "int4"), **base)]
+    return out
