@@ -20,7 +20,7 @@ demo: setup
 	$(VENV)/bin/sgdlab compare --preset demo --out runs/demo --overwrite
 
 test: setup-dev
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 lint: setup-dev
 	$(VENV)/bin/ruff check src tests
