@@ -317,3 +317,54 @@ def test_torch_only_settings_are_refused_in_the_simulator(tmp_path):
     with pytest.raises(ConfigError, match=r"order='rank' applies to --backend torch"):
         run(Config(**dict(BASE, workers=2, steps=2, strategy="async-diloco", out=str(tmp_path / "x"),
                           strategy_args={"order": "rank", "sync_every": 1})))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order", ["arrival", "rank"])
+def test_torch_backend_goes_on_without_a_killed_worker_and_says_so(tmp_path, order):
+    """Three processes started by hand (torchrun would stop them all when one dies): rank 2 is killed after a
+    few pushes; ranks 0 and 1 finish, rank 0 warns naming rank 2, and no push that arrived is lost. In rank
+    order the rounds wait for rank 2 until it is declared lost, then go on without it."""
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out, h, steps = tmp_path / "run", 5, 400
+    args = [sys.executable, "-m", "sgdlab", "run", "--task", "digits", "--strategy", "async-diloco", "--backend",
+            "torch", "--workers", "3", "--steps", str(steps), "--sync-every", str(h), "--step-time", "0.02",
+            "--network", FAST_NET, "--eval-every", str(steps), "--log-every", "5", "--checkpoint-every", "50",
+            "--timeout", "8", "--set", f"order={order}", "--out", str(out), "--no-progress"]
+    procs = []
+    for rank in range(3):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "3", "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint.rank2.pt").is_file():  # rank 2 at step 50: it has pushed 10 rounds
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+                [p.communicate()[1][-2000:] for p in procs]
+            time.sleep(0.02)
+        procs[2].send_signal(signal.SIGKILL)
+        results = [p.communicate(timeout=120) for p in procs[:2]]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs[:2]] == [0, 0], [r[1][-3000:] for r in results]
+    assert "rank 2 lost" in results[0][1] and "goes on with ranks 0, 1" in results[0][1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == steps
+    last = read_metrics(out / "metrics.jsonl")[-1]
+    assert last["lost_workers"] == 1 and math.isfinite(last["val_loss"])
+    # no update lost: every round of the two finished ranks, and rank 2's pushes that arrived, were applied
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    order = [r for _, r in ck["strategy"]["history"]]
+    assert order.count(0) == order.count(1) == steps // h and last["pushes"] == 2 * steps // h
+    assert 10 <= order.count(2) < steps // h and ck["strategy"]["t"] == len(order) == last["server_updates"]

@@ -296,6 +296,25 @@ def byzantine_quick() -> list[Config]:
     return _byzantine((3,), ("iid",), 100)
 
 
+#: the rules of the ``byzantine-charlm`` row: the mean and the two best on ``digits`` (BENCHMARKS.md)
+BYZANTINE_CHARLM_RULES = {"mean": ("mean", None), "geomed": ("geomed", None), "nnm-krum": ("krum,f=3", "nnm,f=3")}
+
+
+@registry.add("byzantine-charlm", "charlm, 16 workers, ddp, AdamW, 200 steps: the mean, the geometric median and "
+              "NNM -> Krum under every attack but labelflip (charlm has no classes) at f = 3, iid, against the clean "
+              "mean (22 runs)")
+def byzantine_charlm() -> list[Config]:
+    base = dict(task="charlm", optimizer="adamw", lr=3e-3, steps=200, batch_size=8, workers=16, eval_every=50,
+                log_every=10, schedule="cosine", warmup_steps=20, optimizer_args={"weight_decay": 0.01},
+                strategy="ddp", step_time=0.05)
+    out = [Config(name="charlm-clean-mean", **base)]
+    for rname, (agg, pre) in BYZANTINE_CHARLM_RULES.items():
+        out += [Config(name=f"charlm-f3-{rname}-{atag}", aggregate=agg, pre_aggregate=pre,
+                       byzantine=f"count=3,attack={attack}", **base)
+                for atag, attack in BYZANTINE_ATTACKS if atag != "labelflip"]
+    return out
+
+
 # ---- asynchronous and advanced local-update methods (issue 15, benchmarks) ---------------------------------------
 #: per-worker compute-time multipliers of the ``async`` preset (4 = four times slower than a speed-1 worker)
 ASYNC_SPEEDS = [1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]

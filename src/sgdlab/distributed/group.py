@@ -460,7 +460,70 @@ class IndependentTorchGroup(TorchGroup):
     """A :class:`TorchGroup` whose processes never wait for each other during training (asynchronous
     strategies): measurement stays local — the logged losses are this process's worker's, the clock is its
     own, a stop request stops this process — and a run cannot resume (its processes checkpoint at different
-    moments of the shared state). The strategy's own messages are its only traffic."""
+    moments of the shared state). The strategy's own messages are its only traffic.
+
+    A rank may be lost mid-run (killed, or its host gone) while the others go on: rank 0's strategy marks it
+    (:meth:`mark_lost`), and the barriers after training wait only for the ranks not lost — they are counted
+    on the rendezvous store rather than by a collective, which a dead peer would never join."""
+
+    _made = [0]  # groups of this kind made by this process (every rank makes them in the same order)
+
+    def __init__(self, network: NetworkModel, device: torch.device, timeout_s: float = 60.0):
+        super().__init__(network, device, timeout_s)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or "0"
+        self.key = f"sgdlab/independent/attempt{attempt}/{IndependentTorchGroup._made[0]}"
+        IndependentTorchGroup._made[0] += 1
+        self.lost: set[int] = set()
+        self._barriers = 0
+
+    @property
+    def store(self):
+        return dist.distributed_c10d._get_default_store()
+
+    def mark_lost(self, rank: int) -> None:
+        """Rank 0: ``rank`` is gone; later barriers do not wait for it."""
+        self.lost.add(rank)
+        self.store.set(f"{self.key}/lost", ",".join(map(str, sorted(self.lost))))
+
+    def _lost_now(self) -> set[int]:
+        if self.rank == 0 or not self.store.check([f"{self.key}/lost"]):
+            return set(self.lost)
+        return {int(r) for r in self.store.get(f"{self.key}/lost").decode().split(",") if r}
+
+    def barrier(self) -> None:
+        """Wait (up to the timeout) until every rank not lost has reached this barrier. Rank 0 also waits
+        until they have all seen it complete: without torchrun rank 0 hosts the store they poll."""
+        key = f"{self.key}/barrier{self._barriers}"
+        self._barriers += 1
+        try:
+            self._count_to(f"{key}/in", "did not reach the end of the run")
+            if self.rank == 0:
+                self.store.add(f"{key}/seen", 1)
+                self._count_to(f"{key}/seen", "did not leave the end of the run", add=False)
+            else:
+                self.store.add(f"{key}/seen", 1)
+        except (RuntimeError, dist.DistError) as e:
+            if isinstance(e, WorkerLostError):
+                raise
+            raise WorkerLostError(f"rank {self.rank}: lost the rendezvous store at the end of the run "
+                                  f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})"
+                                  ) from None
+
+    def _count_to(self, key: str, what: str, add: bool = True) -> None:
+        count = self.store.add(key, 1 if add else 0)
+        deadline = time.monotonic() + self.timeout_s
+        while count < self.world - len(self._lost_now()):
+            if time.monotonic() > deadline:
+                raise WorkerLostError(f"rank {self.rank}: {self.world - count} rank(s) {what} within --timeout "
+                                      f"{self.timeout_s:g} s")
+            time.sleep(0.05)
+            count = self.store.add(key, 0)
+
+    def close(self, clean: bool = True) -> None:
+        if self.owns and dist.is_initialized():
+            if clean:
+                self.barrier()
+            dist.destroy_process_group()
 
     def max_clock(self) -> float:
         return self.clocks[0]

@@ -58,9 +58,12 @@ step time (emulated heterogeneous hardware); without it every process steps as f
 worker in rank order (deterministic: equal to the simulator with equal speeds; the workers then wait for
 each other). Not on torch: ``grace`` > 0, resuming (the ranks checkpoint at different moments).
 
+A worker lost mid-run (killed, its host gone) does not stop the others: the server goes on without it
+and says so (:mod:`.async_server`); the summary's bytes, pushes and steps are then the finished ranks' and
+the log's ``lost_workers`` counts the lost ones.
+
 Not built here: the paper's shard sampling by remaining tokens (each worker keeps its own shard, as in every
-sgdlab strategy), a server that goes on when a worker dies (a lost rank stops the run, as for every torch
-strategy), and compressors, aggregators and attacks on the pushes (refused).
+sgdlab strategy), and compressors, aggregators and attacks on the pushes (refused).
 """
 
 from __future__ import annotations
@@ -339,16 +342,11 @@ class AsyncDiLoCo(GlobalModelMixin, Strategy):
         """torch: wait for every rank's last push, then combine bytes (mean), pushes (sum) and clocks (max)."""
         if self.server is None:
             return
-        import torch.distributed as dist
-
-        self.server.close()
-        totals = torch.tensor([self.group.bytes_sent, float(self.pushes), float(sum(self.k))], dtype=torch.float64)
-        clock = torch.tensor([self.group.clocks[0]], dtype=torch.float64)
-        dist.all_reduce(totals, group=self.server.up)
-        dist.all_reduce(clock, op=dist.ReduceOp.MAX, group=self.server.up)
-        self.group.bytes_sent = float(totals[0]) / self.group.world
-        self.total_pushes, self._all_steps = int(totals[1]), int(totals[2])
-        self.group.clocks[0] = float(clock[0])
+        mine = [self.group.bytes_sent, float(self.pushes), float(sum(self.k)), self.group.clocks[0]]
+        totals = list(self.server.close(mine).values())  # rank 0: every finished rank's; others: their own
+        self.group.bytes_sent = sum(t[0] for t in totals) / len(totals)
+        self.total_pushes, self._all_steps = int(sum(t[1] for t in totals)), int(sum(t[2] for t in totals))
+        self.group.clocks[0] = max(t[3] for t in totals)
 
     # ---- reporting and checkpoints --------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
@@ -359,6 +357,8 @@ class AsyncDiLoCo(GlobalModelMixin, Strategy):
                 self._staleness = []
         if self.total_pushes is not None:
             out["pushes"] = self.total_pushes
+        if self.server is not None and self.server.lost:
+            out["lost_workers"] = len(self.server.lost)
         return out
 
     def eval_model(self, workers: list[Worker]) -> Any:
