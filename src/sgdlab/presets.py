@@ -389,6 +389,33 @@ def desloc_bytes() -> list[Config]:
     return out
 
 
+@registry.add("local-claims", "charlm, 4 workers, 600 steps, same tokens: the papers' claims of issue 15 not "
+              "covered by async/desloc-bytes/qsr — MT-DAO vs Local Adam at K = 32, EDiT vs DiLoCo at H = 50, "
+              "scaled Local SGD (shared adam/rmsprop preconditioner) vs plain Local SGD at H = 16, gossip + a "
+              "single merge vs no gossip + merge vs Local SGD vs ddp on a contiguous split (BENCHMARKS.md; 13 runs)")
+def local_claims() -> list[Config]:
+    base = _local4()
+    k32 = {"sync_every": 32, "sync_u": 32, "sync_v": 32}
+    sgd = {**base, "optimizer": "sgd", "optimizer_args": {"weight_decay": 0.01}}
+    out = [Config(name="ddp", strategy="ddp", **base),
+           Config(name="local-adam-k32", strategy="desloc", strategy_args=k32, **base),
+           Config(name="mtdao-k32", strategy="desloc", strategy_args=k32, **{**base, "optimizer": "mtdao"}),
+           Config(name="diloco-h50", strategy="diloco", strategy_args={"sync_every": 50, "outer_lr": 0.7}, **base),
+           Config(name="edit-h50", strategy="edit", strategy_args={"sync_every": 50, "outer_lr": 0.7}, **base)]
+    out += [Config(name=f"localsgd-sgd-h16-lr{lr:g}", strategy="localsgd", strategy_args={"sync_every": 16},
+                   **{**sgd, "lr": lr}) for lr in (0.3, 1.0)]
+    out += [Config(name=f"scaled-local-{pre}-h16", strategy="scaled-local",
+                   strategy_args={"sync_every": 16, "preconditioner": pre}, **sgd) for pre in ("adam", "rmsprop")]
+    contig = {**base, "data_split": "contiguous"}
+    out += [Config(name="ddp-contig", strategy="ddp", **contig),
+            Config(name="localsgd-h20-contig", strategy="localsgd", strategy_args={"sync_every": 20}, **contig),
+            Config(name="gossip-onepeer-merge-contig", strategy="gossip",
+                   strategy_args={"topology": "one-peer-exponential", "sync_every": 20, "merge_at": 600}, **contig),
+            Config(name="nocomm-merge-contig", strategy="gossip",
+                   strategy_args={"topology": "none", "merge_at": 600}, **contig)]
+    return out
+
+
 @registry.add("qsr", "charlm, 4 workers, 600 steps, cosine to 0: localsgd with the Quadratic Synchronization Rule "
               "(H_base 5, alpha 0.006: 59 rounds; H_base 10, alpha 0.01: 25 rounds) vs fixed H with the same number "
               "of rounds (10, 24) and fixed H_base (BENCHMARKS.md; ~15 minutes on 2 CPU cores)")
