@@ -392,7 +392,7 @@ def desloc_bytes() -> list[Config]:
 @registry.add("local-claims", "charlm, 4 workers, 600 steps, same tokens: the papers' claims of issue 15 not "
               "covered by async/desloc-bytes/qsr — MT-DAO vs Local Adam at K = 32, EDiT vs DiLoCo at H = 50, "
               "scaled Local SGD (shared adam/rmsprop preconditioner) vs plain Local SGD at H = 16, gossip + a "
-              "single merge vs no gossip + merge vs Local SGD vs ddp on a contiguous split (BENCHMARKS.md; 13 runs)")
+              "single merge vs no gossip + merge vs Local SGD vs ddp on a contiguous split (BENCHMARKS.md; 16 runs)")
 def local_claims() -> list[Config]:
     base = _local4()
     k32 = {"sync_every": 32, "sync_u": 32, "sync_v": 32}
@@ -406,6 +406,10 @@ def local_claims() -> list[Config]:
                    **{**sgd, "lr": lr}) for lr in (0.3, 1.0)]
     out += [Config(name=f"scaled-local-{pre}-h16", strategy="scaled-local",
                    strategy_args={"sync_every": 16, "preconditioner": pre}, **sgd) for pre in ("adam", "rmsprop")]
+    # --grad-clip clips the scaled gradient (up to 1/alpha_min = 100x the raw one): without it, an lr sweep
+    out += [Config(name=f"scaled-local-adam-h16-noclip-lr{lr:g}", strategy="scaled-local",
+                   strategy_args={"sync_every": 16, "preconditioner": "adam"}, **{**sgd, "lr": lr, "grad_clip": 0.0})
+            for lr in (1e-3, 3e-3, 1e-2)]
     contig = {**base, "data_split": "contiguous"}
     out += [Config(name="ddp-contig", strategy="ddp", **contig),
             Config(name="localsgd-h20-contig", strategy="localsgd", strategy_args={"sync_every": 20}, **contig),
@@ -443,10 +447,11 @@ def _streaming(h: int, precision: str) -> dict:
 
 @registry.add("headline", "charlm, 3000 steps at 4 workers (and 1500 at 8: the same tokens), cross-region "
               "network: ddp against streaming-diloco int4 at H = 100 and 200 (753x and 1506x fewer bytes) and "
-              "diloco int4 at H = 200, two seeds for ddp and the 1506x run (BENCHMARKS.md; ~2.5 hours on one CPU core)")
+              "diloco int4 at H = 200, two seeds for ddp and the 1506x run at 4 workers and for both 8-worker runs "
+              "(BENCHMARKS.md; ~3 hours on one CPU core)")
 def headline() -> list[Config]:
     out = []
-    for workers, steps, seeds in ((4, 3000, (0, 1)), (8, 1500, (0,))):
+    for workers, steps, seeds in ((4, 3000, (0, 1)), (8, 1500, (0, 1))):
         for seed in seeds:
             base = _headline(workers, steps, seed)
             tag = f"n{workers}-s{seed}"
@@ -459,7 +464,8 @@ def headline() -> list[Config]:
                                   strategy_args={"sync_every": 200, "outer_lr": 0.7}, compress="int4", **base))
     # ddp and the two streaming runs of seed 0, then seed 1, then 8 workers, then the diloco comparison
     order = ("n4-s0-ddp", "n4-s0-streaming-h200-int4", "n4-s0-streaming-h100-int4", "n4-s1-ddp",
-             "n4-s1-streaming-h200-int4", "n8-s0-ddp", "n8-s0-streaming-h100-int4", "n4-s0-diloco-h200-int4")
+             "n4-s1-streaming-h200-int4", "n8-s0-ddp", "n8-s0-streaming-h100-int4", "n4-s0-diloco-h200-int4",
+             "n8-s1-ddp", "n8-s1-streaming-h100-int4")
     return sorted(out, key=lambda c: order.index(c.name))
 
 
