@@ -74,6 +74,16 @@ def test_two_phase_equals_the_reference(fmt, world):
     assert torch.equal(got, two_phase(xs, fmt, 64)), (fmt, world, "block=64")
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_round_trip_equals_the_reference_on_zero_blocks_and_odd_lengths(fmt):
+    c = exchange.compressors.get(fmt)()
+    for n in (1, 127, 256, 1001):
+        x = _vectors(1, n)[0]
+        x[: min(n, 128)] = 0  # an all-zero block: scale 1
+        x[-1] = -x.abs().max() * 2  # a block whose absmax is a negative value
+        assert torch.equal(c.decode(c.encode(x.clone()), n), quantised(x, fmt)), (fmt, n)
+
+
 @pytest.mark.parametrize("fmt", LOSSY)
 def test_chunks_are_the_quantisation_of_their_slice(fmt):
     c = exchange.compressors.get(fmt)()

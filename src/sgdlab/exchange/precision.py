@@ -154,17 +154,22 @@ class _Int(Precision):
         return [(min(n, r * blocks // world * self.block), min(n, (r + 1) * blocks // world * self.block))
                 for r in range(world)]
 
+    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as rows of ``block`` values (a view when ``block`` divides its length, else zero-padded)."""
+        pad = (-x.numel()) % self.block
+        return (torch.nn.functional.pad(x, (0, pad)) if pad else x.contiguous()).view(-1, self.block)
+
     def _quantise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = x.numel()
-        blocks = torch.nn.functional.pad(x, (0, (-n) % self.block)).view(-1, self.block)
-        scale = blocks.abs().amax(dim=1) / self.qmax
+        blocks = self._blocks(x)
+        lo, hi = torch.aminmax(blocks, dim=1)  # max |x| per block in one pass, without an |x| copy
+        scale = torch.maximum(hi, lo.neg_()).div_(self.qmax)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.round(blocks / scale[:, None]).clamp_(-self.qmax, self.qmax).view(-1)[:n]
+        q = (blocks / scale[:, None]).round_().clamp_(-self.qmax, self.qmax).view(-1)[:n]
         return q, scale.float()
 
     def _dequantise(self, q: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:
-        pad = (-n) % self.block
-        return (torch.nn.functional.pad(q, (0, pad)).view(-1, self.block) * scale[:, None]).view(-1)[:n]
+        return (self._blocks(q) * scale[:, None]).view(-1)[:n]
 
 
 class INT8(_Int):
@@ -196,14 +201,14 @@ class INT4(_Int):
 
     def encode(self, x, slot=None, rank=0):
         q, scale = self._quantise(x)
-        u = (q + 8).to(torch.uint8)  # 1..15
+        u = q.add_(8).to(torch.uint8)  # 1..15 (q is this call's own tensor)
         if x.numel() % 2:
             u = torch.cat([u, u.new_zeros(1)])
         return [u[0::2] | (u[1::2] << 4), scale]
 
     def decode(self, payload, n, slot=None, rank=0):
         data, scale = payload
-        q = torch.stack([data & 0xF, data >> 4], dim=1).view(-1)[:n].float() - 8
+        q = torch.stack([data & 0xF, data >> 4], dim=1).view(-1)[:n].float().sub_(8)
         return self._dequantise(q, scale, n)
 
 
