@@ -249,6 +249,20 @@ def test_nan_under_the_mean_stops_naming_worker_and_step_and_keeps_the_checkpoin
     assert summary["status"] == "diverged"
 
 
+@pytest.mark.parametrize("compress", ["int8", "int4", "qsgd", "terngrad", "topk", "scaled_sign"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_a_non_finite_worker_is_seen_through_lossy_compressors(compress, value):
+    """Integer codes cannot carry NaN: the compressors keep a non-finite scale for the block or tensor, so the
+    decoded vector is not finite and the mean stops, naming the worker."""
+    from sgdlab.distributed import NetworkModel, SimGroup
+
+    ex = exchange.ExchangeSpec(compress, "mean", f"count=1,attack=nan,value={value}").build(SimGroup(3, NetworkModel()))
+    g = torch.Generator().manual_seed(0)
+    tensors = [[torch.randn(300, generator=g), torch.randn(7, generator=g)] for _ in range(3)]
+    with pytest.raises(exchange.pipeline.NonFiniteError, match=r"worker 2 \(Byzantine\) sent NaN/Inf values"):
+        ex.mean_(tensors, key="grad", step=1)
+
+
 def test_an_overflowing_mean_names_no_worker():
     from sgdlab.distributed import NetworkModel, SimGroup
 

@@ -164,7 +164,10 @@ class _Int(Precision):
         blocks = self._blocks(x)
         lo, hi = torch.aminmax(blocks, dim=1)  # max |x| per block in one pass, without an |x| copy
         scale = torch.maximum(hi, lo.neg_()).div_(self.qmax)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        # an all-zero block gets scale 1; a block holding NaN keeps scale NaN (and one holding ±Inf scale Inf),
+        # so that its decoded values are not finite either and the exchange's check sees them: integer codes
+        # alone cannot carry NaN
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         q = (blocks / scale[:, None]).round_().clamp_(-self.qmax, self.qmax).view(-1)[:n]
         return q, scale.float()
 

@@ -23,6 +23,12 @@ aggregate of the workers' signs. Error feedback (``feedback=ef``) fits the scale
 
 Encoding: one bit per element (1 for ≥ 0), packed 8 per byte, ``⌈n/8⌉`` bytes; the bits are
 all-gathered (each worker sends (N−1)·⌈n/8⌉ bytes) and every worker counts the vote itself.
+
+A worker whose vector holds NaN sends −1 there (NaN ≥ 0 is false) and +1 for +Inf: one bit cannot carry a
+non-finite value, so the run does not stop; such a worker's influence is one vote per element, as for
+any other Byzantine worker under the vote (the ICLR 2019 paper's fault tolerance). The other lossy
+compressors send a non-finite value on (as a value, or as a non-finite scale of its block or tensor), so
+the exchange sees it and stops the run under the mean, or leave the entry out (random-k, top-k).
 """
 
 from __future__ import annotations
