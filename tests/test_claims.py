@@ -134,3 +134,19 @@ def test_load_run_model_restores_the_final_weights(tmp_path):
     assert len(batches) == 3 and batches[0][0].shape == (100, 64)
     with pytest.raises(ConfigError, match="training"):
         training_batches(task, 100, 100)
+
+
+def test_bench_claims_cli_runs_are_valid_configs_and_bad_input_is_one_line(capsys, tmp_path):
+    from sgdlab.bench import claims_runs
+    from sgdlab.cli import main
+    from sgdlab.config import Config
+
+    groups = claims_runs.configs()
+    assert set(groups) == {"sam", "zo", "precond"} and sum(map(len, groups.values())) == 68
+    for c in (c for g in groups.values() for c in g):
+        Config(task="digits", batch_size=32, name=c["name"], **{k: v for k, v in c.items() if k != "name"}).validate()
+        assert claims_runs.command(c).startswith(f"sgdlab run --task digits --optimizer {c['optimizer']} ")
+    assert main(["bench", "claims", "train", "--groups", "sam,nope", "--out", str(tmp_path)]) == 2
+    assert "--groups 'sam,nope': unknown ['nope']; allowed: sam, zo, precond" in capsys.readouterr().err
+    assert main(["bench", "claims", "report", "--out", str(tmp_path / "none")]) == 2
+    assert "no such directory; run `sgdlab bench claims train" in capsys.readouterr().err

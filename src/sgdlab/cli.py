@@ -231,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
         "compress", help="compressor encode+decode time per step vs a charlm step and fp32, payload bytes"))
     importlib.import_module(".bench.aggregate", __package__).add_arguments(bsub.add_parser(
         "aggregate", help="robust aggregator / pre-aggregator time per round at n workers, d values, vs mean"))
+    importlib.import_module(".bench.claims_runs", __package__).add_arguments(bsub.add_parser(
+        "claims", help="optimizer claims (issue 16): SAM/SAF sharpness, zeroth-order memory, preconditioned "
+                       "methods vs AdamW: train the runs, measure, report"))
 
     importlib.import_module(".frontier", __package__).add_arguments(sub.add_parser(
         "frontier", help="loss-bytes-time Pareto front of ddp and local methods x H x precision (tuned outer lr)",
@@ -405,10 +408,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    names = ("loop", "ddp", "optim", "dp", "compress", "aggregate")
-    if args.bench not in names:
-        raise SgdlabError(f"bench needs a benchmark name; available: {', '.join(names)}")
-    return importlib.import_module(f".bench.{args.bench}", __package__).main(args)
+    modules = {"loop": "loop", "ddp": "ddp", "optim": "optim", "dp": "dp", "compress": "compress",
+               "aggregate": "aggregate", "claims": "claims_runs"}
+    if args.bench not in modules:
+        raise SgdlabError(f"bench needs a benchmark name; available: {', '.join(modules)}")
+    return importlib.import_module(f".bench.{modules[args.bench]}", __package__).main(args)
 
 
 def cmd_attack(args: argparse.Namespace) -> int:

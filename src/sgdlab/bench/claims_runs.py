@@ -1,19 +1,19 @@
-"""Issue 16's remaining optimizer claims on `digits` (and `charlm` for memory); BENCHMARKS.md quotes the output.
+"""``sgdlab bench claims``: issue 16's optimizer claims on `digits` (and `charlm` for memory); BENCHMARKS.md quotes
+the output.
 
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/claims_issue16.py train [--groups sam,zo,precond]
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/claims_issue16.py hessian
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/claims_issue16.py steptime
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/claims_issue16.py memory
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/claims_issue16.py report
+    OMP_NUM_THREADS=1 nice -n 10 sgdlab bench claims train [--groups sam,zo,precond] [--out runs/claims16]
+    OMP_NUM_THREADS=1 nice -n 10 sgdlab bench claims hessian     # top Hessian eigenvalue of the SAM group
+    OMP_NUM_THREADS=1 nice -n 10 sgdlab bench claims steptime    # SGD-m / SAM / SAF ms per step
+    OMP_NUM_THREADS=1 nice -n 10 sgdlab bench claims memory      # peak allocator bytes per step
+    sgdlab bench claims report                                   # the tables of BENCHMARKS.md
 
-`train` runs each configuration with ``sgdlab.run`` (the same as ``sgdlab run`` with the flags it prints) into
-``runs/claims16/<name>`` and skips those already finished. The other commands read those runs or build the
-task themselves; measurement code is in :mod:`sgdlab.bench.claims`.
+``train`` runs each configuration with ``sgdlab.run`` (the same as ``sgdlab run`` with the flags it prints) into
+``--out/<name>`` and skips those already finished. The other commands read those runs or build the task
+themselves; the measurement code is in :mod:`sgdlab.bench.claims`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -22,21 +22,14 @@ from pathlib import Path
 
 import torch
 
-import sgdlab
-from sgdlab import optim, tasks
-from sgdlab.bench.claims import (
-    load_run_model,
-    peak_allocated,
-    top_hessian_eigenvalue,
-    training_batches,
-    training_step_peak,
-)
-from sgdlab.config import Config
-from sgdlab.errors import DivergenceError
-from sgdlab.optim import protocol
-from sgdlab.runner.build import build_task
+from .. import optim, tasks
+from ..config import Config
+from ..errors import ConfigError, DivergenceError
+from ..optim import protocol
+from ..runner.build import build_task
+from .claims import load_run_model, peak_allocated, top_hessian_eigenvalue, training_batches, training_step_peak
 
-ROOT = Path("runs/claims16")
+ROOT = Path("runs/claims16")  # --out sets it
 SGDM = {"momentum": 0.9}
 SEEDS = (0, 1, 2)
 
@@ -81,7 +74,7 @@ def train(groups: list[str]) -> None:
             cfg = Config(task="digits", batch_size=32, out=str(out), name=c["name"], device="cpu",
                          **{k: v for k, v in c.items() if k != "name"})
             try:
-                s = sgdlab.run(cfg, overwrite=True).summary
+                s = _run(cfg)
             except DivergenceError as e:
                 print(f"  -> {e}", flush=True)
                 continue
@@ -261,30 +254,42 @@ def report() -> None:
               f"{statistics.median(wall):.2f} |")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train")
-    t.add_argument("--groups", default="sam,zo,precond")
-    h = sub.add_parser("hessian")
-    h.add_argument("--iters", type=int, default=40)
-    s = sub.add_parser("steptime")
-    s.add_argument("--reps", type=int, default=9)
-    s.add_argument("--block", type=int, default=40)
-    sub.add_parser("memory")
-    sub.add_parser("report")
-    a = ap.parse_args()
-    if a.cmd == "train":
-        train(a.groups.split(","))
-    elif a.cmd == "hessian":
+def _run(cfg: Config) -> dict:
+    from ..runner import run
+
+    return run(cfg, overwrite=True).summary
+
+
+COMMANDS = ("train", "hessian", "steptime", "memory", "report")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("what", choices=COMMANDS, help="train the runs, measure the Hessian / step time / memory, "
+                   "or print the tables")
+    p.add_argument("--out", default=str(ROOT), help=f"directory of the runs; default {ROOT}")
+    p.add_argument("--groups", default="sam,zo,precond", help="train: groups of runs (sam, zo, precond)")
+    p.add_argument("--iters", type=int, default=40, help="hessian: power iterations; default 40")
+    p.add_argument("--reps", type=int, default=9, help="steptime: interleaved blocks per optimizer; default 9")
+    p.add_argument("--block", type=int, default=40, help="steptime: steps per block; default 40")
+
+
+def main(a) -> int:
+    global ROOT
+    ROOT = Path(a.out)
+    if a.what == "train":
+        groups = [g for g in a.groups.split(",") if g]
+        bad = [g for g in groups if g not in configs()]
+        if bad or not groups:
+            raise ConfigError(f"--groups {a.groups!r}: unknown {bad}; allowed: {', '.join(configs())}")
+        train(groups)
+    elif a.what == "hessian":
         hessian(a.iters)
-    elif a.cmd == "steptime":
+    elif a.what == "steptime":
         steptime(a.reps, a.block)
-    elif a.cmd == "memory":
+    elif a.what == "memory":
         memory()
     else:
+        if not ROOT.is_dir():
+            raise ConfigError(f"--out {ROOT}: no such directory; run `sgdlab bench claims train --out {ROOT}` first")
         report()
-
-
-if __name__ == "__main__":
-    main()
+    return 0
