@@ -69,15 +69,19 @@ class TernGrad(Compressor):
         bound = torch.where(sigma > 0, self.options.clip * sigma, torch.full_like(sigma, math.inf))
         if len(sizes) == 1:
             return x.clamp(-bound[0], bound[0])
-        b = _quant.spread(bound, sizes)
-        return torch.minimum(torch.maximum(x, -b), b)
+        out = torch.empty_like(x)  # tensor by tensor: no per-element copy of the bounds
+        for part, o, b in zip(parts, torch.split(out, sizes), bound.unbind(), strict=True):
+            torch.clamp(part, -b, b, out=o)
+        return out
 
     def encode(self, x, slot=None, rank=0):
         sizes = _quant.segments(x.numel(), slot)
         g = self.clipped(x.float(), sizes)
-        scale = _quant.per_segment(g.abs(), sizes, "amax")
-        s = _quant.spread(scale, sizes)
-        p = g.abs() / torch.where(s > 0, s, torch.ones_like(s))
+        p = g.abs()  # then, tensor by tensor, |g| / max|g| in place (1 where max|g| = 0)
+        parts = [p] if len(sizes) == 1 else torch.split(p, sizes)
+        scale = torch.stack([q.amax() for q in parts]).float()
+        for q, sc in zip(parts, scale.unbind(), strict=True):
+            q.div_(torch.where(sc > 0, sc, torch.ones_like(sc)))
         keep = _quant.uniform(x.numel(), self.name, slot, rank, x.device) < p
         return [_quant.pack(torch.sign(g).mul_(keep).add_(1), 2), scale]   # code g̃/s + 1 ∈ {0, 1, 2}
 
