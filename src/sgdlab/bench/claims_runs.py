@@ -26,10 +26,11 @@ from .. import optim, tasks
 from ..config import Config
 from ..errors import ConfigError, DivergenceError
 from ..optim import protocol
+from ..runner import run
 from ..runner.build import build_task
 from .claims import load_run_model, peak_allocated, top_hessian_eigenvalue, training_batches, training_step_peak
 
-ROOT = Path("runs/claims16")  # --out sets it
+ROOT = Path("runs/claims16")  # the default --out
 SGDM = {"momentum": 0.9}
 SEEDS = (0, 1, 2)
 
@@ -57,24 +58,24 @@ def configs() -> dict[str, list[dict]]:
     return g
 
 
-def command(c: dict) -> str:
+def command(c: dict, root: Path = ROOT) -> str:
     sets = "".join(f" --set {k}={v}" for k, v in c.get("optimizer_args", {}).items())
     return (f"sgdlab run --task digits --optimizer {c['optimizer']} --lr {c['lr']:g} --steps {c['steps']} "
-            f"--batch-size 32 --seed {c['seed']} --eval-every {c['eval_every']}{sets} --out {ROOT / c['name']}")
+            f"--batch-size 32 --seed {c['seed']} --eval-every {c['eval_every']}{sets} --out {root / c['name']}")
 
 
-def train(groups: list[str]) -> None:
+def train(groups: list[str], root: Path = ROOT) -> None:
     table = configs()
     for grp in groups:
         for c in table[grp]:
-            out = ROOT / c["name"]
-            print(command(c), flush=True)
+            out = root / c["name"]
+            print(command(c, root), flush=True)
             if (out / "summary.json").is_file():
                 continue
             cfg = Config(task="digits", batch_size=32, out=str(out), name=c["name"], device="cpu",
                          **{k: v for k, v in c.items() if k != "name"})
             try:
-                s = _run(cfg)
+                s = run(cfg, overwrite=True).summary
             except DivergenceError as e:
                 print(f"  -> {e}", flush=True)
                 continue
@@ -82,38 +83,38 @@ def train(groups: list[str]) -> None:
                   flush=True)
 
 
-def summary(name: str) -> dict:
-    path = ROOT / name / "summary.json"
+def summary(root: Path, name: str) -> dict:
+    path = root / name / "summary.json"
     if not path.is_file():  # diverged: no summary
         return {"final_val_loss": float("nan"), "val_accuracy": float("nan"), "wall_time_s": float("nan")}
     return json.loads(path.read_text())
 
 
-def evals(name: str) -> list[tuple[int, float]]:
+def evals(root: Path, name: str) -> list[tuple[int, float]]:
     out = []
-    for line in (ROOT / name / "metrics.jsonl").read_text().splitlines():
+    for line in (root / name / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
         if "val_loss" in r:
             out.append((r["step"], r["val_loss"]))
     return out
 
 
-def hessian(iters: int) -> None:
+def hessian(iters: int, root: Path = ROOT) -> None:
     res = {}
     names = [c["name"] for c in configs()["sam"]]
     for name in names:
-        task, model, _ = load_run_model(ROOT / name)
+        task, model, _ = load_run_model(root / name)
         batches = training_batches(task, n_batches=5, batch_size=256, seed=0)  # 1280 of the 1438 examples
         losses = [(partial(task.loss, model, b), 1 / len(batches)) for b in batches]
         e = top_hessian_eigenvalue(losses, list(model.parameters()), iters=iters, seed=0)
         with torch.no_grad():
             train_loss = sum(float(f()) * w for f, w in losses)
-        s = summary(name)
+        s = summary(root, name)
         res[name] = {"top_eig": e.value, "rel_change": e.rel_change, "train_loss": train_loss,
                      "val_loss": s["final_val_loss"], "val_accuracy": s["val_accuracy"]}
         print(f"{name:24s} lambda_max {e.value:9.3f} (rel change {e.rel_change:.1e})  train {train_loss:.4f}  "
               f"val {s['final_val_loss']:.4f} acc {s['val_accuracy']:.4f}", flush=True)
-    (ROOT / "hessian.json").write_text(json.dumps(res, indent=1))
+    (root / "hessian.json").write_text(json.dumps(res, indent=1))
 
 
 def _digits(hidden: int):
@@ -141,7 +142,7 @@ def _stepper(task, name: str, hp: dict, batch_size: int, seed: int = 0):
     return step
 
 
-def steptime(reps: int, block: int) -> None:
+def steptime(reps: int, block: int, root: Path = ROOT) -> None:
     """Wall time per training step of SGD-m, SAM and SAF, interleaved blocks, after 7 epochs of warm-up (so
     SAF's KL term is on: its default start_epoch is 5)."""
     out = {}
@@ -166,11 +167,11 @@ def steptime(reps: int, block: int) -> None:
         key = f"mlp{hidden}-b{bs}"
         out[key] = {"ms_per_step": med, "ratio_to_sgdm": ratios, "all_ms": times}
         print(key, {k: f"{med[k]:.3f} ms ({ratios[k]:.2f}x)" for k in med}, flush=True)
-    ROOT.mkdir(parents=True, exist_ok=True)
-    (ROOT / "steptime.json").write_text(json.dumps(out, indent=1))
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "steptime.json").write_text(json.dumps(out, indent=1))
 
 
-def memory() -> None:
+def memory(root: Path = ROOT) -> None:
     """Peak allocator bytes of one training step per optimizer and of one no-grad forward (inference)."""
     out = {}
     setups = {"charlm-b32": (Config(task="charlm", device="cpu").spec(), 32),
@@ -207,22 +208,22 @@ def memory() -> None:
         out[key] = {"params_bytes": params_bytes, "peak_bytes": row, "state_bytes": state}
         print(key, f"params {params_bytes / 2**20:.2f} MiB",
               {k: f"{v / 2**20:.3f} MiB" for k, v in row.items()}, "state", state, flush=True)
-    ROOT.mkdir(parents=True, exist_ok=True)
-    (ROOT / "memory.json").write_text(json.dumps(out, indent=1))
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "memory.json").write_text(json.dumps(out, indent=1))
 
 
-def _first_below(name: str, target: float) -> int | None:
-    return next((s for s, v in evals(name) if v <= target), None)
+def _first_below(root: Path, name: str, target: float) -> int | None:
+    return next((s for s, v in evals(root, name) if v <= target), None)
 
 
-def report() -> None:
+def report(root: Path = ROOT) -> None:
     print("## SAM / SAF vs SGD-m (mean over seeds; lambda_max: top Hessian eigenvalue of the training loss)")
-    hess = json.loads((ROOT / "hessian.json").read_text()) if (ROOT / "hessian.json").is_file() else {}
+    hess = json.loads((root / "hessian.json").read_text()) if (root / "hessian.json").is_file() else {}
     for steps in (400, 1200):
         for name in ("sgdm", "sam", "saf"):
             runs = [f"{name}-s{steps}-seed{s}" for s in SEEDS]
-            vl = [summary(r)["final_val_loss"] for r in runs]
-            acc = [summary(r)["val_accuracy"] for r in runs]
+            vl = [summary(root, r)["final_val_loss"] for r in runs]
+            acc = [summary(root, r)["val_accuracy"] for r in runs]
             eig = [hess[r]["top_eig"] for r in runs if r in hess]
             tl = [hess[r]["train_loss"] for r in runs if r in hess]
             print(f"| {name} | {steps} | {statistics.mean(vl):.4f} ({', '.join(f'{v:.3f}' for v in vl)}) | "
@@ -231,7 +232,7 @@ def report() -> None:
                   + (f"{statistics.mean(tl):.4f} |" if tl else "- |"))
     print("\n## zeroth order, 400 steps seed 0")
     for c in configs()["zo"]:
-        s = summary(c["name"])
+        s = summary(root, c["name"])
         print(f"| {c['name']} | {s['final_val_loss']:.4f} | {s['val_accuracy']:.4f} | {s.get('status')} | "
               f"{s.get('steps')} |")
     print("\n## preconditioned vs AdamW (400 steps, eval every 10; mean over seeds)")
@@ -240,24 +241,18 @@ def report() -> None:
         key = (c["optimizer"], c["lr"])
         table.setdefault(key, []).append(c["name"])
     adamw = {k: v for k, v in table.items() if k[0] == "adamw"}
-    best = min(adamw, key=lambda k: statistics.mean(summary(r)["final_val_loss"] for r in adamw[k]))
+    best = min(adamw, key=lambda k: statistics.mean(summary(root, r)["final_val_loss"] for r in adamw[k]))
     target_runs = adamw[best]
-    targets = {r.rsplit("-seed", 1)[1]: summary(r)["final_val_loss"] for r in target_runs}
+    targets = {r.rsplit("-seed", 1)[1]: summary(root, r)["final_val_loss"] for r in target_runs}
     print(f"target: AdamW lr {best[1]:g} final val loss per seed {targets}")
     for (opt, lr), runs in table.items():
-        vl = [summary(r)["final_val_loss"] for r in runs]
-        acc = [summary(r)["val_accuracy"] for r in runs]
-        reach = [_first_below(r, targets[r.rsplit("-seed", 1)[1]]) for r in runs]
-        wall = [summary(r)["wall_time_s"] for r in runs]
+        vl = [summary(root, r)["final_val_loss"] for r in runs]
+        acc = [summary(root, r)["val_accuracy"] for r in runs]
+        reach = [_first_below(root, r, targets[r.rsplit("-seed", 1)[1]]) for r in runs]
+        wall = [summary(root, r)["wall_time_s"] for r in runs]
         print(f"| {opt} | {lr:g} | {statistics.mean(vl):.4f} ({', '.join(f'{v:.3f}' for v in vl)}) | "
               f"{statistics.mean(acc):.4f} | {', '.join('-' if x is None else str(x) for x in reach)} | "
               f"{statistics.median(wall):.2f} |")
-
-
-def _run(cfg: Config) -> dict:
-    from ..runner import run
-
-    return run(cfg, overwrite=True).summary
 
 
 COMMANDS = ("train", "hessian", "steptime", "memory", "report")
@@ -274,22 +269,21 @@ def add_arguments(p) -> None:
 
 
 def main(a) -> int:
-    global ROOT
-    ROOT = Path(a.out)
+    root = Path(a.out)
     if a.what == "train":
         groups = [g for g in a.groups.split(",") if g]
         bad = [g for g in groups if g not in configs()]
         if bad or not groups:
             raise ConfigError(f"--groups {a.groups!r}: unknown {bad}; allowed: {', '.join(configs())}")
-        train(groups)
+        train(groups, root)
     elif a.what == "hessian":
-        hessian(a.iters)
+        hessian(a.iters, root)
     elif a.what == "steptime":
-        steptime(a.reps, a.block)
+        steptime(a.reps, a.block, root)
     elif a.what == "memory":
-        memory()
+        memory(root)
     else:
-        if not ROOT.is_dir():
-            raise ConfigError(f"--out {ROOT}: no such directory; run `sgdlab bench claims train --out {ROOT}` first")
-        report()
+        if not root.is_dir():
+            raise ConfigError(f"--out {root}: no such directory; run `sgdlab bench claims train --out {root}` first")
+        report(root)
     return 0

@@ -28,6 +28,12 @@ class WorkerLostError(SgdlabError, RuntimeError):
     """A peer process stopped answering a collective."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (at most 200 characters), or its type's name."""
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
 class Group:
     """Collectives over the workers of a run. ``local`` lists the ranks that live in this process."""
 
@@ -320,18 +326,23 @@ class TorchGroup(Group):
         try:
             return fn(*args, **kwargs)
         except (RuntimeError, dist.DistBackendError) as e:  # a peer died or timed out
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             lost = self._lost_ranks()
             who = f"lost rank {', '.join(map(str, lost))}" if lost else "lost contact with a peer process"
             raise WorkerLostError(f"rank {self.rank}: {who} during {getattr(fn, '__name__', 'a collective')} "
                                   f"({first}); every rank stops. Resume from the last checkpoint with --resume."
                                   ) from None
 
+    @property
+    def store(self) -> dist.Store:
+        """The rendezvous store of the default process group (torchrun's agent's, or rank 0's without it)."""
+        return dist.distributed_c10d._get_default_store()
+
     def _lost_ranks(self, wait_s: float = 5.0) -> list[int]:
         """Ranks that do not check in on the rendezvous store within ``wait_s`` (survivors of a failure
         all check in; the store lives in torchrun's agent, not in a worker). Empty if unknown."""
         try:
-            store = dist.distributed_c10d._get_default_store()
+            store = self.store
             store.set(f"sgdlab/alive/{self.rank}", "1")
             keys = {r: f"sgdlab/alive/{r}" for r in range(self.world)}
             deadline = time.monotonic() + min(wait_s, self.timeout_s)
@@ -476,10 +487,6 @@ class IndependentTorchGroup(TorchGroup):
         self.lost: set[int] = set()
         self._barriers = 0
 
-    @property
-    def store(self):
-        return dist.distributed_c10d._get_default_store()
-
     def mark_lost(self, rank: int) -> None:
         """Rank 0: ``rank`` is gone; later barriers do not wait for it."""
         self.lost.add(rank)
@@ -497,17 +504,14 @@ class IndependentTorchGroup(TorchGroup):
         self._barriers += 1
         try:
             self._count_to(f"{key}/in", "did not reach the end of the run")
+            self.store.add(f"{key}/seen", 1)
             if self.rank == 0:
-                self.store.add(f"{key}/seen", 1)
                 self._count_to(f"{key}/seen", "did not leave the end of the run", add=False)
-            else:
-                self.store.add(f"{key}/seen", 1)
+        except WorkerLostError:
+            raise
         except (RuntimeError, dist.DistError) as e:
-            if isinstance(e, WorkerLostError):
-                raise
             raise WorkerLostError(f"rank {self.rank}: lost the rendezvous store at the end of the run "
-                                  f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})"
-                                  ) from None
+                                  f"({first_line(e)})") from None
 
     def _count_to(self, key: str, what: str, add: bool = True) -> None:
         count = self.store.add(key, 1 if add else 0)

@@ -77,10 +77,9 @@ class TernGrad(Compressor):
     def encode(self, x, slot=None, rank=0):
         sizes = _quant.segments(x.numel(), slot)
         g = self.clipped(x.float(), sizes)
-        p = g.abs()  # then, tensor by tensor, |g| / max|g| in place (1 where max|g| = 0)
-        parts = [p] if len(sizes) == 1 else torch.split(p, sizes)
-        scale = torch.stack([q.amax() for q in parts]).float()
-        for q, sc in zip(parts, scale.unbind(), strict=True):
+        p = g.abs()
+        scale = _quant.per_segment(p, sizes, "amax")
+        for q, sc in zip(torch.split(p, sizes), scale.unbind(), strict=True):  # |g| / max|g| in place, per tensor
             q.div_(torch.where(sc > 0, sc, torch.ones_like(sc)))
         keep = _quant.uniform(x.numel(), self.name, slot, rank, x.device) < p
         return [_quant.pack(torch.sign(g).mul_(keep).add_(1), 2), scale]   # code g̃/s + 1 ∈ {0, 1, 2}

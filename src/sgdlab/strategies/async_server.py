@@ -42,7 +42,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..distributed.group import TorchGroup, WorkerLostError
+from ..distributed.group import TorchGroup, WorkerLostError, first_line
 
 PUSH, DONE = 0, 1
 ORDERS = ("arrival", "rank")
@@ -74,7 +74,7 @@ class TorchServer:
         self.lost_after = max(2.0, group.timeout_s / 2)
         self.key = f"{getattr(group, 'key', 'sgdlab')}/async{_MADE[0]}"
         _MADE[0] += 1
-        self.store = dist.distributed_c10d._get_default_store()
+        self.store = group.store
         self.stopped = threading.Event()
         self.beat_until = float("inf")
         self.thread: threading.Thread | None = None
@@ -101,7 +101,7 @@ class TorchServer:
             dist.recv(count, 0, group=self.down, tag=3)
         except (RuntimeError, dist.DistBackendError) as e:
             raise WorkerLostError(f"rank {self.rank}: lost the async-diloco server (rank 0) during a push "
-                                  f"({_first_line(e)})") from None
+                                  f"({first_line(e)})") from None
         return params, int(count.item())
 
     def close(self, totals: list[float]) -> dict[int, list[float]]:
@@ -113,7 +113,7 @@ class TorchServer:
                 dist.send(torch.tensor(totals, dtype=torch.float64), 0, group=self.up, tag=4)
             except (RuntimeError, dist.DistBackendError) as e:
                 raise WorkerLostError(f"rank {self.rank}: lost the async-diloco server (rank 0) at the end of the "
-                                      f"run ({_first_line(e)})") from None
+                                      f"run ({first_line(e)})") from None
             finally:  # keep beating a while: rank 0 may not have read the done yet
                 self.beat_until = time.monotonic() + 2 * self.lost_after
             return {self.rank: totals}
@@ -128,6 +128,10 @@ class TorchServer:
         return dict(self.totals)
 
     # ---- liveness ----------------------------------------------------------------------------------
+    def _beats(self, rank: int) -> int:
+        """Rank 0: ``rank``'s heartbeat count so far."""
+        return self.store.add(f"{self.key}/beat{rank}", 0)
+
     def _beat(self) -> None:
         """Ranks other than 0: bump this rank's heartbeat counter until closed."""
         key = f"{self.key}/beat{self.rank}"
@@ -145,7 +149,7 @@ class TorchServer:
                 ranks = sorted(self.training - {0})
             for r in ranks:
                 try:
-                    count = self.store.add(f"{self.key}/beat{r}", 0)
+                    count = self._beats(r)
                 except Exception:
                     return
                 last, at = seen[r]
@@ -228,7 +232,7 @@ class TorchServer:
                 self._answer(src, *answer)
         except BaseException as e:  # noqa: BLE001 — re-raised on rank 0's main thread
             with self.lock:
-                self.error = WorkerLostError(f"rank 0: the async-diloco server stopped ({_first_line(e)}); "
+                self.error = WorkerLostError(f"rank 0: the async-diloco server stopped ({first_line(e)}); "
                                              "every rank stops")
                 self.lock.notify_all()
 
@@ -239,7 +243,7 @@ class TorchServer:
             return True
         except (RuntimeError, dist.DistBackendError) as e:
             with self.lock:
-                self._declare_lost(src, f"its message broke off: {_first_line(e)}")
+                self._declare_lost(src, f"its message broke off: {first_line(e)}")
             return False
 
     def _all_left_lost(self) -> bool:
@@ -248,9 +252,9 @@ class TorchServer:
         time.sleep(2 * HEARTBEAT_S)
         with self.lock:
             left = sorted(self.training - {0})
-        before = {r: self.store.add(f"{self.key}/beat{r}", 0) for r in left}
+        before = {r: self._beats(r) for r in left}
         time.sleep(4 * HEARTBEAT_S)
-        alive = [r for r in left if self.store.add(f"{self.key}/beat{r}", 0) != before[r]]
+        alive = [r for r in left if self._beats(r) != before[r]]
         if alive:
             return False
         with self.lock:
@@ -294,9 +298,5 @@ class TorchServer:
             else:
                 return
         with self.lock:
-            self._declare_lost(rank, f"the answer to its push failed: {_first_line(failed)}")
+            self._declare_lost(rank, f"the answer to its push failed: {first_line(failed)}")
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
